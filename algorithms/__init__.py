@@ -1,0 +1,58 @@
+"""marlwatch's built-in MARL algorithms, by name, with their place in the taxonomy.
+
+Taxonomy (Wiggins et al. 2023): training scheme (CTDE or decentralised) x communication
+(none, a pre-defined graph, or learned online).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from algorithms.base import AlgorithmSpec, BaseConfig
+
+ALGORITHMS: dict[str, AlgorithmSpec] = {
+    spec.name: spec
+    for spec in [
+        AlgorithmSpec(
+            name="maddpg", training="CTDE", communication="none (implicit)",
+            description="centralised critics read every agent's observation and target action (N^2 actor passes)",
+            default_env="simple_spread", module="algorithms.maddpg",
+            config="MADDPGConfig", rollout="MADDPGRollout", learner="MADDPGLearner",
+        ),
+        AlgorithmSpec(
+            name="independent", training="decentralised", communication="none",
+            description="independent DDPG learners: each critic sees only its own agent (the baseline)",
+            default_env="simple_spread", module="algorithms.maddpg",
+            config="IndependentConfig", rollout="MADDPGRollout", learner="MADDPGLearner",
+        ),
+    ]
+}
+
+
+class UnknownAlgorithm(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def names() -> list[str]:
+    return list(ALGORITHMS)
+
+
+def get_algorithm(name: str) -> AlgorithmSpec:
+    if name not in ALGORITHMS:
+        raise UnknownAlgorithm(f"unknown algorithm {name!r} (known: {', '.join(ALGORITHMS)})")
+    return ALGORITHMS[name]
+
+
+def make_config(name: str, *, env: str = "", agents: int = 3, workers: int = 1, seed: int = 0,
+                settings: dict[str, str] | None = None) -> Any:
+    spec = get_algorithm(name)
+    cfg: BaseConfig = spec.config_cls()
+    cfg.env = env or spec.default_env
+    cfg.agents, cfg.workers, cfg.seed = agents, workers, seed
+    cfg.override(settings or {})
+    from algorithms.envs import ENVS
+
+    if cfg.env not in ENVS:
+        raise KeyError(f"unknown env {cfg.env!r} (known: {', '.join(sorted(ENVS))})")
+    return cfg

@@ -1,0 +1,94 @@
+"""The contract between marlwatch's runner and an algorithm.
+
+An algorithm is two objects. A `Rollout` lives in each worker process: it holds an env and a
+copy of the policy and turns the latest weights into a payload of experience. A `Learner`
+lives in the learner process: it turns the workers' payloads into updated weights. The runner
+alternates them: broadcast weights (`sync/`), every worker collects (`sample/`), the learner
+gathers (`sync/`) and updates (`update/`), then ticks one iteration. Payloads and weights are
+plain dicts of numpy arrays, so they cross a pipe today and a Ray object store later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol
+
+Payload = dict[str, Any]
+Weights = dict[str, Any]
+
+
+@dataclass
+class BaseConfig:
+    """Settings every algorithm has; each algorithm's config adds its hyperparameters."""
+
+    env: str = ""
+    """Environment name (see algorithms.envs); empty means the algorithm's default."""
+    agents: int = 3
+    """Number of agents."""
+    workers: int = 1
+    """Number of rollout worker processes (experience per iteration is split among them)."""
+    seed: int = 0
+    """Seed of random, numpy and torch in every process (worker i adds i)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def override(self, values: dict[str, str]) -> None:
+        """Apply `--set key=value` overrides, converting to each field's type."""
+        known = {f.name: f for f in fields(self)}
+        for key, raw in values.items():
+            if key not in known or key == "extra":
+                raise ValueError(f"unknown setting {key!r} for this algorithm")
+            current = getattr(self, key)
+            try:
+                value: Any = type(current)(raw) if not isinstance(current, bool) else raw.lower() in ("1", "true", "yes")
+            except ValueError:
+                raise ValueError(f"setting {key}={raw!r}: expected {type(current).__name__}") from None
+            setattr(self, key, value)
+
+
+class Rollout(Protocol):
+    def __init__(self, cfg: Any, worker_index: int) -> None: ...
+
+    def load_weights(self, weights: Weights) -> None: ...
+
+    def collect(self) -> Payload: ...
+
+
+class Learner(Protocol):
+    def __init__(self, cfg: Any) -> None: ...
+
+    def weights(self) -> Weights: ...
+
+    def update(self, payloads: list[Payload]) -> dict[str, float]: ...
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """An algorithm's place in the taxonomy and where its code lives (imported on first use,
+    so listing algorithms does not import torch)."""
+
+    name: str
+    training: str  # "CTDE" or "decentralised"
+    communication: str  # "none", "pre-defined graph", "learned"
+    description: str  # what its communication is
+    default_env: str
+    module: str
+    config: str
+    rollout: str
+    learner: str
+
+    def _load(self, attr: str) -> type:
+        import importlib
+
+        return getattr(importlib.import_module(self.module), attr)
+
+    @property
+    def config_cls(self) -> type:
+        return self._load(self.config)
+
+    @property
+    def rollout_cls(self) -> type:
+        return self._load(self.rollout)
+
+    @property
+    def learner_cls(self) -> type:
+        return self._load(self.learner)

@@ -1,0 +1,272 @@
+"""The `marlwatch` command.
+
+Exit codes: 0 done; 1 the run failed (a process crashed, the recording could not be written);
+2 bad input (flags, files); 130 stopped by Ctrl-C or SIGTERM (the recording is complete).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import NoReturn
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+# Subcommands that live in their own module: each has `add_arguments(parser)` and `cli(args) -> int`
+# and raises `UsageError` for bad input.
+PLUGGED: dict[str, tuple[str, str]] = {
+    "replay": ("marlwatch.app.replay", "open the live view on a recording: play, pause, seek"),
+    "diff": ("marlwatch.diff", "compare two recordings, with confidence intervals"),
+    "export": ("marlwatch.export", "export a recording to Perfetto/Chrome trace JSON, Parquet or CSV"),
+    "flame": ("marlwatch.flame", "flame graph of the py-spy samples taken while a phase ran"),
+    "sweep": ("marlwatch.sweep", "run an agents x workers grid and tabulate the scaling"),
+    "repair": ("marlwatch.repair", "rewrite a truncated recording from its complete batches"),
+}
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _positive(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}")
+        return value
+
+    return parse
+
+
+def _setting(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    return k.strip(), v.strip()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="marlwatch", description="See where the time of a MARL training run goes.")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    run = sub.add_parser("run", help="start a training run and watch it (default: MADDPG, 3 agents)")
+    run.add_argument("--algo", default="maddpg", help="algorithm (see `marlwatch algorithms`)")
+    run.add_argument("--env", default="", help="environment (default: the algorithm's)")
+    run.add_argument("--agents", type=_positive("--agents"), default=3)
+    run.add_argument("--workers", type=_positive("--workers"), default=None,
+                     help="rollout worker processes (default: one per core)")
+    run.add_argument("--iterations", type=_positive("--iterations"), default=None,
+                     help="stop after this many learner iterations (default: 500 headless, until q live)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--record", default=None, help="recording path (default: runs/ALGO-TIME.arrow)")
+    run.add_argument("--headless", action="store_true", help="no terminal UI: a progress line and a summary")
+    run.add_argument("--no-spans", dest="spans", action="store_false",
+                     help="record no spans (iterations still counted): measure the overhead yourself")
+    run.add_argument("--keep-going", action="store_true", help="a crashed worker does not stop the run")
+    run.add_argument("--sample-hz", type=float, default=10.0, help="core/process sampling rate")
+    run.add_argument("--set", dest="settings", type=_setting, action="append", default=[],
+                     metavar="KEY=VALUE", help="algorithm setting, e.g. --set batch_size=512")
+    run.add_argument("--json", action="store_true", help="headless: print the final summary as JSON")
+
+    summ = sub.add_parser("summary", help="summarise a recording")
+    summ.add_argument("file")
+    summ.add_argument("--json", action="store_true", help="print a JSON object")
+
+    sub.add_parser("algorithms", help="list the built-in algorithms and their place in the taxonomy")
+
+    for name, (module, help_text) in PLUGGED.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name is None or not (module == e.name or module.startswith(e.name + ".")):
+                raise
+            continue  # that feature is not built yet
+        mod.add_arguments(sub.add_parser(name, help=help_text))
+    return p
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    print(f"marlwatch: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        return _fail(str(e))
+    if args.command is None:
+        args = build_parser().parse_args(["run", *(argv or [])])
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "summary":
+            return cmd_summary(args)
+        if args.command == "algorithms":
+            return cmd_algorithms()
+        if args.command in PLUGGED:
+            return importlib.import_module(PLUGGED[args.command][0]).cli(args)
+    except UsageError as e:
+        return _fail(str(e))
+    except BrokenPipeError:
+        return EXIT_OK  # output piped into `head`
+    return _fail(f"unknown command {args.command!r}")
+
+
+# -- run ------------------------------------------------------------------------------------
+def _run_config(args: argparse.Namespace, default_iterations: int | None):
+    from marlwatch.runner import RunConfig
+
+    if args.sample_hz <= 0 or args.sample_hz > 1000:
+        raise UsageError(f"--sample-hz must be in (0, 1000], got {args.sample_hz}")
+    return RunConfig(
+        algo=args.algo, env=args.env, agents=args.agents, workers=args.workers or 0,
+        iterations=args.iterations if args.iterations is not None else default_iterations,
+        seed=args.seed, spans=args.spans, record=args.record, keep_going=args.keep_going,
+        sample_hz=args.sample_hz, settings=dict(args.settings),
+    )
+
+
+def make_run(args: argparse.Namespace, default_iterations: int | None):
+    """Build (not start) a Run, turning every configuration problem into a UsageError."""
+    from marlwatch.runner import Run
+
+    cfg = _run_config(args, default_iterations)
+    try:
+        return Run(cfg)
+    except (KeyError, ValueError) as e:
+        raise UsageError(str(e).strip("'\"")) from None
+
+
+def start_run(run) -> None:
+    from marlwatch.recording import RecordingError
+
+    try:
+        run.start()
+    except RecordingError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if not args.headless:
+        from marlwatch.app.live import run_live
+
+        return run_live(args)
+    return run_headless(args)
+
+
+def run_headless(args: argparse.Namespace) -> int:
+    from marlwatch.metrics import Metrics
+    from marlwatch.report import progress_line, summary_text
+
+    run = make_run(args, default_iterations=500)
+    metrics = Metrics(run.info)
+    run.listeners.append(metrics.add)
+    interrupted = 0
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal interrupted
+        interrupted += 1
+        if interrupted == 1:
+            run.request_stop("stopped by " + signal.Signals(signum).name)
+            print(f"\nmarlwatch: stopping (recording to {run.record_path}); press Ctrl-C again to force",
+                  file=sys.stderr)
+        else:
+            raise KeyboardInterrupt
+
+    old_int = signal.signal(signal.SIGINT, on_signal)
+    old_term = signal.signal(signal.SIGTERM, on_signal)
+    tty = sys.stderr.isatty()
+    start_run(run)
+    print(f"marlwatch: {run.cfg.algo} on {run.info.env}, {run.cfg.agents} agents, {run.workers} workers; "
+          f"recording to {run.record_path}", file=sys.stderr)
+    try:
+        next_line = time.monotonic() + 1.0
+        while run.alive:
+            run.pump(0.2)
+            if time.monotonic() >= next_line:
+                line = progress_line(metrics.snapshot(), run.cfg.iterations, run.recording_bytes)
+                print(("\r" + line + "\x1b[K") if tty else line, end="" if tty else "\n", file=sys.stderr,
+                      flush=True)
+                next_line = time.monotonic() + (1.0 if tty else 5.0)
+        run.finish()
+    except KeyboardInterrupt:
+        run.kill_children()
+        if run.writer is not None:
+            run.writer.close(t_ns=run.now_ns(), detail={"stop_reason": "forced"})
+        print(file=sys.stderr)
+        return _fail(f"forced stop; recording kept up to now in {run.record_path}", EXIT_INTERRUPTED)
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+    if tty:
+        print(file=sys.stderr)
+    snap = metrics.snapshot()
+    if args.json:
+        print(json.dumps(snap.to_json(), indent=2, default=str))
+    else:
+        print(summary_text(snap, str(run.record_path), "complete"))
+    if run.failure:
+        return _fail(f"run failed: {run.failure} (recording kept: {run.record_path})", EXIT_FAILED)
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+# -- summary --------------------------------------------------------------------------------
+def open_or_fail(path: str):
+    from marlwatch.recording import RecordingError, open_recording
+
+    try:
+        return open_recording(path)
+    except RecordingError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from marlwatch.metrics import summarize
+    from marlwatch.report import summary_text
+
+    rec = open_or_fail(args.file)
+    try:
+        snap = summarize(rec)
+    except Exception as e:  # noqa: BLE001 - a damaged file must give one line, not a traceback
+        raise UsageError(f"{args.file}: damaged recording ({type(e).__name__}: {e})") from None
+    if args.json:
+        out = snap.to_json()
+        out["status"] = rec.status
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        print(summary_text(snap, args.file, rec.status))
+    if not rec.complete:
+        lost = " (the last batch was cut mid-write and is lost)" if rec.truncated_mid_batch else ""
+        print(f"marlwatch: warning: {args.file} is truncated: no end-of-run marker{lost}; "
+              f"read {rec.batches_read} complete batches", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_algorithms() -> int:
+    from algorithms import ALGORITHMS
+
+    print(f"{'name':<13} {'training':<14} {'communication':<18} {'default env':<15} what is communicated")
+    for s in ALGORITHMS.values():
+        print(f"{s.name:<13} {s.training:<14} {s.communication:<18} {s.default_env:<15} {s.description}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,300 @@
+"""The span API: what a training loop calls to say where its time goes.
+
+    import marlwatch
+
+    with marlwatch.span("sample/env_step"):
+        obs, rew, term, trunc, info = env.step(actions)
+
+    @marlwatch.phase("update/comm/gnn")
+    def propagate(h): ...
+
+    marlwatch.tick()                      # one iteration of this process's loop is done
+    marlwatch.gauge("loss/critic", 0.31)  # latest value of something
+    marlwatch.counter("episodes")         # something that only counts up
+
+Phase names are paths: the first segment is `sample`, `update` or `sync`; any path with a
+`comm` segment counts as communication. Spans nest; a span's parent is the span open around it.
+
+Cost: a span is two clock reads plus four stores into preallocated `array.array`s (no object
+is created per span); spans are shipped in batches when the buffer fills or, at a tick, when
+the last flush is older than `flush_interval_s`. `bench/` measures the cost per span.
+
+A process that never called `connect()` (a script run without a monitor) gets spans that
+measure nothing and cost almost nothing, so instrumented code runs fine anywhere.
+
+Threads: one `Telemetry` belongs to one thread (the training loop). Spans from other threads
+are not supported yet; they would need their own buffer.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import threading
+import time
+from array import array
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from marlwatch.wire import Sink, encode_batch, encode_control
+
+__all__ = [
+    "Telemetry",
+    "connect",
+    "counter",
+    "disconnect",
+    "gauge",
+    "phase",
+    "span",
+    "telemetry",
+    "tick",
+]
+
+_now = time.perf_counter_ns
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+DEFAULT_CAPACITY = 4096
+ROOT = -1  # parent id of a top-level span
+
+
+class Span:
+    """A named phase; reusable and nestable (one instance per name per process)."""
+
+    __slots__ = ("_tel", "id", "name", "_starts", "_ids", "_parents", "_t0", "_t1", "_stack")
+
+    def __init__(self, tel: Telemetry, phase_id: int, name: str) -> None:
+        self._tel = tel
+        self.id = phase_id
+        self.name = name
+        self._starts: list[int] = []
+        self._bind()
+
+    def _bind(self) -> None:
+        # Local references to the buffers keep attribute look-ups off the hot path.
+        tel = self._tel
+        self._ids, self._parents, self._t0, self._t1 = tel._ids, tel._parents, tel._t0, tel._t1
+        self._stack = tel._stack
+
+    def __enter__(self) -> Span:
+        self._stack.append(self.id)
+        self._starts.append(_now())
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        t1 = _now()
+        tel = self._tel
+        stack = self._stack
+        stack.pop()
+        i = tel._n
+        self._ids[i] = self.id
+        self._parents[i] = stack[-1]
+        self._t0[i] = self._starts.pop()
+        self._t1[i] = t1
+        i += 1
+        tel._n = i
+        if i == tel._capacity:
+            tel.flush()
+
+    def __call__(self, fn: _F) -> _F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with self:
+                return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+
+class _NullSpan:
+    """What `span()` returns when spans are switched off: does nothing, costs a call."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> _NullSpan:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        return None
+
+    def __call__(self, fn: _F) -> _F:
+        return fn
+
+
+_NULL_SPAN = _NullSpan()
+
+
+class Telemetry:
+    """One process's buffer of spans, iteration ticks and counters, and where it ships them."""
+
+    def __init__(
+        self,
+        sink: Sink | None = None,
+        *,
+        spans_enabled: bool = True,
+        capacity: int = DEFAULT_CAPACITY,
+        flush_interval_s: float = 0.1,
+    ) -> None:
+        self.sink = sink
+        self.spans_enabled = spans_enabled and sink is not None
+        self._capacity = capacity
+        self._flush_interval_ns = int(flush_interval_s * 1e9)
+        self._ids = array("i", bytes(4 * capacity))
+        self._parents = array("i", bytes(4 * capacity))
+        self._t0 = array("q", bytes(8 * capacity))
+        self._t1 = array("q", bytes(8 * capacity))
+        self._n = 0
+        self._stack: list[int] = [ROOT]
+        self._spans: dict[str, Span] = {}
+        self._new_names: list[str] = []
+        self.iteration = 0
+        self._ticks: list[int] = []
+        self._counters: list[tuple[str, int, float]] = []
+        self._last_flush = _now()
+        self._lock = threading.Lock()  # flush may come from the hot path or from close()
+        self.spans_sent = 0
+
+    # -- the API -------------------------------------------------------------------------
+    def span(self, name: str) -> Span | _NullSpan:
+        if not self.spans_enabled:
+            return _NULL_SPAN
+        s = self._spans.get(name)
+        if s is None:
+            s = self._spans[name] = Span(self, len(self._spans), name)
+            self._new_names.append(name)
+        return s
+
+    def tick(self, n: int = 1) -> None:
+        self.iteration += n
+        t = _now()
+        self._ticks.append(t)
+        if t - self._last_flush >= self._flush_interval_ns:
+            self.flush()
+
+    def gauge(self, name: str, value: float) -> None:
+        self._counters.append((name, _now(), float(value)))
+
+    def counter(self, name: str, inc: float = 1.0) -> None:
+        # Counters are recorded as their increments; readers sum them.
+        self._counters.append((name, _now(), float(inc)))
+
+    def event(self, name: str, **detail: Any) -> None:
+        """A control message to the monitor (worker state, errors); sent at once."""
+        if self.sink is not None:
+            self.flush()
+            self._send(encode_control({"type": "event", "name": name, "t_ns": _now(), **detail}))
+
+    # -- shipping ------------------------------------------------------------------------
+    def flush(self) -> None:
+        if self.sink is None:
+            self._n = 0
+            self._ticks.clear()
+            self._counters.clear()
+            return
+        with self._lock:
+            n = self._n
+            if not (n or self._ticks or self._counters or self._new_names):
+                self._last_flush = _now()
+                return
+            payload = encode_batch(
+                new_names=self._new_names,
+                ids=self._ids,
+                parents=self._parents,
+                t0=self._t0,
+                t1=self._t1,
+                n=n,
+                ticks=self._ticks,
+                first_iteration=self.iteration - len(self._ticks),
+                counters=self._counters,
+            )
+            self._new_names = []
+            self._n = 0
+            self._ticks = []
+            self._counters = []
+            self.spans_sent += n
+            self._last_flush = _now()
+            self._send(payload)
+
+    def _send(self, payload: bytes) -> None:
+        try:
+            self.sink.send_bytes(payload)  # type: ignore[union-attr]
+        except (BrokenPipeError, EOFError, OSError):
+            # The monitor is gone; the run is ending. Training code must not die of it.
+            self.sink = None
+            self.spans_enabled = False
+
+    def close(self) -> None:
+        if self.sink is not None:
+            self.flush()
+            with contextlib.suppress(OSError):
+                self.sink.close()
+            self.sink = None
+
+
+# -- the process-wide instance ---------------------------------------------------------------
+_telemetry = Telemetry(None)
+
+
+def telemetry() -> Telemetry:
+    """The process's current Telemetry (a do-nothing one until `connect()`)."""
+    return _telemetry
+
+
+def connect(sink: Sink, *, spans_enabled: bool = True, **hello: Any) -> Telemetry:
+    """Ship this process's telemetry to `sink` (a multiprocessing Connection or alike)."""
+    global _telemetry
+    _telemetry.close()
+    _telemetry = Telemetry(sink, spans_enabled=spans_enabled)
+    sink.send_bytes(encode_control({"type": "hello", "t_ns": _now(), **hello}))
+    atexit.register(_telemetry.close)
+    return _telemetry
+
+
+def disconnect() -> None:
+    global _telemetry
+    _telemetry.close()
+    _telemetry = Telemetry(None)
+
+
+def span(name: str) -> Span | _NullSpan:
+    """A context manager timing the phase `name` (e.g. ``"update/comm/gnn"``)."""
+    return _telemetry.span(name)
+
+
+def phase(name: str) -> Callable[[_F], _F]:
+    """Decorator form of `span`: every call of the function is one span of `name`."""
+
+    def decorate(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with _telemetry.span(name):
+                return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def tick(n: int = 1) -> None:
+    """Mark the end of `n` iterations of this process's loop."""
+    _telemetry.tick(n)
+
+
+def gauge(name: str, value: float) -> None:
+    """Record the current value of `name` (reward, loss, ...)."""
+    _telemetry.gauge(name, value)
+
+
+def counter(name: str, inc: float = 1.0) -> None:
+    """Add `inc` to the count `name`."""
+    _telemetry.counter(name, inc)
+
+
+@contextlib.contextmanager
+def spans_off() -> Iterator[None]:
+    """Switch spans off for a block (iterations are still counted)."""
+    was = _telemetry.spans_enabled
+    _telemetry.spans_enabled = False
+    try:
+        yield
+    finally:
+        _telemetry.spans_enabled = was

@@ -1,0 +1,424 @@
+"""Every figure marlwatch shows, computed in one place (definitions: docs/metrics.md).
+
+`Metrics` eats recording batches in order (live from a run, or read from a file) and hands out
+`Snapshot`s. The live app, replay, `summary`, `diff` and the sweep all go through it, so a
+number means the same wherever it is shown. Memory is bounded by the number of distinct phases,
+cores and processes, plus 8 bytes per learner iteration (kept for latency figures).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from marlwatch.recording import CORE, COUNTER, END, EVENT, ITER, PROC, SPAN, Recording, RunInfo
+
+TOP_LEVEL = ("sample", "update", "sync")
+# Latency histogram: 32 log-spaced bins per octave (bin width 2.2%, so a percentile read off
+# a bin's centre is within 1.1% of the exact one), from 1 ns to 2^40 ns (18 minutes).
+_BINS_PER_OCTAVE = 32
+_N_BINS = 41 * _BINS_PER_OCTAVE
+HISTORY_S = 600  # seconds of IPS history kept for the live plot
+STALL_S = 5.0
+
+
+def is_comm(name: str | None) -> bool:
+    """A phase is communication when any segment of its path is `comm`."""
+    return name is not None and "comm" in name.split("/")
+
+
+def top_of(name: str) -> str:
+    top = name.split("/", 1)[0]
+    return top if top in TOP_LEVEL else "other"
+
+
+def _bins(durations_ns: np.ndarray) -> np.ndarray:
+    d = np.maximum(durations_ns, 1).astype(np.float64)
+    return np.minimum((np.log2(d) * _BINS_PER_OCTAVE).astype(np.int64), _N_BINS - 1)
+
+
+def quantiles_from_hist(hist: np.ndarray, qs: Iterable[float]) -> list[float]:
+    """Quantiles (ns) from a latency histogram, read at the geometric centre of the bin."""
+    total = int(hist.sum())
+    if total == 0:
+        return [math.nan for _ in qs]
+    cum = np.cumsum(hist)
+    out = []
+    for q in qs:
+        idx = int(np.searchsorted(cum, max(1, math.ceil(q * total)), side="left"))
+        out.append(2.0 ** ((idx + 0.5) / _BINS_PER_OCTAVE))
+    return out
+
+
+@dataclass
+class PhaseRow:
+    name: str
+    total_s: float
+    share: float  # of process time (all top-level spans of all processes)
+    count: int
+    mean_ms: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    comm: bool
+    depth: int  # number of `/` in the name
+
+
+@dataclass
+class ProcRow:
+    slot: int
+    role: str
+    state: str
+    iterations: int
+    ips: float
+    cpu_percent: float | None
+    rss_bytes: float | None
+    core: int | None
+    pid: int | None
+    error: str | None = None
+
+
+@dataclass
+class Snapshot:
+    info: RunInfo | None
+    t_s: float  # data time: the latest moment the rows fed so far describe
+    wall_s: float  # from the first span to the main loop's last iteration
+    iterations: int
+    ips: float  # iterations / wall_s
+    ips_now: float  # over the last few seconds
+    ips_history: list[float]  # iterations per second, one value per second, oldest first
+    process_s: float  # all top-level span time, all processes
+    exec_s: float  # sample + update time, all processes (the study's execution time)
+    shares: dict[str, float]  # sample / update / sync / other, of process time; sum to 1
+    comm_share: float  # communication time / execution time
+    comm_share_update: float  # communication inside update / update time
+    comm_s: float
+    update_s: float
+    phases: list[PhaseRow]
+    iteration_ms: dict[str, float]  # p50/p95/p99 of the main loop's iteration latency
+    cores_mean: list[float]
+    cores_now: list[float]
+    procs: list[ProcRow]
+    counters: dict[str, float]
+    returns: list[float]  # recent episode returns (gauge `episode_return`), oldest first
+    complete: bool  # the end-of-run marker was seen
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def hottest(self) -> PhaseRow | None:
+        leaves = [p for p in self.phases if p.depth > 0] or self.phases
+        return max(leaves, key=lambda p: p.total_s, default=None)
+
+    def to_json(self) -> dict[str, Any]:
+        info = self.info
+        return {
+            "algo": info.algo if info else None,
+            "env": info.env if info else None,
+            "agents": info.agents if info else None,
+            "workers": info.workers if info else None,
+            "complete": self.complete,
+            "iterations": self.iterations,
+            "wall_s": self.wall_s,
+            "ips": self.ips,
+            "process_s": self.process_s,
+            "exec_s": self.exec_s,
+            "shares": self.shares,
+            "comm_share": self.comm_share,
+            "comm_share_update": self.comm_share_update,
+            "iteration_ms": self.iteration_ms,
+            "phases": {
+                p.name: {k: v for k, v in asdict(p).items() if k not in ("name",)} for p in self.phases
+            },
+            "cores": [round(c, 2) for c in self.cores_mean],
+            "procs": [asdict(p) for p in self.procs],
+            "counters": self.counters,
+        }
+
+
+@dataclass
+class _Phase:
+    total_ns: int = 0
+    count: int = 0
+    hist: np.ndarray = field(default_factory=lambda: np.zeros(_N_BINS, np.int64))
+
+
+@dataclass
+class _Proc:
+    slot: int
+    role: str
+    state: str = "starting"
+    error: str | None = None
+    iterations: int = 0
+    first_t: int | None = None
+    last_tick: int | None = None
+    cpu: float | None = None
+    rss: float | None = None
+    pid: int | None = None
+    core: int | None = None
+    recent: deque = field(default_factory=lambda: deque(maxlen=64))  # recent tick times
+
+
+class Metrics:
+    def __init__(self, info: RunInfo | None = None) -> None:
+        self.info = info
+        self.phases: dict[str, _Phase] = {}
+        self.top_ns: dict[str, int] = {"sample": 0, "update": 0, "sync": 0, "other": 0}
+        self.comm_ns = 0
+        self.comm_update_ns = 0
+        self.t_ns = 0
+        self.first_span_ns: int | None = None
+        self.procs: dict[int, _Proc] = {}
+        if info:
+            for slot, role in info.procs.items():
+                self.procs[int(slot)] = _Proc(int(slot), role, core=info.pinning.get(slot))
+        self.main_ticks: list[np.ndarray] = []  # proc 0's iteration times
+        self.main_iterations = 0
+        self.per_second: deque[tuple[int, int]] = deque(maxlen=HISTORY_S)
+        self.core_sum: np.ndarray = np.zeros(0)
+        self.core_n: np.ndarray = np.zeros(0)
+        self.core_now: np.ndarray = np.zeros(0)
+        self.counters: dict[str, float] = {}
+        self.returns: deque[float] = deque(maxlen=200)
+        self.events: deque[dict[str, Any]] = deque(maxlen=100)
+        self.complete = False
+
+    # -- feeding --------------------------------------------------------------------------
+    def add_all(self, batches: Iterable[pa.RecordBatch]) -> Metrics:
+        for b in batches:
+            self.add(b)
+        return self
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        if batch.num_rows == 0:
+            return
+        kind = batch.column("kind")
+        t = batch.column("t_ns")
+        tmax = pc.max(t).as_py()
+        if tmax is not None:
+            self.t_ns = max(self.t_ns, tmax)
+        kinds = set(pc.unique(kind).to_pylist())
+        if SPAN in kinds:
+            self._spans(batch.filter(pc.equal(kind, SPAN)))
+        if ITER in kinds:
+            self._iters(batch.filter(pc.equal(kind, ITER)))
+        if CORE in kinds:
+            self._cores(batch.filter(pc.equal(kind, CORE)))
+        if PROC in kinds:
+            self._proc_samples(batch.filter(pc.equal(kind, PROC)))
+        if COUNTER in kinds:
+            self._counters(batch.filter(pc.equal(kind, COUNTER)))
+        if EVENT in kinds:
+            self._events(batch.filter(pc.equal(kind, EVENT)))
+        if END in kinds:
+            self.complete = True
+
+    def _spans(self, b: pa.RecordBatch) -> None:
+        start = pc.min(b.column("t_ns")).as_py()
+        if start is not None and (self.first_span_ns is None or start < self.first_span_ns):
+            self.first_span_ns = start
+        table = pa.table({"name": b.column("name"), "parent": b.column("parent"), "dur_ns": b.column("dur_ns")})
+        groups = table.group_by(["name", "parent"]).aggregate([("dur_ns", "sum"), ("dur_ns", "count")])
+        for name, parent, total, count in zip(
+            groups.column("name").to_pylist(), groups.column("parent").to_pylist(),
+            groups.column("dur_ns_sum").to_pylist(), groups.column("dur_ns_count").to_pylist(), strict=True,
+        ):
+            if name is None:
+                continue
+            ph = self.phases.get(name)
+            if ph is None:
+                ph = self.phases[name] = _Phase()
+            ph.total_ns += total
+            ph.count += count
+            if parent is None:
+                self.top_ns[top_of(name)] += total
+            if is_comm(name) and not is_comm(parent):  # outermost communication span only
+                self.comm_ns += total
+                if top_of(name) == "update":
+                    self.comm_update_ns += total
+        encoded = pc.dictionary_encode(b.column("name"))
+        codes = encoded.indices.to_numpy(zero_copy_only=False)
+        bins = _bins(b.column("dur_ns").to_numpy(zero_copy_only=False))
+        names = encoded.dictionary.to_pylist()
+        flat = np.bincount(codes * _N_BINS + bins, minlength=len(names) * _N_BINS).reshape(len(names), _N_BINS)
+        for k, name in enumerate(names):
+            if name is not None:
+                self.phases[name].hist += flat[k]
+
+    def _iters(self, b: pa.RecordBatch) -> None:
+        procs = b.column("proc").to_numpy(zero_copy_only=False)
+        times = b.column("t_ns").to_numpy(zero_copy_only=False)
+        iters = b.column("iter").to_numpy(zero_copy_only=False)
+        for slot in np.unique(procs):
+            sel = procs == slot
+            p = self._proc(int(slot))
+            ts = times[sel]
+            p.iterations = max(p.iterations, int(iters[sel].max()))
+            if p.state in ("starting",):
+                p.state = "running"
+            p.last_tick = int(ts.max())
+            p.recent.extend(ts.tolist())
+            if int(slot) == 0:
+                self.main_ticks.append(ts.astype(np.int64))
+                self.main_iterations = p.iterations
+                for sec, count in zip(*np.unique(ts // 1_000_000_000, return_counts=True), strict=True):
+                    if self.per_second and self.per_second[-1][0] == sec:
+                        self.per_second[-1] = (int(sec), self.per_second[-1][1] + int(count))
+                    else:
+                        self.per_second.append((int(sec), int(count)))
+
+    def _cores(self, b: pa.RecordBatch) -> None:
+        core = b.column("core").to_numpy(zero_copy_only=False).astype(np.int64)
+        value = b.column("value").to_numpy(zero_copy_only=False)
+        n = int(core.max()) + 1
+        if n > len(self.core_sum):
+            grow = n - len(self.core_sum)
+            self.core_sum = np.concatenate([self.core_sum, np.zeros(grow)])
+            self.core_n = np.concatenate([self.core_n, np.zeros(grow)])
+            self.core_now = np.concatenate([self.core_now, np.zeros(grow)])
+        self.core_sum += np.bincount(core, weights=value, minlength=len(self.core_sum))
+        self.core_n += np.bincount(core, minlength=len(self.core_n))
+        self.core_now[core] = value  # the last sample of each core wins
+
+    def _proc_samples(self, b: pa.RecordBatch) -> None:
+        for slot, name, value in zip(b.column("proc").to_pylist(), b.column("name").to_pylist(),
+                                     b.column("value").to_pylist(), strict=True):
+            p = self._proc(slot)
+            if name == "cpu_percent":
+                p.cpu = value
+            elif name == "rss_bytes":
+                p.rss = value
+
+    def _counters(self, b: pa.RecordBatch) -> None:
+        for name, value in zip(b.column("name").to_pylist(), b.column("value").to_pylist(), strict=True):
+            if name == "episodes":
+                self.counters[name] = self.counters.get(name, 0.0) + value
+            else:
+                self.counters[name] = value
+            if name == "episode_return":
+                self.returns.append(value)
+
+    def _events(self, b: pa.RecordBatch) -> None:
+        for slot, name, t, text in zip(b.column("proc").to_pylist(), b.column("name").to_pylist(),
+                                       b.column("t_ns").to_pylist(), b.column("text").to_pylist(), strict=True):
+            try:
+                detail = json.loads(text) if text else {}
+            except ValueError:
+                detail = {}
+            if not isinstance(detail, dict):
+                detail = {}
+            self.events.append({"t_s": t / 1e9, "proc": slot, "name": name, **detail})
+            if slot is None:
+                continue
+            p = self._proc(slot)
+            if name == "started":
+                p.state, p.pid, p.core = "running", detail.get("pid"), detail.get("core", p.core)
+                p.first_t = t
+            elif name == "crashed":
+                p.state, p.error = "crashed", detail.get("error")
+            elif name == "finished":
+                p.state = "finished"
+            elif name == "stopped":
+                p.state = "stopped"
+            elif name == "exited" and p.state not in ("finished", "crashed", "stopped"):
+                state = detail.get("state", "exited")
+                p.state = state if isinstance(state, str) else "exited"
+
+    def _proc(self, slot: int | None) -> _Proc:
+        slot = int(slot or 0)
+        if slot not in self.procs:
+            self.procs[slot] = _Proc(slot, "main" if slot == 0 else f"worker {slot}")
+        return self.procs[slot]
+
+    # -- reading --------------------------------------------------------------------------
+    def iteration_times_ns(self) -> np.ndarray:
+        """The main loop's iteration end times (ns since run start)."""
+        if not self.main_ticks:
+            return np.zeros(0, np.int64)
+        if len(self.main_ticks) > 1:
+            self.main_ticks = [np.concatenate(self.main_ticks)]
+        return self.main_ticks[0]
+
+    def iteration_latencies_ns(self) -> np.ndarray:
+        ticks = self.iteration_times_ns()
+        if len(ticks) == 0:
+            return ticks
+        start = self.first_span_ns if self.first_span_ns is not None else 0
+        return np.diff(ticks, prepend=min(start, int(ticks[0])))
+
+    def snapshot(self) -> Snapshot:
+        process_ns = sum(self.top_ns.values())
+        exec_ns = self.top_ns["sample"] + self.top_ns["update"]
+        ticks = self.iteration_times_ns()
+        start = self.first_span_ns if self.first_span_ns is not None else 0
+        wall_ns = int(ticks[-1]) - start if len(ticks) else max(0, self.t_ns - start)
+        iterations = self.main_iterations
+        recent = ticks[ticks >= self.t_ns - 3_000_000_000] if len(ticks) else ticks
+        window_s = min(3.0, (self.t_ns - start) / 1e9) if self.t_ns > start else 0.0
+        lat = self.iteration_latencies_ns()
+        lat_q = np.percentile(lat, [50, 95, 99]) / 1e6 if len(lat) else [math.nan] * 3
+        phases = []
+        for name in sorted(self.phases):
+            ph = self.phases[name]
+            q = quantiles_from_hist(ph.hist, (0.5, 0.95, 0.99))
+            phases.append(PhaseRow(
+                name=name, total_s=ph.total_ns / 1e9, share=ph.total_ns / process_ns if process_ns else 0.0,
+                count=ph.count, mean_ms=ph.total_ns / ph.count / 1e6 if ph.count else 0.0,
+                p50_ms=q[0] / 1e6, p95_ms=q[1] / 1e6, p99_ms=q[2] / 1e6, comm=is_comm(name), depth=name.count("/"),
+            ))
+        if self.per_second:
+            last = self.per_second[-1][0]
+            counts = dict(self.per_second)
+            history = [float(counts.get(s, 0)) for s in range(max(self.per_second[0][0], last - HISTORY_S + 1), last + 1)]
+        else:
+            history = []
+        procs = []
+        for slot in sorted(self.procs):
+            p = self.procs[slot]
+            state = p.state
+            if state == "running" and p.last_tick is not None and self.t_ns - p.last_tick > STALL_S * 1e9 \
+                    and not self.complete:
+                state = "stalled"
+            span_s = ((p.last_tick or 0) - (p.first_t if p.first_t is not None else start)) / 1e9
+            procs.append(ProcRow(slot=slot, role=p.role, state=state, iterations=p.iterations,
+                                 ips=p.iterations / span_s if span_s > 0 else 0.0, cpu_percent=p.cpu,
+                                 rss_bytes=p.rss, core=p.core, pid=p.pid, error=p.error))
+        return Snapshot(
+            info=self.info,
+            t_s=self.t_ns / 1e9,
+            wall_s=wall_ns / 1e9,
+            iterations=iterations,
+            ips=iterations / (wall_ns / 1e9) if wall_ns > 0 else 0.0,
+            ips_now=len(recent) / window_s if window_s > 0 else 0.0,
+            ips_history=history,
+            process_s=process_ns / 1e9,
+            exec_s=exec_ns / 1e9,
+            shares={k: (v / process_ns if process_ns else 0.0) for k, v in self.top_ns.items()},
+            comm_share=self.comm_ns / exec_ns if exec_ns else 0.0,
+            comm_share_update=self.comm_update_ns / self.top_ns["update"] if self.top_ns["update"] else 0.0,
+            comm_s=self.comm_ns / 1e9,
+            update_s=self.top_ns["update"] / 1e9,
+            phases=phases,
+            iteration_ms={"p50": float(lat_q[0]), "p95": float(lat_q[1]), "p99": float(lat_q[2])},
+            cores_mean=[float(s / n) if n else 0.0 for s, n in zip(self.core_sum, self.core_n, strict=True)],
+            cores_now=[float(v) for v in self.core_now],
+            procs=procs,
+            counters=dict(self.counters),
+            returns=list(self.returns),
+            complete=self.complete,
+            events=list(self.events),
+        )
+
+
+def summarize(rec: Recording) -> Snapshot:
+    """Read a whole recording (batch by batch) into one Snapshot."""
+    m = Metrics(rec.info)
+    m.add_all(rec.batches())
+    return m.snapshot()

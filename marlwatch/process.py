@@ -1,0 +1,119 @@
+"""What every child process of a run does first, and the learner and worker loops.
+
+Children die with the monitor (parent-death signal), ignore Ctrl-C (the monitor decides how a
+run stops), use one torch thread and are pinned to their core where the OS allows it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from marlwatch import instrument
+from marlwatch.workers import PipeWorkerPool, WorkerLost, serve_rollout
+
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """Everything a child needs, picklable for the spawn start method."""
+
+    role: str  # "learner" or "worker"
+    slot: int  # 0 for the learner, 1..W for workers
+    core: int | None
+    algo: str
+    config: Any
+    iterations: int | None
+    spans: bool
+    keep_going: bool = False
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass  # not Linux: the monitor's own clean-up still ends children
+
+
+def _bootstrap(spec: ChildSpec, telemetry_conn: Connection) -> None:
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if spec.core is not None and hasattr(os, "sched_setaffinity"):
+        try:
+            os.sched_setaffinity(0, {spec.core})
+        except OSError:
+            pass
+    import torch
+
+    torch.set_num_threads(1)
+    instrument.connect(
+        telemetry_conn, spans_enabled=spec.spans, role=spec.role, slot=spec.slot, pid=os.getpid(), core=spec.core
+    )
+
+
+def _report_crash(exc: BaseException) -> None:
+    last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    at = f" ({os.path.basename(where.filename)}:{where.lineno})" if where else ""
+    instrument.telemetry().event("crashed", error=last + at)
+    instrument.telemetry().close()
+
+
+def learner_main(spec: ChildSpec, telemetry_conn: Connection, worker_conns: list[Connection], stop: Any) -> None:
+    from algorithms import get_algorithm
+
+    _bootstrap(spec, telemetry_conn)
+    exit_code = 0
+    pool = PipeWorkerPool(worker_conns, keep_going=spec.keep_going)
+    try:
+        learner = get_algorithm(spec.algo).learner_cls(spec.config)
+        span = instrument.span
+        done = 0
+        while (spec.iterations is None or done < spec.iterations) and not stop.is_set():
+            with span("sync/broadcast"):
+                pool.broadcast(learner.weights())
+            with span("sync/gather"):
+                payloads = pool.gather()
+            with span("update"):
+                stats = learner.update(payloads)
+            for name, value in stats.items():
+                instrument.gauge(name, value)
+            instrument.tick()
+            done += 1
+        instrument.telemetry().event("finished", iterations=done)
+    except WorkerLost as e:
+        instrument.telemetry().event("stopped", reason=str(e))
+        exit_code = 3
+    except BaseException as e:  # noqa: BLE001 - reported to the monitor, then the process ends
+        _report_crash(e)
+        exit_code = 1
+    finally:
+        pool.stop()
+        instrument.telemetry().close()
+    sys.exit(exit_code)
+
+
+def worker_main(spec: ChildSpec, telemetry_conn: Connection, learner_conn: Connection) -> None:
+    from algorithms import get_algorithm
+
+    _bootstrap(spec, telemetry_conn)
+    exit_code = 0
+    try:
+        rollout = get_algorithm(spec.algo).rollout_cls(spec.config, spec.slot - 1)
+        served = serve_rollout(rollout, learner_conn)
+        instrument.telemetry().event("finished", iterations=served)
+    except BaseException as e:  # noqa: BLE001 - reported to the monitor, then the process ends
+        _report_crash(e)
+        exit_code = 1
+    finally:
+        instrument.telemetry().close()
+    sys.exit(exit_code)

@@ -1,0 +1,243 @@
+"""Recordings: one Arrow IPC stream per run (format in docs/recording-format.md).
+
+The writer buffers rows and writes a record batch at least every `flush_interval_s`, then
+flushes the file, so a run killed with SIGKILL leaves every batch written up to then. A
+complete recording ends with a row of kind ``end``; the reader reports a file without it as
+truncated, and a file cut mid-batch yields every complete batch before the cut.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+
+METADATA_KEY = b"marlwatch.run"
+FORMAT_VERSION = 1
+
+# Row kinds. One schema for all of them keeps the file a single stream any Arrow reader opens.
+SPAN, ITER, COUNTER, CORE, PROC, EVENT, END = "span", "iter", "counter", "core", "proc", "event", "end"
+
+SCHEMA = pa.schema(
+    [
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("proc", pa.int16()),  # process slot: 0 learner, 1..W workers; null for cores
+        pa.field("name", pa.string()),  # phase path / counter name / proc metric / event name
+        pa.field("parent", pa.string()),  # enclosing phase of a span; null at top level
+        pa.field("t_ns", pa.int64(), nullable=False),  # ns since the run started
+        pa.field("dur_ns", pa.int64()),  # span duration
+        pa.field("iter", pa.int64()),  # the process's iteration count at t_ns
+        pa.field("core", pa.int16()),  # cpu core of a core sample
+        pa.field("value", pa.float64()),  # counter value, core or process cpu %, rss bytes
+        pa.field("text", pa.string()),  # event detail (JSON)
+    ]
+)
+COLUMNS = SCHEMA.names
+_WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
+
+
+class RecordingError(Exception):
+    """A recording that cannot be written or read; the message is one line for the user."""
+
+
+@dataclass
+class RunInfo:
+    """The run's configuration, stored as JSON in the schema metadata."""
+
+    algo: str
+    env: str
+    agents: int
+    workers: int
+    seed: int
+    iterations: int | None
+    spans: bool = True
+    host: str = ""
+    cores: int = 0
+    start_unix: float = 0.0
+    versions: dict[str, str] = field(default_factory=dict)
+    pinning: dict[str, int | None] = field(default_factory=dict)
+    procs: dict[str, str] = field(default_factory=dict)  # slot -> role ("learner", "worker 1", ...)
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> RunInfo:
+        data = json.loads(text)
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def empty_columns() -> dict[str, list]:
+    return {name: [] for name in COLUMNS}
+
+
+class RecordingWriter:
+    """Append rows to a recording; a context manager that always leaves a readable file."""
+
+    def __init__(self, path: str | os.PathLike, info: RunInfo, *, flush_interval_s: float = 0.5) -> None:
+        self.path = Path(path)
+        self.info = info
+        self.flush_interval_s = flush_interval_s
+        try:
+            if self.path.parent and not self.path.parent.exists():
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        except OSError as e:
+            raise RecordingError(f"cannot write recording {self.path}: {e.strerror or e}") from None
+        schema = SCHEMA.with_metadata({METADATA_KEY: info.to_json()})
+        self._schema = schema
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+        self._last_flush = time.monotonic()
+        self.rows_written = 0
+        self.batches_written = 0
+        self.closed = False
+        self.failed: str | None = None
+        try:
+            self._writer = pa.ipc.new_stream(self._file, schema, options=_WRITE_OPTIONS)
+            self._file.flush()
+        except OSError as e:
+            self._file.close()
+            raise RecordingError(f"cannot write recording {self.path}: {e.strerror or e}") from None
+
+    def __enter__(self) -> RecordingWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def append(self, batch: pa.RecordBatch | pa.Table) -> None:
+        """Queue rows (in SCHEMA's column order); written at the next flush."""
+        if isinstance(batch, pa.Table):
+            self._pending.extend(batch.to_batches())
+        else:
+            self._pending.append(batch)
+        self._pending_rows += batch.num_rows
+        if self._pending_rows >= 65536 or time.monotonic() - self._last_flush >= self.flush_interval_s:
+            self.flush()
+
+    def append_rows(self, columns: dict[str, list]) -> None:
+        self.append(pa.RecordBatch.from_pydict(columns, schema=SCHEMA))
+
+    def flush(self) -> None:
+        """Write what is queued as one record batch and push it to the disk."""
+        self._last_flush = time.monotonic()
+        if not self._pending or self.closed:
+            return
+        table = pa.Table.from_batches(self._pending, schema=SCHEMA).combine_chunks()
+        self._pending, self._pending_rows = [], 0
+        try:
+            for b in table.to_batches():
+                self._writer.write_batch(b)
+                self.batches_written += 1
+            self._file.flush()
+        except OSError as e:
+            self.failed = f"recording stopped, {self.path}: {e.strerror or e}"
+            raise RecordingError(self.failed) from None
+        self.rows_written += table.num_rows
+
+    def close(self, *, complete: bool = True, t_ns: int = 0, detail: dict[str, Any] | None = None) -> None:
+        """Flush, write the end-of-run marker (when `complete`) and close the stream."""
+        if self.closed:
+            return
+        try:
+            if complete and self.failed is None:
+                end = empty_columns()
+                for name in COLUMNS:
+                    end[name].append(None)
+                end["kind"][0], end["t_ns"][0] = END, t_ns
+                end["text"][0] = json.dumps({"rows": self.rows_written + self._pending_rows, **(detail or {})})
+                self._pending.append(pa.RecordBatch.from_pydict(end, schema=SCHEMA))
+            if self.failed is None:
+                self.flush()
+                self._writer.close()
+        except (OSError, RecordingError, pa.ArrowException):
+            pass  # what was flushed before stays readable; the caller already knows of `failed`
+        finally:
+            self.closed = True
+            try:
+                self._file.close()
+            except OSError:
+                pass
+
+
+@dataclass
+class Recording:
+    """A recording opened for reading: its run info and a way to stream its batches."""
+
+    path: Path
+    info: RunInfo
+    schema: pa.Schema
+    complete: bool | None = None  # known once the batches were read to the end
+    truncated_mid_batch: bool = False
+    batches_read: int = 0
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        """Every complete batch in the file, in order; sets `complete` at the end."""
+        self.complete = False
+        self.truncated_mid_batch = False
+        self.batches_read = 0
+        with open(self.path, "rb") as f:
+            reader = pa.ipc.open_stream(f)
+            while True:
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
+                    break
+                except (pa.ArrowInvalid, pa.ArrowException, OSError, ValueError):
+                    self.truncated_mid_batch = True
+                    break
+                self.batches_read += 1
+                if batch.num_rows and batch.column("kind")[batch.num_rows - 1].as_py() == END:
+                    self.complete = True
+                yield batch
+
+    def read_all(self) -> pa.Table:
+        return pa.Table.from_batches(list(self.batches()), schema=self.schema)
+
+    @property
+    def status(self) -> str:
+        if self.complete is None:
+            return "unknown"
+        if self.complete:
+            return "complete"
+        return "truncated mid-batch" if self.truncated_mid_batch else "truncated"
+
+
+def open_recording(path: str | os.PathLike) -> Recording:
+    """Open a recording, checking it is one; raises RecordingError with a one-line reason."""
+    p = Path(path)
+    if not p.exists():
+        raise RecordingError(f"{p}: no such file")
+    if p.is_dir():
+        raise RecordingError(f"{p}: is a directory, not a recording")
+    try:
+        size = p.stat().st_size
+    except OSError as e:
+        raise RecordingError(f"{p}: {e.strerror}") from None
+    if size == 0:
+        raise RecordingError(f"{p}: empty file, not a marlwatch recording")
+    try:
+        with open(p, "rb") as f:
+            schema = pa.ipc.open_stream(f).schema
+    except (pa.ArrowException, OSError, ValueError):
+        raise RecordingError(f"{p}: not an Arrow IPC stream (is it a marlwatch recording?)") from None
+    meta = schema.metadata or {}
+    if METADATA_KEY not in meta:
+        raise RecordingError(f"{p}: an Arrow stream, but not a marlwatch recording (no run metadata)")
+    if not set(COLUMNS) <= set(schema.names):
+        raise RecordingError(f"{p}: a marlwatch recording with unexpected columns")
+    try:
+        info = RunInfo.from_json(meta[METADATA_KEY])
+    except (ValueError, TypeError) as e:
+        raise RecordingError(f"{p}: run metadata is damaged ({e})") from None
+    return Recording(p, info, schema)

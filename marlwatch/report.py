@@ -1,0 +1,81 @@
+"""Plain-text renderings of a Snapshot: the progress line and the summary table."""
+
+from __future__ import annotations
+
+import math
+
+from marlwatch.metrics import Snapshot
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:5.1f}%"
+
+
+def ms(x: float) -> str:
+    return "-" if math.isnan(x) else (f"{x:.3f}" if x < 10 else f"{x:.1f}")
+
+
+def progress_line(s: Snapshot, total: int | None, rec_bytes: int) -> str:
+    of = f"/{total}" if total else ""
+    return (
+        f"it {s.iterations}{of}  IPS {s.ips_now:6.2f} (mean {s.ips:.2f})  "
+        f"comm {pct(s.comm_share).strip()} of exec, {pct(s.comm_share_update).strip()} of update  "
+        f"sample {pct(s.shares['sample']).strip()} update {pct(s.shares['update']).strip()} "
+        f"sync {pct(s.shares['sync']).strip()}  rec {human_bytes(rec_bytes)}"
+    )
+
+
+def summary_text(s: Snapshot, path: str = "", status: str = "") -> str:
+    info = s.info
+    lines = []
+    if info:
+        lines.append(f"{path}  [{status}]" if path else f"[{status}]")
+        lines.append(
+            f"algo {info.algo}  env {info.env}  agents {info.agents}  workers {info.workers}  seed {info.seed}  "
+            f"host {info.host} ({info.cores} cores)  spans {'on' if info.spans else 'off'}"
+        )
+    lines.append(
+        f"iterations {s.iterations}  wall {s.wall_s:.2f} s  IPS {s.ips:.2f}  "
+        f"iteration p50/p95/p99 {ms(s.iteration_ms['p50'])}/{ms(s.iteration_ms['p95'])}/{ms(s.iteration_ms['p99'])} ms"
+    )
+    lines.append(
+        f"communication: {pct(s.comm_share).strip()} of execution time (sample+update), "
+        f"{pct(s.comm_share_update).strip()} of update time"
+    )
+    lines.append(
+        "process time: " + "  ".join(f"{k} {pct(v).strip()}" for k, v in s.shares.items() if v or k != "other")
+    )
+    lines.append("")
+    header = f"{'phase':<34} {'total s':>9} {'share':>7} {'count':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"
+    lines.append(header)
+    lines.append("-" * len(header))
+    for p in s.phases:
+        label = p.name + (" *" if p.comm else "")
+        lines.append(
+            f"{label:<34} {p.total_s:9.3f} {pct(p.share):>7} {p.count:8d} {ms(p.p50_ms):>8} {ms(p.p95_ms):>8} "
+            f"{ms(p.p99_ms):>8}"
+        )
+    lines.append("(* communication)")
+    if s.cores_mean:
+        lines.append("")
+        lines.append("cores (mean util): " + "  ".join(f"cpu{i} {u:.0f}%" for i, u in enumerate(s.cores_mean)))
+    if s.procs:
+        lines.append(
+            "processes: "
+            + "  ".join(f"{p.role}: {p.state}, {p.iterations} it, {p.ips:.1f} IPS" for p in s.procs)
+        )
+    if "episode_return" in s.counters:
+        recent = s.returns[-20:]
+        lines.append(f"episode return: last {s.counters['episode_return']:.2f}, mean of last {len(recent)} "
+                     f"{sum(recent) / max(1, len(recent)):.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,354 @@
+"""A run: the learner and worker processes, their telemetry, the system sampler, the recording.
+
+`Run` is driven by whoever shows it: the headless CLI loop or the live app's reader thread call
+`pump()` repeatedly; each call reads what arrived, writes it to the recording and returns it as
+Arrow batches (the same rows the recording holds, so live view and replay share one path).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import platform
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from marlwatch import wire
+from marlwatch.collector import ProcStream, core_rows, event_row, proc_rows
+from marlwatch.process import ChildSpec, learner_main, worker_main
+from marlwatch.recording import RecordingError, RecordingWriter, RunInfo
+from marlwatch.sysstats import CoreSampler, ProcSampler
+
+STOP_GRACE_S = 10.0
+
+
+class RunError(Exception):
+    """A run that cannot start; the message is one line for the user."""
+
+
+@dataclass
+class RunConfig:
+    algo: str = "maddpg"
+    env: str = ""
+    agents: int = 3
+    workers: int = 0  # 0: one per core
+    iterations: int | None = 500
+    seed: int = 0
+    spans: bool = True
+    record: str | None = None
+    keep_going: bool = False
+    sample_hz: float = 10.0
+    settings: dict[str, str] = field(default_factory=dict)
+
+    def resolved_workers(self) -> int:
+        return self.workers or (os.cpu_count() or 1)
+
+
+@dataclass
+class ProcState:
+    slot: int
+    role: str
+    pid: int | None = None
+    core: int | None = None
+    state: str = "starting"  # starting, running, finished, crashed, stopped
+    error: str | None = None
+    exitcode: int | None = None
+
+
+def default_record_path(algo: str) -> Path:
+    return Path("runs") / f"{algo}-{time.strftime('%Y%m%d-%H%M%S')}.arrow"
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("marlwatch", "torch", "numpy", "pyarrow", "pettingzoo", "mpe2"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class Run:
+    def __init__(self, cfg: RunConfig) -> None:
+        from algorithms import get_algorithm, make_config
+
+        self.cfg = cfg
+        self.spec = get_algorithm(cfg.algo)  # raises KeyError with a message
+        self.workers = cfg.resolved_workers()
+        self.algo_config = make_config(cfg.algo, env=cfg.env, agents=cfg.agents, workers=self.workers,
+                                       seed=cfg.seed, settings=cfg.settings)
+        self.record_path = Path(cfg.record) if cfg.record else default_record_path(cfg.algo)
+        cores = os.cpu_count() or 1
+        can_pin = hasattr(os, "sched_setaffinity")
+        # The learner takes core 0; workers spread over the cores after it, wrapping around.
+        self.pinning = {0: 0 if can_pin else None}
+        for w in range(1, self.workers + 1):
+            self.pinning[w] = (w % cores) if can_pin else None
+        self.procs: dict[int, ProcState] = {0: ProcState(0, "learner")}
+        for w in range(1, self.workers + 1):
+            self.procs[w] = ProcState(w, f"worker {w}")
+        self.info = RunInfo(
+            algo=cfg.algo,
+            env=self.algo_config.env,
+            agents=cfg.agents,
+            workers=self.workers,
+            seed=cfg.seed,
+            iterations=cfg.iterations,
+            spans=cfg.spans,
+            host=socket.gethostname(),
+            cores=cores,
+            start_unix=time.time(),
+            versions=_versions(),
+            pinning={str(k): v for k, v in self.pinning.items()},
+            procs={str(k): p.role for k, p in self.procs.items()},
+            extra={"settings": cfg.settings, "config": {k: v for k, v in vars(self.algo_config).items()
+                                                        if isinstance(v, int | float | str | bool)}},
+        )
+        self.writer: RecordingWriter | None = None
+        self.t0_ns = time.perf_counter_ns()
+        self.streams: dict[int, ProcStream] = {}
+        self._conns: dict[Connection, int] = {}
+        self._children: dict[int, mp.process.BaseProcess] = {}
+        self._stop = None
+        self.core_sampler = CoreSampler()
+        self.proc_sampler = ProcSampler()
+        self._next_sample = 0.0
+        self.stop_reason: str | None = None
+        self.failure: str | None = None  # why the run ended badly (worker crash, disk full)
+        self.started = False
+        self.listeners: list[Callable[[pa.RecordBatch], None]] = []
+        self._out: list[pa.RecordBatch] = []
+
+    # -- starting --------------------------------------------------------------------------
+    def start(self) -> None:
+        self.writer = RecordingWriter(self.record_path, self.info)  # fails before any process starts
+        ctx = mp.get_context("spawn")
+        self._stop = ctx.Event()
+        self.t0_ns = time.perf_counter_ns()
+        learner_data: list[Connection] = []
+        child_ends: list[Connection] = []
+        for slot in self.procs:
+            self.streams[slot] = ProcStream(slot, self.t0_ns)
+        for w in range(1, self.workers + 1):
+            tel_r, tel_w = ctx.Pipe(duplex=False)
+            a, b = ctx.Pipe(duplex=True)
+            learner_data.append(a)
+            p = ctx.Process(target=worker_main, name=f"marlwatch-worker-{w}",
+                            args=(self._child_spec("worker", w), tel_w, b), daemon=True)
+            self._spawn(w, p, tel_r)
+            child_ends += [tel_w, b]
+        tel_r, tel_w = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=learner_main, name="marlwatch-learner",
+                        args=(self._child_spec("learner", 0), tel_w, learner_data, self._stop), daemon=True)
+        self._spawn(0, p, tel_r)
+        child_ends += [tel_w, *learner_data]
+        # Our copies of the children's pipe ends must go, or a dead child's pipe never reads EOF.
+        for c in child_ends:
+            c.close()
+        self.started = True
+        self._emit(event_row(self.now_ns(), None, "run_started", workers=self.workers, algo=self.cfg.algo))
+
+    def _child_spec(self, role: str, slot: int) -> ChildSpec:
+        return ChildSpec(role=role, slot=slot, core=self.pinning[slot], algo=self.cfg.algo, config=self.algo_config,
+                         iterations=self.cfg.iterations, spans=self.cfg.spans, keep_going=self.cfg.keep_going)
+
+    def _spawn(self, slot: int, p: mp.process.BaseProcess, tel: Connection) -> None:
+        p.start()
+        self._children[slot] = p
+        self._conns[tel] = slot
+        st = self.procs[slot]
+        st.pid, st.core = p.pid, self.pinning[slot]
+        self.proc_sampler.watch(slot, p.pid)  # type: ignore[arg-type]
+
+    # -- running ---------------------------------------------------------------------------
+    def now_ns(self) -> int:
+        return time.perf_counter_ns() - self.t0_ns
+
+    @property
+    def alive(self) -> bool:
+        return any(p.is_alive() for p in self._children.values()) or bool(self._conns)
+
+    def pump(self, timeout: float = 0.1) -> list[pa.RecordBatch]:
+        """Read whatever arrived within `timeout` s; record it; return the new rows."""
+        self._out = out = []
+        sentinels = {p.sentinel: slot for slot, p in self._children.items() if self.procs[slot].exitcode is None}
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = max(0.0, min(deadline - time.monotonic(), self._next_sample - time.monotonic()))
+            ready = wait([*self._conns, *sentinels], remaining) if (self._conns or sentinels) else []
+            if not (self._conns or sentinels):
+                time.sleep(remaining)
+            for obj in ready:
+                if obj in self._conns:
+                    self._drain(obj)  # type: ignore[arg-type]
+            for obj in ready:
+                if obj in sentinels:
+                    self._child_exited(sentinels.pop(obj))  # type: ignore[index]
+            if time.monotonic() >= self._next_sample:
+                self._sample()
+            if time.monotonic() >= deadline or not self.alive:
+                break
+        return out
+
+    def _drain(self, conn: Connection, limit: int = 64) -> None:
+        slot = self._conns[conn]
+        for _ in range(limit):
+            try:
+                if not conn.poll():
+                    return
+                frame = conn.recv_bytes()
+            except (EOFError, OSError):
+                del self._conns[conn]
+                conn.close()
+                return
+            try:
+                msg = wire.decode(frame)
+            except wire.ProtocolError as e:
+                self._emit(event_row(self.now_ns(), slot, "protocol_error", error=str(e)))
+                continue
+            if isinstance(msg, wire.Control):
+                self._control(slot, msg.message)
+            else:
+                try:
+                    rows = self.streams[slot].rows(msg)
+                except ValueError as e:
+                    self._emit(event_row(self.now_ns(), slot, "protocol_error", error=str(e)))
+                    continue
+                if rows is not None:
+                    self._emit(rows)
+
+    def _control(self, slot: int, m: dict[str, Any]) -> None:
+        st = self.procs[slot]
+        t = int(m.get("t_ns", self.t0_ns)) - self.t0_ns
+        if m["type"] == "hello":
+            st.state = "running"
+            self._emit(event_row(t, slot, "started", role=st.role, pid=m.get("pid"), core=m.get("core")))
+        elif m["type"] == "event":
+            name = m.get("name", "event")
+            detail = {k: v for k, v in m.items() if k not in ("type", "name", "t_ns")}
+            if name == "crashed":
+                st.state, st.error = "crashed", str(detail.get("error", "unknown error"))
+                self._fail(f"{st.role} crashed: {st.error}")
+            elif name == "finished":
+                st.state = "finished"
+            elif name == "stopped":
+                st.state = "stopped"
+                if not self.failure and not self._stop.is_set():
+                    self._fail(f"{st.role} stopped: {detail.get('reason')}")
+            self._emit(event_row(t, slot, name, **detail))
+
+    def _child_exited(self, slot: int) -> None:
+        p, st = self._children[slot], self.procs[slot]
+        p.join(timeout=1)
+        st.exitcode = p.exitcode
+        self.proc_sampler.forget(slot)
+        # Read what it sent before it died, so its last flushed spans are not lost.
+        for conn, s in list(self._conns.items()):
+            if s == slot:
+                self._drain(conn, limit=10_000)
+        if st.state not in ("finished", "crashed", "stopped"):
+            if p.exitcode == 0:
+                st.state = "finished"
+            else:
+                st.state = "crashed"
+                st.error = _exit_reason(p.exitcode)
+                self._fail(f"{st.role} (pid {st.pid}) {st.error}")
+        self._emit(event_row(self.now_ns(), slot, "exited", exitcode=p.exitcode, state=st.state))
+        if slot == 0:
+            self.request_stop("learner ended")  # workers have nothing to do without it
+        elif st.state == "crashed" and not self.cfg.keep_going:
+            self.request_stop(f"{st.role} crashed")
+
+    def _fail(self, why: str) -> None:
+        if self.failure is None:
+            self.failure = why
+            if not self.cfg.keep_going or why.startswith("learner"):
+                self.request_stop(why)
+
+    def _sample(self) -> None:
+        self._next_sample = time.monotonic() + 1.0 / self.cfg.sample_hz
+        t = self.now_ns()
+        self._emit(core_rows(t, self.core_sampler.sample()))
+        procs = self.proc_sampler.sample()
+        if procs:
+            self._emit(proc_rows(t, procs))
+
+    def _emit(self, batch: pa.RecordBatch) -> None:
+        self._out.append(batch)
+        for fn in self.listeners:
+            fn(batch)
+        if self.writer is not None and self.writer.failed is None:
+            try:
+                self.writer.append(batch)
+            except RecordingError as e:
+                # Disk full or alike: a run nobody records is not worth the user's time.
+                self._fail(str(e))
+
+    # -- stopping --------------------------------------------------------------------------
+    def request_stop(self, reason: str = "stopped by user") -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        if self._stop is not None:
+            self._stop.set()
+
+    def finish(self, grace_s: float = STOP_GRACE_S) -> list[pa.RecordBatch]:
+        """Stop the run (if it still runs), wait for the children, close the recording."""
+        self.request_stop()
+        out: list[pa.RecordBatch] = []
+        deadline = time.monotonic() + grace_s
+        while self.alive and time.monotonic() < deadline:
+            out += self.pump(0.1)
+        out += self.kill_children()
+        if self.writer is not None:
+            self.writer.close(t_ns=self.now_ns(), detail={"stop_reason": self.stop_reason, "failure": self.failure})
+        return out
+
+    def kill_children(self) -> list[pa.RecordBatch]:
+        """Terminate, then kill, whatever is still running; nothing may outlive the run."""
+        out: list[pa.RecordBatch] = []
+        for sig_method in ("terminate", "kill"):
+            left = [p for p in self._children.values() if p.is_alive()]
+            if not left:
+                break
+            for p in left:
+                getattr(p, sig_method)()
+            for p in left:
+                p.join(timeout=2)
+        for slot, p in self._children.items():
+            if self.procs[slot].exitcode is None and not p.is_alive():
+                out += self._collect_exit(slot)
+        return out
+
+    def _collect_exit(self, slot: int) -> list[pa.RecordBatch]:
+        self._out = []
+        self._child_exited(slot)
+        return self._out
+
+    @property
+    def recording_bytes(self) -> int:
+        try:
+            return self.record_path.stat().st_size
+        except OSError:
+            return 0

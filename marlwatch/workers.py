@@ -1,0 +1,95 @@
+"""The worker interface: how a learner reaches its rollout workers.
+
+`WorkerPool` is what the learner loop uses; `PipeWorkerPool` reaches local worker processes
+over `multiprocessing` pipes. A pool of Ray actors would implement the same three methods
+(broadcast, gather, stop), and its actors would run the same `serve_rollout` loop.
+"""
+
+from __future__ import annotations
+
+from multiprocessing.connection import Connection, wait
+from typing import Any, Protocol
+
+from marlwatch import instrument
+
+STOP = ("stop",)
+
+
+class WorkerLost(RuntimeError):
+    """A worker went away mid-run (crashed or killed)."""
+
+
+class WorkerPool(Protocol):
+    def broadcast(self, weights: Any) -> None: ...
+
+    def gather(self) -> list[Any]: ...
+
+    def stop(self) -> None: ...
+
+
+class PipeWorkerPool:
+    """Local worker processes, one duplex pipe each. With `keep_going`, a lost worker is
+    dropped and the run goes on with the others; without it, losing one ends the run."""
+
+    def __init__(self, conns: list[Connection], *, keep_going: bool = False) -> None:
+        self.conns = list(conns)
+        self.alive = list(range(len(conns)))
+        self.keep_going = keep_going
+
+    def _lose(self, index: int, why: str) -> None:
+        self.alive.remove(index)
+        if not self.keep_going or not self.alive:
+            raise WorkerLost(f"worker {index + 1} {why}")
+
+    def broadcast(self, weights: Any) -> None:
+        for i in list(self.alive):
+            try:
+                self.conns[i].send(("weights", weights))
+            except (BrokenPipeError, EOFError, OSError):
+                self._lose(i, "is gone (pipe closed)")
+
+    def gather(self) -> list[Any]:
+        pending = {self.conns[i]: i for i in self.alive}
+        payloads: list[Any] = []
+        while pending:
+            for conn in wait(list(pending)):
+                i = pending.pop(conn)  # type: ignore[call-overload]
+                try:
+                    kind, payload = conn.recv()  # type: ignore[union-attr]
+                except (EOFError, OSError, ConnectionResetError):
+                    self._lose(i, "is gone (pipe closed)")
+                    continue
+                if kind == "error":
+                    self._lose(i, f"failed: {payload}")
+                    continue
+                payloads.append(payload)
+        return payloads
+
+    def stop(self) -> None:
+        for i in self.alive:
+            try:
+                self.conns[i].send(STOP)
+            except (BrokenPipeError, EOFError, OSError):
+                pass
+
+
+def serve_rollout(rollout: Any, conn: Connection) -> int:
+    """The worker loop: wait for weights, collect, send; one tick per round. Returns rounds."""
+    span = instrument.span
+    rounds = 0
+    while True:
+        with span("sync/wait"):
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                return rounds  # the learner is gone: nothing left to do
+        if msg[0] == "stop":
+            return rounds
+        with span("sync/load_weights"):
+            rollout.load_weights(msg[1])
+        with span("sample"):
+            payload = rollout.collect()
+        with span("sync/send"):
+            conn.send(("batch", payload))
+        instrument.tick()
+        rounds += 1
