@@ -44,9 +44,9 @@ def get_algorithm(name: str) -> AlgorithmSpec:
     return ALGORITHMS[name]
 
 
-def make_config(name: str, *, env: str = "", agents: int = 3, workers: int = 1, seed: int = 0,
+def make_config(name: str | AlgorithmSpec, *, env: str = "", agents: int = 3, workers: int = 1, seed: int = 0,
                 settings: dict[str, str] | None = None) -> Any:
-    spec = get_algorithm(name)
+    spec = name if isinstance(name, AlgorithmSpec) else get_algorithm(name)
     cfg: BaseConfig = spec.config_cls()
     cfg.env = env or spec.default_env
     cfg.agents, cfg.workers, cfg.seed = agents, workers, seed

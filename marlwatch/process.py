@@ -28,7 +28,7 @@ class ChildSpec:
     role: str  # "learner" or "worker"
     slot: int  # 0 for the learner, 1..W for workers
     core: int | None
-    algo: str
+    algorithm: Any  # algorithms.base.AlgorithmSpec: names the module the child imports
     config: Any
     iterations: int | None
     spans: bool
@@ -69,13 +69,11 @@ def _report_crash(exc: BaseException) -> None:
 
 
 def learner_main(spec: ChildSpec, telemetry_conn: Connection, worker_conns: list[Connection], stop: Any) -> None:
-    from algorithms import get_algorithm
-
     _bootstrap(spec, telemetry_conn)
     exit_code = 0
     pool = PipeWorkerPool(worker_conns, keep_going=spec.keep_going)
     try:
-        learner = get_algorithm(spec.algo).learner_cls(spec.config)
+        learner = spec.algorithm.learner_cls(spec.config)
         span = instrument.span
         done = 0
         while (spec.iterations is None or done < spec.iterations) and not stop.is_set():
@@ -103,12 +101,10 @@ def learner_main(spec: ChildSpec, telemetry_conn: Connection, worker_conns: list
 
 
 def worker_main(spec: ChildSpec, telemetry_conn: Connection, learner_conn: Connection) -> None:
-    from algorithms import get_algorithm
-
     _bootstrap(spec, telemetry_conn)
     exit_code = 0
     try:
-        rollout = get_algorithm(spec.algo).rollout_cls(spec.config, spec.slot - 1)
+        rollout = spec.algorithm.rollout_cls(spec.config, spec.slot - 1)
         served = serve_rollout(rollout, learner_conn)
         instrument.telemetry().event("finished", iterations=served)
     except BaseException as e:  # noqa: BLE001 - reported to the monitor, then the process ends

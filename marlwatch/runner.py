@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from algorithms.base import AlgorithmSpec
 from marlwatch import wire
 from marlwatch.collector import ProcStream, core_rows, event_row, proc_rows
 from marlwatch.process import ChildSpec, learner_main, worker_main
@@ -91,13 +92,14 @@ def _exit_reason(code: int | None) -> str:
 
 
 class Run:
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, algorithm: AlgorithmSpec | None = None) -> None:
+        """`algorithm` overrides the registry lookup of `cfg.algo` (a user's own algorithm)."""
         from algorithms import get_algorithm, make_config
 
         self.cfg = cfg
-        self.spec = get_algorithm(cfg.algo)  # raises KeyError with a message
+        self.spec = algorithm or get_algorithm(cfg.algo)  # raises KeyError with a message
         self.workers = cfg.resolved_workers()
-        self.algo_config = make_config(cfg.algo, env=cfg.env, agents=cfg.agents, workers=self.workers,
+        self.algo_config = make_config(self.spec, env=cfg.env, agents=cfg.agents, workers=self.workers,
                                        seed=cfg.seed, settings=cfg.settings)
         self.record_path = Path(cfg.record) if cfg.record else default_record_path(cfg.algo)
         cores = os.cpu_count() or 1
@@ -171,7 +173,7 @@ class Run:
         self._emit(event_row(self.now_ns(), None, "run_started", workers=self.workers, algo=self.cfg.algo))
 
     def _child_spec(self, role: str, slot: int) -> ChildSpec:
-        return ChildSpec(role=role, slot=slot, core=self.pinning[slot], algo=self.cfg.algo, config=self.algo_config,
+        return ChildSpec(role=role, slot=slot, core=self.pinning[slot], algorithm=self.spec, config=self.algo_config,
                          iterations=self.cfg.iterations, spans=self.cfg.spans, keep_going=self.cfg.keep_going)
 
     def _spawn(self, slot: int, p: mp.process.BaseProcess, tel: Connection) -> None:
