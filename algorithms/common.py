@@ -1,7 +1,15 @@
-"""Building blocks every algorithm shares: seeding, networks, buffers, env stepping, weights."""
+"""Building blocks every algorithm shares: seeding, networks, buffers, env stepping, weights.
+
+On-policy pieces (A2C-style algorithms: tom2c, tarmac, neurcomm): `EpisodeStorage` (whole
+episodes, [episodes, T, agents, ...]), `play_episodes` (a worker's episode loop),
+`compute_gae(rewards, values, dones, last_value, gamma, lam) -> (advantages, returns)` and
+`discounted_returns(rewards, dones, last_value, gamma)` (time-first tensors), `a2c_loss`,
+and `attention(q, k, v, mask) -> (out, weights)` (scaled dot-product over agents).
+"""
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable
 from typing import Any
@@ -112,3 +120,111 @@ class ParallelEnvRunner:
         else:
             self.obs = next_obs
         return prev, rewards, next_obs, done
+
+
+# --- On-policy pieces -------------------------------------------------------------------
+
+
+class EpisodeStorage:
+    """Whole episodes, preallocated: each field is [episodes, T, *shape]; `mask` marks the steps
+    that happened (an episode that ends before T leaves its tail masked out)."""
+
+    def __init__(self, episodes: int, steps: int, shapes: dict[str, tuple[int, ...]],
+                 dtypes: dict[str, Any] | None = None) -> None:
+        dtypes = dtypes or {}
+        self.data = {k: np.zeros((episodes, steps, *shape), dtype=dtypes.get(k, np.float32))
+                     for k, shape in shapes.items()}
+        self.data["mask"] = np.zeros((episodes, steps), dtype=np.float32)
+
+    def payload(self) -> dict[str, np.ndarray]:
+        return self.data
+
+
+def play_episodes(runner: ParallelEnvRunner, episodes: int, steps: int,
+                  act: Any, extra_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+    """Play `episodes` whole episodes of at most `steps` steps. `act(obs [agents, obs_dim], t)`
+    returns (actions [agents] ints, extras dict of arrays to store at this step); `t == 0` tells
+    a recurrent policy to reset its state. Stores obs, act, rew, done (1 on an episode's last step),
+    mask, plus the extras. Leaves the runner at the start of a fresh episode."""
+    n, d = runner.n, runner.obs_dim
+    shapes = {"obs": (n, d), "act": (n,), "rew": (n,), "done": (), **(extra_shapes or {})}
+    store = EpisodeStorage(episodes, steps, shapes, {"act": np.int64})
+    data = store.data
+    for e in range(episodes):
+        for t in range(steps):
+            actions, extras = act(runner.obs, t)
+            obs, rew, _, done = runner.step(actions)
+            with instrument.span("sample/store"):
+                data["obs"][e, t], data["act"][e, t], data["rew"][e, t] = obs, actions, rew
+                data["mask"][e, t] = 1.0
+                for k, v in extras.items():
+                    data[k][e, t] = v
+            if done or t == steps - 1:
+                data["done"][e, t] = 1.0
+                if not done:  # episode longer than `steps`: cut it so the next one starts fresh
+                    runner.episode_return, runner.episode_len = 0.0, 0
+                    obs0, _ = runner.env.reset()
+                    runner.obs = runner._stack(obs0)
+                break
+    return data
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, last_value: torch.Tensor,
+                gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation, time first: rewards/values [T, ...], dones [T, ...]
+    broadcastable to them (1 where the episode ended at that step: no bootstrap past it),
+    last_value [...] the value after step T-1. Returns (advantages, returns = advantages + values)."""
+    adv = torch.zeros_like(rewards)
+    gae = torch.zeros_like(rewards[0])
+    for t in reversed(range(rewards.shape[0])):
+        next_value = last_value if t == rewards.shape[0] - 1 else values[t + 1]
+        live = 1.0 - dones[t]
+        delta = rewards[t] + gamma * next_value * live - values[t]
+        gae = delta + gamma * lam * live * gae
+        adv[t] = gae
+    return adv, adv + values
+
+
+def discounted_returns(rewards: torch.Tensor, dones: torch.Tensor, last_value: torch.Tensor,
+                       gamma: float) -> torch.Tensor:
+    """n-step discounted returns, time first (same conventions as `compute_gae`)."""
+    ret = torch.zeros_like(rewards)
+    running = last_value.expand_as(rewards[0]).clone()
+    for t in reversed(range(rewards.shape[0])):
+        running = rewards[t] + gamma * running * (1.0 - dones[t])
+        ret[t] = running
+    return ret
+
+
+def a2c_loss(logits: torch.Tensor, actions: torch.Tensor, advantages: torch.Tensor, values: torch.Tensor,
+             returns: torch.Tensor, mask: torch.Tensor | None = None, value_coef: float = 0.5,
+             entropy_coef: float = 0.01, normalize: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+    """Advantage actor-critic loss over any leading shape: logits [..., A], the rest [...].
+    `mask` (0/1, broadcastable) drops steps that did not happen. Returns (loss, float gauges)."""
+    m = torch.ones_like(advantages) if mask is None else mask.expand_as(advantages)
+    count = m.sum().clamp(min=1.0)
+    adv = advantages.detach()
+    if normalize:
+        mean = (adv * m).sum() / count
+        std = (((adv - mean) ** 2 * m).sum() / count).sqrt()
+        adv = (adv - mean) / (std + 1e-8)
+    dist = torch.distributions.Categorical(logits=logits)
+    policy_loss = -(dist.log_prob(actions) * adv * m).sum() / count
+    value_loss = (((returns.detach() - values) ** 2) * m).sum() / count
+    entropy = (dist.entropy() * m).sum() / count
+    loss = policy_loss + value_coef * value_loss - entropy_coef * entropy
+    return loss, {"loss/policy": policy_loss.item(), "loss/value": value_loss.item(), "entropy": entropy.item()}
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled dot-product attention: q [..., Nq, d], k [..., Nk, d], v [..., Nk, dv], mask
+    [..., Nq, Nk] (True = may attend). Returns (out [..., Nq, dv], weights [..., Nq, Nk]);
+    each query's weights sum to 1 (a query with nothing to attend to gets zero weights)."""
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    if mask is not None:
+        weights = torch.nan_to_num(weights, nan=0.0)
+    return weights @ v, weights
