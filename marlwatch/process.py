@@ -68,7 +68,8 @@ def _report_crash(exc: BaseException) -> None:
     instrument.telemetry().close()
 
 
-def learner_main(spec: ChildSpec, telemetry_conn: Connection, worker_conns: list[Connection], stop: Any) -> None:
+def learner_main(spec: ChildSpec, telemetry_conn: Connection, worker_conns: list[Connection],
+                 stop: Connection) -> None:
     _bootstrap(spec, telemetry_conn)
     exit_code = 0
     pool = PipeWorkerPool(worker_conns, keep_going=spec.keep_going)
@@ -76,7 +77,7 @@ def learner_main(spec: ChildSpec, telemetry_conn: Connection, worker_conns: list
         learner = spec.algorithm.learner_cls(spec.config)
         span = instrument.span
         done = 0
-        while (spec.iterations is None or done < spec.iterations) and not stop.is_set():
+        while (spec.iterations is None or done < spec.iterations) and not stop.poll():
             with span("sync/broadcast"):
                 pool.broadcast(learner.weights())
             with span("sync/gather"):

@@ -133,7 +133,8 @@ class Run:
         self.streams: dict[int, ProcStream] = {}
         self._conns: dict[Connection, int] = {}
         self._children: dict[int, mp.process.BaseProcess] = {}
-        self._stop = None
+        self._stop: Connection | None = None  # monitor's end of the learner's stop pipe
+        self._stopping = False
         self.core_sampler = CoreSampler()
         self.proc_sampler = ProcSampler()
         self._next_sample = 0.0
@@ -147,7 +148,9 @@ class Run:
     def start(self) -> None:
         self.writer = RecordingWriter(self.record_path, self.info)  # fails before any process starts
         ctx = mp.get_context("spawn")
-        self._stop = ctx.Event()
+        # A pipe, not an Event: no semaphore, no resource-tracker process, and the learner also
+        # stops when the monitor dies (the pipe reads EOF).
+        stop_r, self._stop = ctx.Pipe(duplex=False)
         self.t0_ns = time.perf_counter_ns()
         learner_data: list[Connection] = []
         child_ends: list[Connection] = []
@@ -163,9 +166,9 @@ class Run:
             child_ends += [tel_w, b]
         tel_r, tel_w = ctx.Pipe(duplex=False)
         p = ctx.Process(target=learner_main, name="marlwatch-learner",
-                        args=(self._child_spec("learner", 0), tel_w, learner_data, self._stop), daemon=True)
+                        args=(self._child_spec("learner", 0), tel_w, learner_data, stop_r), daemon=True)
         self._spawn(0, p, tel_r)
-        child_ends += [tel_w, *learner_data]
+        child_ends += [tel_w, stop_r, *learner_data]
         # Our copies of the children's pipe ends must go, or a dead child's pipe never reads EOF.
         for c in child_ends:
             c.close()
@@ -257,7 +260,7 @@ class Run:
                 st.state = "finished"
             elif name == "stopped":
                 st.state = "stopped"
-                if not self.failure and not self._stop.is_set():
+                if not self.failure and not self._stopping:
                     self._fail(f"{st.role} stopped: {detail.get('reason')}")
             self._emit(event_row(t, slot, name, **detail))
 
@@ -312,8 +315,12 @@ class Run:
     def request_stop(self, reason: str = "stopped by user") -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
-        if self._stop is not None:
-            self._stop.set()
+        if self._stop is not None and not self._stopping:
+            self._stopping = True
+            try:
+                self._stop.send_bytes(b"stop")
+            except OSError:
+                pass  # the learner is gone already
 
     def finish(self, grace_s: float = STOP_GRACE_S) -> list[pa.RecordBatch]:
         """Stop the run (if it still runs), wait for the children, close the recording."""

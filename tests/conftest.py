@@ -1,0 +1,48 @@
+"""Shared fixtures: fast settings for real runs, and a check that no child outlives a test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Small batches and a short warm-up so a real MADDPG run updates within a few iterations.
+FAST = ["--set", "warmup=256", "--set", "batch_size=64"]
+
+
+def marlwatch(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "marlwatch", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=kw.pop("cwd", REPO), **kw)
+
+
+def _is_run_process(p: psutil.Process) -> bool:
+    try:
+        if not p.is_running() or p.status() == psutil.STATUS_ZOMBIE:
+            return False
+        # multiprocessing's resource tracker belongs to the monitor and ends with it, not with a run.
+        return "resource_tracker" not in " ".join(p.cmdline())
+    except psutil.NoSuchProcess:
+        return False
+
+
+def descendants_alive(pid: int | None = None) -> list[psutil.Process]:
+    try:
+        return [p for p in psutil.Process(pid or os.getpid()).children(recursive=True) if _is_run_process(p)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.fixture
+def no_leftovers():
+    before = {p.pid for p in descendants_alive()}
+    yield
+    left = [p for p in descendants_alive() if p.pid not in before]
+    for p in left:
+        p.kill()
+    assert not left, f"processes left running: {[p.cmdline() for p in left]}"

@@ -1,0 +1,83 @@
+"""Bad input: one clear line on stderr, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from marlwatch.cli import main
+from tests.conftest import marlwatch
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("marlwatch: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["run", "--headless", "--algo", "nope"], "unknown algorithm 'nope'"),
+        (["run", "--headless", "--env", "nope"], "unknown env 'nope'"),
+        (["run", "--headless", "--agents", "0"], "--agents must be at least 1"),
+        (["run", "--headless", "--workers", "0"], "--workers must be at least 1"),
+        (["run", "--headless", "--workers", "-3"], "--workers must be at least 1"),
+        (["run", "--headless", "--agents", "two"], "--agents must be a whole number"),
+        (["run", "--headless", "--set", "nonsense"], "--set takes KEY=VALUE"),
+        (["run", "--headless", "--set", "no_such=1"], "unknown setting 'no_such'"),
+        (["run", "--headless", "--set", "batch_size=big"], "expected int"),
+        (["run", "--headless", "--record", "/proc/nope/x.arrow"], "cannot write recording /proc/nope/x.arrow"),
+        (["run", "--bogus-flag"], "unrecognized arguments"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_run_rejects_bad_input(capsys, argv, expected):
+    assert expected in one_line_error(capsys, argv)
+
+
+def test_summary_of_missing_empty_foreign_and_truncated_files(capsys, tmp_path, headless_small):
+    assert "no such file" in one_line_error(capsys, ["summary", str(tmp_path / "missing.arrow")])
+    empty = tmp_path / "empty.arrow"
+    empty.write_bytes(b"")
+    assert "empty file" in one_line_error(capsys, ["summary", str(empty)])
+    foreign = tmp_path / "notes.arrow"
+    foreign.write_text("hello, not arrow\n" * 10)
+    assert "not an Arrow IPC stream" in one_line_error(capsys, ["summary", str(foreign)])
+    assert "is a directory" in one_line_error(capsys, ["summary", str(tmp_path)])
+    # An Arrow stream that is not ours.
+    import pyarrow as pa
+
+    other = tmp_path / "other.arrow"
+    with pa.ipc.new_stream(str(other), pa.schema([("x", pa.int64())])) as w:
+        w.write_batch(pa.record_batch({"x": [1, 2]}))
+    assert "not a marlwatch recording" in one_line_error(capsys, ["summary", str(other)])
+    # Cut in the middle of the schema message: not readable at all.
+    head = tmp_path / "head.arrow"
+    head.write_bytes(headless_small.read_bytes()[:100])
+    assert "not an Arrow IPC stream" in one_line_error(capsys, ["summary", str(head)])
+
+
+def test_summary_of_a_file_cut_mid_batch_reads_what_is_complete(capsys, tmp_path, headless_small):
+    data = headless_small.read_bytes()
+    cut = tmp_path / "cut.arrow"
+    cut.write_bytes(data[: int(len(data) * 0.7)])
+    assert main(["summary", str(cut), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "truncated" in captured.err and "lost" in captured.err
+    import json
+
+    s = json.loads(captured.out)
+    assert s["status"] == "truncated mid-batch" and s["iterations"] > 0
+
+
+@pytest.fixture(scope="module")
+def headless_small(tmp_path_factory):
+    path = tmp_path_factory.mktemp("small") / "small.arrow"
+    proc = marlwatch("run", "--headless", "--workers", "1", "--iterations", "30", "--record", str(path),
+                     "--set", "warmup=256", "--set", "batch_size=64")
+    assert proc.returncode == 0, proc.stderr
+    return path
