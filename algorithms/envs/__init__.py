@@ -14,8 +14,15 @@ def _simple_spread(agents: int, max_cycles: int, **kw: Any) -> ParallelEnv:
     return simple_spread_v3.parallel_env(N=agents, max_cycles=max_cycles, continuous_actions=False, **kw)
 
 
+def _cacc(agents: int, max_cycles: int, **kw: Any) -> ParallelEnv:
+    from algorithms.envs.cacc import parallel_env
+
+    return parallel_env(agents=agents, max_cycles=max_cycles, **kw)
+
+
 ENVS: dict[str, Callable[..., ParallelEnv]] = {
     "simple_spread": _simple_spread,
+    "cacc": _cacc,
 }
 
 

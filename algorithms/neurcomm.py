@@ -1,0 +1,290 @@
+"""NeurComm-style networked MARL (Chu, Chinchali, Katti 2020, "Multi-agent reinforcement
+learning for networked system control"; public code cts198859/deeprl_network,
+`agents/policies.py` NCMultiAgentPolicy).
+
+Taxonomy: decentralised training, communication over a pre-defined graph. Every agent has its
+own networks (no parameter sharing) and talks only to its graph neighbours (`env.neighbours`).
+At each step agent i receives, from each neighbour j, a message made of j's observation, j's
+policy fingerprint (its action probabilities at the previous step) and j's previous LSTM hidden
+state. As in the original `_get_comm_s`, agent i encodes
+
+    own + neighbours' observations      -> 64   (fc_x)
+    neighbours' fingerprints            -> 64   (fc_p)
+    neighbours' previous hidden states  -> 64   (fc_m)
+
+concatenates the three, and feeds them to its LSTM(64); the actor reads the hidden state, the
+critic reads the hidden state and the neighbours' actions. Each agent is trained by A2C on its
+own spatially discounted reward r~_i = sum_j alpha^d(i,j) r_j (d: hops in the graph). Messages
+are not detached in the update: the gradient flows back along the graph, as in the original,
+which unrolls the whole network of agents through time.
+
+marlwatch phases: while acting, `sample/comm/messages` (gathering neighbours' observations,
+fingerprints and hidden states along the fixed neighbour table) and `sample/comm/encode` (the
+message encoders: the rest of the original's communication step); during the unrolled update
+the same two as `update/comm/...`, plus `update/comm/actions` (neighbours' actions for the
+critic). The LSTM, the heads, the losses and the optimiser step are not communication.
+
+Agents sit in one process and their per-agent weights are stacked ([N, in, out]), so one
+batched matmul runs every agent's own layer; that keeps the maths identical to N separate
+networks while the Python loop stays over time, not agents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from algorithms.base import BaseConfig, Payload, Weights
+from algorithms.common import (
+    ParallelEnvRunner,
+    a2c_loss,
+    compute_gae,
+    load_numpy_state,
+    play_episodes,
+    seed_everything,
+    to_numpy_state,
+)
+from algorithms.envs import make_env
+from marlwatch import instrument
+
+span = instrument.span
+
+
+@dataclass
+class NeurCommConfig(BaseConfig):
+    env: str = "cacc"
+    max_cycles: int = 60
+    """Episode length (the original CACC batch is one 60-step episode)."""
+    episodes_per_iteration: int = 2
+    """Whole episodes collected per iteration over all workers (split among them)."""
+    hidden: int = 64
+    """Width of each encoder and of the LSTM, as in the original."""
+    lr: float = 1e-3
+    """Learning rate."""
+    optimizer: str = "adam"
+    """`adam`, or `rmsprop` as in the original (lr 5e-4 there)."""
+    gamma: float = 0.99
+    """Discount factor."""
+    gae_lambda: float = 0.95
+    """GAE lambda (1 gives the original's n-step returns)."""
+    alpha: float = 0.9
+    """Spatial discount: a neighbour d hops away weighs alpha^d in an agent's reward."""
+    reward_scale: float = 0.1
+    """Rewards are multiplied by this before learning (the original normalises CACC rewards too)."""
+    value_coef: float = 0.5
+    """Weight of the critic loss."""
+    entropy_coef: float = 0.01
+    """Weight of the entropy bonus."""
+    grad_clip: float = 40.0
+    """Gradient norm clip (the original's max_grad_norm)."""
+
+
+# --- Networks -------------------------------------------------------------------------------
+
+
+class AgentLinear(nn.Module):
+    """N independent linear layers applied at once: x [..., N, in] -> [..., N, out]."""
+
+    def __init__(self, n: int, n_in: int, n_out: int) -> None:
+        super().__init__()
+        bound = 1.0 / np.sqrt(n_in)
+        self.weight = nn.Parameter(torch.empty(n, n_in, n_out).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, n_out).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("...ni,nio->...no", x, self.weight) + self.bias
+
+
+class AgentLSTMCell(nn.Module):
+    """N independent LSTM cells: x [..., N, in], (h, c) [..., N, hidden]."""
+
+    def __init__(self, n: int, n_in: int, hidden: int) -> None:
+        super().__init__()
+        self.ih = AgentLinear(n, n_in, 4 * hidden)
+        self.hh = AgentLinear(n, hidden, 4 * hidden)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        i, f, g, o = (self.ih(x) + self.hh(h)).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def neighbour_table(adjacency: np.ndarray) -> np.ndarray:
+    """[N, K] indices of each agent's neighbours (K = largest degree), padded with N, which
+    `gather` maps to a zero row: agent i can only ever read rows its table names."""
+    n = adjacency.shape[0]
+    lists = [np.flatnonzero(adjacency[i]) for i in range(n)]
+    k = max(1, max(len(js) for js in lists))
+    table = np.full((n, k), n, dtype=np.int64)
+    for i, js in enumerate(lists):
+        table[i, : len(js)] = js
+    return table
+
+
+def hop_distances(adjacency: np.ndarray) -> np.ndarray:
+    """All-pairs hop counts of the graph (inf when unreachable), by breadth-first search."""
+    n = adjacency.shape[0]
+    dist = np.full((n, n), np.inf)
+    for s in range(n):
+        dist[s, s] = 0
+        frontier = [s]
+        while frontier:
+            nxt = []
+            for u in frontier:
+                for v in np.flatnonzero(adjacency[u]):
+                    if dist[s, v] == np.inf:
+                        dist[s, v] = dist[s, u] + 1
+                        nxt.append(v)
+            frontier = nxt
+    return dist
+
+
+class NeurCommNet(nn.Module):
+    """Every agent's NeurComm policy; `step` is one time step of the whole network of agents."""
+
+    def __init__(self, adjacency: np.ndarray, obs_dim: int, n_actions: int, hidden: int = 64) -> None:
+        super().__init__()
+        n = adjacency.shape[0]
+        self.n, self.n_actions, self.hidden = n, n_actions, hidden
+        self.register_buffer("table", torch.as_tensor(neighbour_table(adjacency)))
+        k = self.table.shape[1]
+        self.fc_x = AgentLinear(n, (k + 1) * obs_dim, hidden)
+        self.fc_p = AgentLinear(n, k * n_actions, hidden)
+        self.fc_m = AgentLinear(n, k * hidden, hidden)
+        self.lstm = AgentLSTMCell(n, 3 * hidden, hidden)
+        self.actor = AgentLinear(n, hidden, n_actions)
+        self.critic = AgentLinear(n, hidden + k * n_actions, 1)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, N, F] -> [B, N, K*F]: row i holds what i's neighbours sent (zeros for padding)."""
+        padded = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[2])], dim=1)
+        return padded[:, self.table].flatten(2)
+
+    def initial_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(h, c, fingerprint) at an episode's start."""
+        z = torch.zeros(batch, self.n, self.hidden)
+        return z, z.clone(), torch.zeros(batch, self.n, self.n_actions)
+
+    def step(self, obs: torch.Tensor, h: torch.Tensor, c: torch.Tensor, fp: torch.Tensor,
+             phase: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """obs [B, N, D], h/c [B, N, H], fp [B, N, A] -> (logits [B, N, A], h, c). `phase` is
+        `sample` or `update`: where the communication time is booked."""
+        with span(f"{phase}/comm/messages"):
+            n_obs, n_fp, n_h = self.gather(obs), self.gather(fp), self.gather(h)
+        with span(f"{phase}/comm/encode"):
+            s = torch.cat([F.relu(self.fc_x(torch.cat([obs, n_obs], dim=-1))),
+                           F.relu(self.fc_p(n_fp)), F.relu(self.fc_m(n_h))], dim=-1)
+        h, c = self.lstm(s, h, c)
+        return self.actor(h), h, c
+
+    def value(self, h: torch.Tensor, actions_onehot: torch.Tensor, phase: str) -> torch.Tensor:
+        """Critic: own hidden state + neighbours' actions -> [B, N]."""
+        with span(f"{phase}/comm/actions"):
+            n_act = self.gather(actions_onehot)
+        return self.critic(torch.cat([h, n_act], dim=-1)).squeeze(-1)
+
+
+def _env(cfg: NeurCommConfig) -> object:
+    env = make_env(cfg.env, cfg.agents, cfg.max_cycles)
+    if not hasattr(env, "neighbours"):
+        raise ValueError(f"neurcomm needs an env with a neighbour graph (env.neighbours); {cfg.env!r} has none")
+    return env
+
+
+def _net(cfg: NeurCommConfig, runner: ParallelEnvRunner) -> NeurCommNet:
+    return NeurCommNet(np.asarray(runner.env.neighbours, dtype=bool), runner.obs_dim, runner.n_actions, cfg.hidden)
+
+
+# --- Worker: play whole episodes, messages flowing along the graph at every step -------------
+
+
+class NeurCommRollout:
+    def __init__(self, cfg: NeurCommConfig, worker_index: int) -> None:
+        seed_everything(cfg.seed + 1000 * (worker_index + 1))
+        self.cfg = cfg
+        self.runner = ParallelEnvRunner(_env(cfg), seed=cfg.seed + worker_index)
+        self.net = _net(cfg, self.runner)
+        self.episodes = -(-cfg.episodes_per_iteration // cfg.workers)
+        self.state = self.net.initial_state(1)
+
+    def load_weights(self, weights: Weights) -> None:
+        load_numpy_state(self.net, weights["net"])
+
+    def _act(self, obs: np.ndarray, t: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        with span("sample/act"):
+            if t == 0:
+                self.state = self.net.initial_state(1)
+            h, c, fp = self.state
+            logits, h, c = self.net.step(torch.from_numpy(obs)[None], h, c, fp, "sample")
+            probs = torch.softmax(logits, dim=-1)
+            actions = torch.multinomial(probs[0], 1).squeeze(-1)
+            self.state = (h, c, probs)
+            return actions.numpy(), {}
+
+    @torch.no_grad()
+    def collect(self) -> Payload:
+        return play_episodes(self.runner, self.episodes, self.cfg.max_cycles, self._act)
+
+
+# --- Learner: unroll every episode through time, A2C on spatially discounted rewards --------
+
+
+class NeurCommLearner:
+    def __init__(self, cfg: NeurCommConfig) -> None:
+        seed_everything(cfg.seed)
+        self.cfg = cfg
+        runner = ParallelEnvRunner(_env(cfg), seed=cfg.seed)
+        self.n = runner.n
+        self.net = _net(cfg, runner)
+        dist = hop_distances(np.asarray(runner.env.neighbours, dtype=bool))
+        # spatial[i, j] = alpha^d(i, j): how much agent j's reward counts for agent i.
+        self.spatial = torch.as_tensor(np.where(np.isinf(dist), 0.0, cfg.alpha ** np.minimum(dist, 1e9)),
+                                       dtype=torch.float32)
+        if cfg.optimizer == "rmsprop":
+            self.opt: torch.optim.Optimizer = torch.optim.RMSprop(self.net.parameters(), lr=cfg.lr, alpha=0.99,
+                                                                  eps=1e-5)
+        elif cfg.optimizer == "adam":
+            self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
+        else:
+            raise ValueError(f"optimizer must be adam or rmsprop, got {cfg.optimizer!r}")
+
+    def weights(self) -> Weights:
+        return {"net": to_numpy_state(self.net)}
+
+    def update(self, payloads: list[Payload]) -> dict[str, float]:
+        cfg = self.cfg
+        with span("update/batch"):
+            # Episodes of every worker side by side, time first: [T, B, ...].
+            b = {k: torch.from_numpy(np.concatenate([p[k] for p in payloads])).transpose(0, 1)
+                 for k in ("obs", "act", "rew", "done", "mask")}
+            steps, batch = b["act"].shape[:2]
+            actions_onehot = F.one_hot(b["act"], self.net.n_actions).float()
+        with span("update/unroll"):
+            h, c, fp = self.net.initial_state(batch)
+            logits, values = [], []
+            for t in range(steps):
+                lg, h, c = self.net.step(b["obs"][t], h, c, fp, "update")
+                fp = torch.softmax(lg, dim=-1).detach()  # a fingerprint is data, not a gradient path
+                logits.append(lg)
+                values.append(self.net.value(h, actions_onehot[t], "update"))
+            logits_t, values_t = torch.stack(logits), torch.stack(values)
+        with span("update/returns"):
+            with torch.no_grad():
+                rewards = (b["rew"] * cfg.reward_scale) @ self.spatial.T
+                dones = b["done"][..., None].expand_as(rewards)
+                adv, ret = compute_gae(rewards, values_t.detach(), dones, torch.zeros(batch, self.n),
+                                       cfg.gamma, cfg.gae_lambda)
+        with span("update/loss"):
+            loss, stats = a2c_loss(logits_t, b["act"], adv, values_t, ret, mask=b["mask"][..., None],
+                                   value_coef=cfg.value_coef, entropy_coef=cfg.entropy_coef)
+        with span("update/backward"):
+            self.opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
+        with span("update/optim"):
+            self.opt.step()
+        return stats
