@@ -1,0 +1,108 @@
+"""The screen both `run` and `replay` show: panels fed by Snapshots, keys in the footer."""
+
+from __future__ import annotations
+
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Footer, Static
+
+from marlwatch.app.widgets import (
+    CoresPanel,
+    PhaseTable,
+    RunHeader,
+    Status,
+    ThroughputPanel,
+    TimePanel,
+    WorkersPanel,
+)
+from marlwatch.metrics import Snapshot
+
+REFRESH_HZ = 4.0  # panels redraw at most this often; the run's own pace is untouched
+TALL_ROWS = 32  # from this terminal height on, the top panels get more room
+
+HELP = """\
+[b]marlwatch[/b]: where the time of a multi-agent RL run goes
+
+[b]Where the time goes[/b]: process time of all processes split into
+  [dodger_blue2]sample[/] (acting, env steps), [magenta]update[/] (losses, backward, optimiser)
+  and [yellow]sync[/] (waiting, weights and batches between processes).
+  [b]comm / execution[/b]: communication time over sample+update time.
+  [b]comm / model update[/b]: communication inside update over update time.
+[b]Phases[/b]: every span path; ✉ marks communication; the hottest leaf is red.
+[b]Cores[/b]: utilisation now, the processes pinned there, CPU and memory.
+
+{keys}
+
+Press any key to close."""
+
+
+class HelpScreen(ModalScreen[None]):
+    DEFAULT_CSS = """
+    HelpScreen { align: center middle; }
+    HelpScreen > VerticalScroll { width: 84; max-width: 100%; height: auto; max-height: 100%;
+                                  border: round $accent; background: $panel; padding: 0 1; }
+    """
+
+    def __init__(self, keys: str) -> None:
+        super().__init__()
+        self.keys = keys
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll():
+            yield Static(HELP.format(keys=self.keys))
+
+    def on_key(self) -> None:
+        self.dismiss()
+
+
+class WatchApp(App[int]):
+    """Shared by the live app and replay; subclasses feed `show()`."""
+
+    CSS_PATH = "marlwatch.tcss"
+    TITLE = "marlwatch"
+    ENABLE_COMMAND_PALETTE = False
+    BINDINGS = [
+        Binding("q", "quit", "quit"),
+        Binding("ctrl+c", "interrupt", "quit", show=False, priority=True),
+        Binding("p", "pause", "pause"),
+        Binding("s", "sort", "sort"),
+        Binding("question_mark", "help", "help", key_display="?"),
+    ]
+    KEYS_HELP = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.snapshot: Snapshot | None = None
+
+    def compose(self) -> ComposeResult:
+        yield RunHeader(id="header")
+        with Horizontal(id="top"):
+            yield ThroughputPanel(id="throughput")
+            yield TimePanel(id="time")
+        yield PhaseTable(id="phases")
+        with Horizontal(id="bottom"):
+            yield CoresPanel(id="cores")
+            yield WorkersPanel(id="workers")
+        yield Footer()
+
+    def on_resize(self) -> None:
+        self.screen.set_class(self.size.height >= TALL_ROWS, "-tall")
+
+    def show(self, snapshot: Snapshot, status: Status) -> None:
+        """Hand new figures down to every panel."""
+        self.snapshot = snapshot
+        self.query_one(RunHeader).snapshot = snapshot
+        self.query_one(RunHeader).status = status
+        for panel in (ThroughputPanel, TimePanel, PhaseTable, CoresPanel, WorkersPanel):
+            self.query_one(panel).snapshot = snapshot
+
+    def action_sort(self) -> None:
+        self.query_one(PhaseTable).cycle_sort()
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen(self.KEYS_HELP))
+
+    def action_interrupt(self) -> None:
+        self.action_quit()

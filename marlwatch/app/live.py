@@ -1,0 +1,164 @@
+"""`marlwatch run`: start a run and watch it live.
+
+One thread owns the run: it calls `run.pump()` (which records every row and feeds `Metrics`
+through `run.listeners`) and posts a `SnapshotUpdate` at most REFRESH_HZ times a second. When
+asked to stop it calls `run.finish()` itself, so the run is never touched from two threads.
+The UI thread only displays what it is sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+
+from textual import work
+from textual.worker import get_current_worker
+
+from marlwatch.app.base import REFRESH_HZ, WatchApp
+from marlwatch.app.messages import RunEnded, SnapshotUpdate
+from marlwatch.app.widgets import Status, clock
+from marlwatch.metrics import Metrics, Snapshot
+
+EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+
+
+class LiveApp(WatchApp):
+    """Watch a started `Run`; `q` stops it and closes its recording."""
+
+    KEYS_HELP = ("[b]Keys[/b]: q quit (stops the run, finishes the recording)   p pause/resume the view\n"
+                 "      s sort the phase table   ? this help   Ctrl-C same as q")
+
+    def __init__(self, run, refresh_hz: float = REFRESH_HZ) -> None:
+        super().__init__()
+        self.run_ = run
+        self.refresh_hz = refresh_hz
+        self.metrics = Metrics(run.info)
+        run.listeners.append(self.metrics.add)
+        self.stop_requested = threading.Event()
+        self.quitting = False
+        self.interrupted = False
+        self.ended: RunEnded | None = None
+        self.paused = False
+        self.latest: SnapshotUpdate | None = None
+
+    def on_mount(self) -> None:
+        self.title = f"marlwatch: {self.run_.cfg.algo}"
+        self.show(self.metrics.snapshot(), self._status(0))
+        self.pump_run()
+
+    # -- the run's thread ---------------------------------------------------------------------
+    @work(thread=True, exclusive=True, name="run", exit_on_error=True)
+    def pump_run(self) -> None:
+        run, period = self.run_, 1.0 / self.refresh_hz
+        worker = get_current_worker()
+        next_post = time.monotonic()
+        while run.alive and not self.stop_requested.is_set() and not worker.is_cancelled:
+            run.pump(min(0.1, period))
+            if time.monotonic() >= next_post:
+                next_post = time.monotonic() + period
+                self.post_message(SnapshotUpdate(self.metrics.snapshot(), run.recording_bytes))
+        run.finish()
+        self.post_message(RunEnded(self.metrics.snapshot(), run.recording_bytes, run.failure, run.stop_reason))
+
+    # -- the UI thread ------------------------------------------------------------------------
+    def _status(self, size: int) -> Status:
+        if self.ended is not None:
+            mode = "FAILED" if self.ended.failure else "FINISHED"
+        elif self.stop_requested.is_set():
+            mode = "STOPPING"
+        else:
+            mode = "LIVE"
+        detail = "view paused (p)" if self.paused else ("press q to leave" if self.ended else "")
+        snap = self.snapshot
+        elapsed = clock(snap.t_s) if snap else ""
+        return Status(mode, detail, elapsed, str(self.run_.record_path), size)
+
+    def on_snapshot_update(self, message: SnapshotUpdate) -> None:
+        self.latest = message
+        if not self.paused and self.ended is None:
+            self.snapshot = message.snapshot
+            self.show(message.snapshot, self._status(message.recording_bytes))
+
+    def on_run_ended(self, message: RunEnded) -> None:
+        self.ended = message
+        if self.quitting:
+            self.exit(self.exit_code_for(message))
+            return
+        self.snapshot = message.snapshot
+        self.show(message.snapshot, self._status(message.recording_bytes))
+        if message.failure:
+            self.notify(message.failure, title="run failed", severity="error", timeout=30)
+        else:
+            self.notify("run finished; the recording is complete. q to leave.", timeout=10)
+
+    def exit_code_for(self, ended: RunEnded) -> int:
+        if ended.failure:
+            return EXIT_FAILED
+        return EXIT_INTERRUPTED if self.interrupted else EXIT_OK
+
+    def stop(self) -> None:
+        """Ask the run's thread to finish the run; safe from a signal handler (sets an Event)."""
+        self.quitting = True
+        self.stop_requested.set()
+
+    def action_quit(self) -> None:  # type: ignore[override]
+        if self.ended is not None:
+            self.exit(self.exit_code_for(self.ended))
+            return
+        if not self.stop_requested.is_set():
+            self.notify("stopping the run and closing the recording…", timeout=10)
+        self.stop()
+        size = self.latest.recording_bytes if self.latest else 0
+        self.query_one("#header").status = self._status(size)
+
+    def action_interrupt(self) -> None:
+        self.interrupted = True
+        self.action_quit()
+
+    def action_pause(self) -> None:
+        self.paused = not self.paused
+        if not self.paused and self.latest is not None and self.ended is None:
+            self.snapshot = self.latest.snapshot
+            self.show(self.latest.snapshot, self._status(self.latest.recording_bytes))
+        else:
+            size = self.latest.recording_bytes if self.latest else 0
+            self.query_one("#header").status = self._status(size)
+
+
+def run_live(args: argparse.Namespace) -> int:
+    """`marlwatch run` with the app. Bad input fails before the terminal is taken over."""
+    from marlwatch.cli import make_run, start_run
+    from marlwatch.report import human_bytes, summary_text
+
+    run = make_run(args, default_iterations=None)
+    start_run(run)
+    app = LiveApp(run)
+
+    def on_term(signum: int, frame: object) -> None:
+        app.interrupted = True
+        app.stop()
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    try:
+        code = app.run()
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        # Whatever happened to the app, no child may outlive it and the recording gets its end.
+        if run.started:
+            run.kill_children()
+            if run.writer is not None and not run.writer.closed:
+                run.writer.close(t_ns=run.now_ns(), detail={"stop_reason": "app exited"})
+    snap: Snapshot = app.snapshot or app.metrics.snapshot()
+    if app.ended is not None:
+        snap = app.ended.snapshot
+    print(summary_text(snap, str(run.record_path), "complete" if run.writer and run.writer.failed is None else ""))
+    print(f"marlwatch: recording {run.record_path} ({human_bytes(run.recording_bytes)})", file=sys.stderr)
+    if run.failure:
+        print(f"marlwatch: run failed: {run.failure}", file=sys.stderr)
+        return EXIT_FAILED
+    if code is None:
+        return EXIT_OK
+    return code

@@ -1,0 +1,308 @@
+"""The panels. Each one displays a `Snapshot` handed down to it; none computes a figure."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from rich.console import Group
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.reactive import reactive
+from textual.widgets import DataTable, Sparkline, Static
+
+from marlwatch.app.charts import fit_history, hbar, stacked_bar
+from marlwatch.metrics import PhaseRow, ProcRow, Snapshot
+from marlwatch.report import human_bytes, ms
+
+TOP_STYLES = {"sample": "dodger_blue2", "update": "magenta", "sync": "yellow", "other": "grey50"}
+STATE_STYLES = {"running": "green", "stalled": "bold yellow", "finished": "cyan", "crashed": "bold red",
+                "stopped": "cyan", "starting": "dim", "exited": "dim"}
+
+
+def clock(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    h, rest = divmod(int(seconds), 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def short_role(role: str) -> str:
+    return role.replace("worker ", "w").replace("learner", "L")
+
+
+@dataclass
+class Status:
+    """What the header says besides the run's configuration (mode, position, recording)."""
+
+    mode: str  # LIVE, STOPPING, FINISHED, FAILED, REPLAY
+    detail: str = ""  # e.g. "paused", "▶ 4x"
+    elapsed: str = ""
+    path: str = ""
+    size: int = 0
+
+
+class RunHeader(Static):
+    """Mode, position, run configuration, recording; a second line for the recording when narrow."""
+
+    DEFAULT_CSS = """
+    RunHeader { dock: top; height: auto; max-height: 2; background: $boost; }
+    """
+    snapshot: reactive[Snapshot | None] = reactive(None, always_update=True)
+    status: reactive[Status] = reactive(Status("LIVE"), always_update=True)
+
+    def render(self) -> Text:
+        st = self.status
+        text = Text(no_wrap=True, overflow="ellipsis")
+        text.append(" marlwatch ", style="bold reverse")
+        mode_style = {"LIVE": "bold green", "FAILED": "bold red", "STOPPING": "bold yellow"}.get(st.mode, "bold cyan")
+        text.append(f" {st.mode}", style=mode_style)
+        if st.detail:
+            text.append(f" {st.detail}", style="bold yellow")
+        if st.elapsed:
+            text.append(f" {st.elapsed}", style="bold")
+        info = self.snapshot.info if self.snapshot else None
+        if info:
+            text.append(f"  {info.algo} {info.env} {info.agents} agents {info.workers} workers")
+        rec = Text(no_wrap=True, overflow="ellipsis")
+        rec.append(f"  rec {human_bytes(st.size)} ", style="bold")
+        rec.append(st.path)
+        if text.cell_len + rec.cell_len <= self.size.width:
+            return text + rec
+        return Text("\n", no_wrap=True).join([text, Text(" ") + rec])
+
+
+class ThroughputPanel(Vertical):
+    DEFAULT_CSS = """
+    ThroughputPanel > #ips { height: 2; }
+    ThroughputPanel > Sparkline { height: 1fr; min-height: 1; }
+    ThroughputPanel > Sparkline > .sparkline--max-color { color: $success; }
+    ThroughputPanel > Sparkline > .sparkline--min-color { color: $success 30%; }
+    """
+    snapshot: reactive[Snapshot | None] = reactive(None, always_update=True)
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="ips")
+        yield Sparkline([], id="ips-history")
+
+    def on_mount(self) -> None:
+        self.border_title = "Throughput"
+
+    def watch_snapshot(self, s: Snapshot | None) -> None:
+        if s is None:
+            return
+        total = s.info.iterations if s.info and s.info.iterations else None
+        line1 = Text(no_wrap=True, overflow="ellipsis")
+        line1.append(f"{s.ips_now:.2f}", style="bold green")
+        line1.append(" IPS now  ")
+        line1.append(f"mean {s.ips:.2f}", style="bold")
+        line2 = Text(no_wrap=True, overflow="ellipsis")
+        line2.append(f"it {s.iterations}" + (f"/{total}" if total else ""), style="bold")
+        if not math.isnan(s.iteration_ms["p50"]):
+            line2.append(f"  latency p50 {ms(s.iteration_ms['p50'])} p99 {ms(s.iteration_ms['p99'])} ms")
+        self.query_one("#ips", Static).update(Group(line1, line2))
+        spark = self.query_one(Sparkline)
+        spark.data = fit_history(s.ips_history, spark.size.width or 60)
+        self.border_subtitle = f"{len(s.ips_history)} s history"
+
+
+class TimePanel(Static):
+    """Where the time goes: sample / update / sync, and the two communication shares."""
+
+    snapshot: reactive[Snapshot | None] = reactive(None, always_update=True)
+
+    def on_mount(self) -> None:
+        self.border_title = "Where the time goes"
+
+    def render(self) -> Group | Text:
+        s = self.snapshot
+        if s is None:
+            return Text("waiting for the first spans…", style="dim")
+        width = max(1, self.content_size.width)
+        shares = [(k, s.shares.get(k, 0.0)) for k in ("sample", "update", "sync", "other")]
+        bar = stacked_bar([(v, TOP_STYLES[k]) for k, v in shares], width)
+        legend = Text(no_wrap=True, overflow="ellipsis")
+        shown = [(k, v) for k, v in shares if v or k != "other"]
+        # One decimal when it fits, whole percents on a narrow panel.
+        wide = sum(len(k) + 9 for k, _ in shown) <= width
+        for k, v in shown:
+            legend.append("■", style=TOP_STYLES[k])
+            legend.append(f"{k} {pct(v) if wide else f'{100 * v:.0f}%'} ")
+        exec_line = Text(no_wrap=True, overflow="ellipsis")
+        exec_line.append(f" {pct(s.comm_share):>6} ", style="bold reverse red")
+        exec_line.append(" comm / execution", style="bold")
+        upd_line = Text(no_wrap=True, overflow="ellipsis")
+        upd_line.append(f" {pct(s.comm_share_update):>6} ", style="bold reverse magenta")
+        upd_line.append(" comm / model update", style="bold")
+        seconds = Text(f"exec {s.exec_s:.1f} s  comm {s.comm_s:.1f} s  update {s.update_s:.1f} s",
+                       style="dim", no_wrap=True, overflow="ellipsis")
+        return Group(bar, legend, exec_line, upd_line, seconds)
+
+
+SORTS = ("tree", "total", "p99", "count")
+
+
+def phase_label(p: PhaseRow, names: set[str], tree: bool) -> str:
+    """In tree order, show a phase under its nearest ancestor that is a row too."""
+    if tree:
+        parts = p.name.split("/")
+        for cut in range(len(parts) - 1, 0, -1):
+            if "/".join(parts[:cut]) in names:
+                return "  " * cut + "/".join(parts[cut:])
+    return p.name
+
+
+def sort_phases(phases: list[PhaseRow], key: str) -> list[PhaseRow]:
+    if key == "total":
+        return sorted(phases, key=lambda p: -p.total_s)
+    if key == "p99":
+        return sorted(phases, key=lambda p: -(0.0 if math.isnan(p.p99_ms) else p.p99_ms))
+    if key == "count":
+        return sorted(phases, key=lambda p: -p.count)
+    return sorted(phases, key=lambda p: p.name)  # `/` paths sort parents before children
+
+
+class PhaseTable(DataTable):
+    """Every phase: total, share, count, latency percentiles; `s` cycles the sort."""
+
+    COLUMNS = ("phase", "total s", "share", "count", "p50 ms", "p95 ms", "p99 ms")
+    snapshot: reactive[Snapshot | None] = reactive(None, always_update=True)
+    sort_key: reactive[str] = reactive("tree")
+
+    def on_mount(self) -> None:
+        self.cursor_type = "none"
+        self.zebra_stripes = True
+        self.add_columns(*self.COLUMNS)
+        self._title()
+
+    def _title(self) -> None:
+        self.border_title = f"Phases (sorted by {self.sort_key}; s to sort)"
+
+    def cycle_sort(self) -> None:
+        self.sort_key = SORTS[(SORTS.index(self.sort_key) + 1) % len(SORTS)]
+
+    def watch_sort_key(self) -> None:
+        self._title()
+        self._fill()
+
+    def watch_snapshot(self) -> None:
+        self._fill()
+
+    def displayed(self) -> list[PhaseRow]:
+        s = self.snapshot
+        return sort_phases(s.phases, self.sort_key) if s else []
+
+    def _fill(self) -> None:
+        s = self.snapshot
+        if s is None or not self.is_mounted:
+            return
+        hottest = s.hottest
+        names = {p.name for p in s.phases}
+        rows = []
+        for p in self.displayed():
+            style = "bold red" if hottest is not None and p.name == hottest.name else ("magenta" if p.comm else "")
+            label = phase_label(p, names, self.sort_key == "tree") + (" ✉" if p.comm else "")
+            cells = [label, f"{p.total_s:.3f}", pct(p.share), str(p.count), ms(p.p50_ms), ms(p.p95_ms), ms(p.p99_ms)]
+            rows.append([Text(c, style=style, justify="left" if i == 0 else "right") for i, c in enumerate(cells)])
+        scroll = self.scroll_y
+        self.clear()
+        self.add_rows(rows)
+        self.scroll_y = scroll
+        if hottest is not None:
+            self.border_subtitle = f"hottest: {hottest.name} {pct(hottest.share)}"
+
+
+class CoresPanel(Static):
+    """Per-core utilisation, who is pinned where, and each process's CPU and memory."""
+
+    snapshot: reactive[Snapshot | None] = reactive(None, always_update=True)
+
+    def on_mount(self) -> None:
+        self.border_title = "Cores"
+
+    def render(self) -> Group | Text:
+        s = self.snapshot
+        if s is None or not s.cores_now:
+            return Text("sampling…", style="dim")
+        width = max(10, self.content_size.width)
+        pinned: dict[int, list[str]] = {}
+        for p in s.procs:
+            if p.core is not None:
+                pinned.setdefault(p.core, []).append(short_role(p.role))
+        lines: list[Text] = []
+        # Many cores: several bars per line rather than a panel taller than the screen.
+        cell = 26
+        per_line = max(1, width // cell) if len(s.cores_now) > 8 else 1
+        bar_w = max(4, (width // per_line) - 20)
+        line = Text(no_wrap=True, overflow="ellipsis")
+        for core, util in enumerate(s.cores_now):
+            style = "red" if util >= 90 else ("yellow" if util >= 60 else "green")
+            line.append(f"cpu{core:<2} ", style="bold")
+            line.append_text(hbar(util / 100, bar_w, style))
+            line.append(f"{util:4.0f}% ")
+            line.append(f"{','.join(pinned.get(core, []))[:7]:<7} ", style="cyan")
+            if (core + 1) % per_line == 0:
+                lines.append(line)
+                line = Text(no_wrap=True, overflow="ellipsis")
+        if line.plain:
+            lines.append(line)
+        for p in s.procs:
+            row = Text(no_wrap=True, overflow="ellipsis")
+            core = f"cpu{p.core}" if p.core is not None else "-"
+            cpu = f"{p.cpu_percent:.0f}%" if p.cpu_percent is not None else "-"
+            row.append(f"{p.role:<9}", style="bold")
+            row.append(f" {core:<5} {cpu:>5} CPU {human_bytes(p.rss_bytes):>9}")
+            lines.append(row)
+        return Group(*lines)
+
+
+class WorkerRow(Static):
+    """One process: state, iteration, own IPS; a crashed one shows its error."""
+
+    DEFAULT_CSS = """
+    WorkerRow { height: auto; text-wrap: nowrap; text-overflow: ellipsis; }
+    WorkerRow.-stalled { background: $warning 20%; }
+    WorkerRow.-crashed { background: $error 25%; }
+    """
+    row: reactive[ProcRow | None] = reactive(None, always_update=True)
+
+    def watch_row(self, row: ProcRow | None) -> None:
+        if row is None:
+            return
+        for state in STATE_STYLES:
+            self.set_class(row.state == state, f"-{state}")
+        text = Text(no_wrap=True, overflow="ellipsis")
+        text.append(f"{row.role:<9}", style="bold")
+        text.append(f"{row.state:<9}", style=STATE_STYLES.get(row.state, ""))
+        text.append(f"it {row.iterations:<6}{row.ips:5.2f} IPS")
+        if row.error:
+            err = Text(f"  {row.error}", style="red", no_wrap=True, overflow="ellipsis")
+            self.update(Group(text, err))
+        else:
+            self.update(text)
+
+
+class WorkersPanel(Vertical):
+    snapshot: reactive[Snapshot | None] = reactive(None, always_update=True)
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._rows: dict[int, WorkerRow] = {}
+
+    def on_mount(self) -> None:
+        self.border_title = "Workers"
+
+    def watch_snapshot(self, s: Snapshot | None) -> None:
+        if s is None:
+            return
+        for p in s.procs:
+            w = self._rows.get(p.slot)
+            if w is None:
+                w = self._rows[p.slot] = WorkerRow(id=f"proc-{p.slot}")
+                self.mount(w)
+            w.row = p
