@@ -1,0 +1,132 @@
+"""The span API and its wire format, through a real pipe."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+
+import pytest
+
+from marlwatch import instrument, wire
+
+
+@pytest.fixture
+def pipe_telemetry():
+    r, w = mp.Pipe(duplex=False)
+    tel = instrument.connect(w, role="test", slot=0)
+    hello = wire.decode(r.recv_bytes())
+    assert isinstance(hello, wire.Control) and hello.message["type"] == "hello"
+    yield tel, r
+    instrument.disconnect()
+    r.close()
+
+
+def frames(r) -> list:
+    out = []
+    while r.poll(0.1):
+        out.append(wire.decode(r.recv_bytes()))
+    return out
+
+
+def frames_until(r, count: int) -> list:
+    out: list = []
+    while len(out) < count and r.poll(5):
+        out.append(wire.decode(r.recv_bytes()))
+    return out
+
+
+def test_nested_spans_record_parent_and_times(pipe_telemetry):
+    tel, r = pipe_telemetry
+    with instrument.span("update"):
+        with instrument.span("update/comm/gnn"):
+            time.sleep(0.002)
+        with instrument.span("update/critic"):
+            pass
+    instrument.tick()
+    tel.flush()
+    (batch,) = [f for f in frames(r) if isinstance(f, wire.Batch)]
+    names = batch.new_names
+    got = [(names[i], names[p] if p >= 0 else None) for i, p in zip(batch.ids, batch.parents, strict=True)]
+    # Spans are recorded when they end: children first.
+    assert got == [("update/comm/gnn", "update"), ("update/critic", "update"), ("update", None)]
+    assert (batch.t1 >= batch.t0).all()
+    assert batch.t1[0] - batch.t0[0] >= 2_000_000
+    outer = 2
+    assert batch.t0[outer] <= batch.t0[0] and batch.t1[outer] >= batch.t1[1]
+    assert len(batch.ticks) == 1 and batch.first_iteration == 0
+
+
+def test_decorator_counts_every_call_and_keeps_exceptions(pipe_telemetry):
+    tel, r = pipe_telemetry
+
+    @instrument.phase("sample/act")
+    def act(x: int) -> int:
+        if x < 0:
+            raise ValueError("negative")
+        return x * 2
+
+    assert act(2) == 4
+    with pytest.raises(ValueError):
+        act(-1)
+    tel.flush()
+    (batch,) = [f for f in frames(r) if isinstance(f, wire.Batch)]
+    assert batch.new_names == ["sample/act"] and len(batch.ids) == 2  # the failing call is timed too
+
+
+def test_full_buffer_ships_a_batch_and_nothing_is_lost(pipe_telemetry):
+    import threading
+
+    tel, r = pipe_telemetry
+    received: list = []
+    # A full pipe blocks the sender (that is the back-pressure), so read from another thread.
+    reader = threading.Thread(target=lambda: received.extend(frames_until(r, 3)))
+    reader.start()
+    n = instrument.DEFAULT_CAPACITY * 2 + 10
+    for _ in range(n):
+        with instrument.span("sample/env_step"):
+            pass
+    tel.flush()
+    reader.join(10)
+    batches = [f for f in received if isinstance(f, wire.Batch)]
+    assert len(batches) == 3
+    assert sum(len(b.ids) for b in batches) == n
+
+
+def test_counters_gauges_and_ticks_travel(pipe_telemetry):
+    tel, r = pipe_telemetry
+    instrument.gauge("loss", 0.5)
+    instrument.counter("episodes")
+    instrument.tick()
+    instrument.tick()
+    tel.flush()
+    (batch,) = [f for f in frames(r) if isinstance(f, wire.Batch)]
+    assert [(c[0], c[2]) for c in batch.counters] == [("loss", 0.5), ("episodes", 1.0)]
+    assert len(batch.ticks) == 2 and tel.iteration == 2
+
+
+def test_spans_off_still_counts_iterations():
+    r, w = mp.Pipe(duplex=False)
+    tel = instrument.connect(w, spans_enabled=False)
+    r.recv_bytes()
+    try:
+        with instrument.span("update"):
+            pass
+        instrument.tick()
+        tel.flush()
+        (batch,) = [f for f in frames(r) if isinstance(f, wire.Batch)]
+        assert len(batch.ids) == 0 and len(batch.ticks) == 1
+    finally:
+        instrument.disconnect()
+
+
+def test_without_a_monitor_spans_do_nothing():
+    instrument.disconnect()
+    with instrument.span("update"):
+        pass
+    instrument.tick()  # no error, no output
+
+
+@pytest.mark.parametrize("frame", [b"", b"X123", b"J{not json", b"B\x05\x00\x00\x00{}", b"J[1, 2]"])
+def test_malformed_frames_are_protocol_errors(frame):
+    with pytest.raises(wire.ProtocolError):
+        wire.decode(frame)
