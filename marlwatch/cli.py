@@ -59,6 +59,16 @@ def _setting(text: str) -> tuple[str, str]:
     return k.strip(), v.strip()
 
 
+def _latency_bound(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--latency-bound takes milliseconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"--latency-bound must be a positive number of ms, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="marlwatch", description="See where the time of a MARL training run goes.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
@@ -81,10 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="settings", type=_setting, action="append", default=[],
                      metavar="KEY=VALUE", help="algorithm setting, e.g. --set batch_size=512")
     run.add_argument("--json", action="store_true", help="headless: print the final summary as JSON")
+    run.add_argument("--latency-bound", type=_latency_bound, default=None, metavar="MS",
+                     help="also show latency-bounded IPS: only iterations that took at most MS ms count")
 
     summ = sub.add_parser("summary", help="summarise a recording")
     summ.add_argument("file")
     summ.add_argument("--json", action="store_true", help="print a JSON object")
+    summ.add_argument("--latency-bound", type=_latency_bound, default=None, metavar="MS",
+                      help="IPS counting only iterations that took at most MS ms, and the fraction that did")
 
     sub.add_parser("algorithms", help="list the built-in algorithms and their place in the taxonomy")
 
@@ -147,9 +161,13 @@ def make_run(args: argparse.Namespace, default_iterations: int | None):
 
     cfg = _run_config(args, default_iterations)
     try:
-        return Run(cfg)
+        run = Run(cfg)
     except (KeyError, ValueError) as e:
         raise UsageError(str(e).strip("'\"")) from None
+    if getattr(args, "latency_bound", None) is not None:
+        # In the run info, so every Metrics of this run (live, replay, summary) shows it.
+        run.info.extra["latency_bound_ms"] = args.latency_bound
+    return run
 
 
 def start_run(run) -> None:
@@ -242,6 +260,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from marlwatch.report import summary_text
 
     rec = open_or_fail(args.file)
+    if args.latency_bound is not None:
+        rec.info.extra["latency_bound_ms"] = args.latency_bound
     try:
         snap = summarize(rec)
     except Exception as e:  # noqa: BLE001 - a damaged file must give one line, not a traceback

@@ -111,6 +111,11 @@ class Snapshot:
     returns: list[float]  # recent episode returns (gauge `episode_return`), oldest first
     complete: bool  # the end-of-run marker was seen
     events: list[dict[str, Any]] = field(default_factory=list)
+    # Latency-bounded throughput, when a bound is set (`--latency-bound MS`): IPS counting only
+    # iterations whose latency stayed within the bound, and the fraction that did.
+    latency_bound_ms: float | None = None
+    bounded_ips: float | None = None
+    bound_met: float | None = None
 
     @property
     def hottest(self) -> PhaseRow | None:
@@ -134,6 +139,8 @@ class Snapshot:
             "comm_share": self.comm_share,
             "comm_share_update": self.comm_share_update,
             "iteration_ms": self.iteration_ms,
+            **({"latency_bound": {"bound_ms": self.latency_bound_ms, "ips": self.bounded_ips,
+                                  "fraction_met": self.bound_met}} if self.latency_bound_ms is not None else {}),
             "phases": {
                 p.name: {k: v for k, v in asdict(p).items() if k not in ("name",)} for p in self.phases
             },
@@ -189,6 +196,10 @@ class Metrics:
         self.returns: deque[float] = deque(maxlen=200)
         self.events: deque[dict[str, Any]] = deque(maxlen=100)
         self.complete = False
+        # `marlwatch run --latency-bound MS` stores the bound in the run info, so the live view,
+        # replay and summary of that recording all show it; `summary --latency-bound` overrides.
+        bound = info.extra.get("latency_bound_ms") if info else None
+        self.latency_bound_ms: float | None = float(bound) if isinstance(bound, int | float) else None
 
     # -- feeding --------------------------------------------------------------------------
     def add_all(self, batches: Iterable[pa.RecordBatch]) -> Metrics:
@@ -364,6 +375,9 @@ class Metrics:
         window_s = min(3.0, (self.t_ns - start) / 1e9) if self.t_ns > start else 0.0
         lat = self.iteration_latencies_ns()
         lat_q = np.percentile(lat, [50, 95, 99]) / 1e6 if len(lat) else [math.nan] * 3
+        bounded: tuple[float | None, float | None] = (None, None)
+        if self.latency_bound_ms is not None:
+            bounded = bounded_throughput(lat, wall_ns / 1e9, self.latency_bound_ms)
         phases = []
         for name in sorted(self.phases):
             ph = self.phases[name]
@@ -414,6 +428,9 @@ class Metrics:
             returns=list(self.returns),
             complete=self.complete,
             events=list(self.events),
+            latency_bound_ms=self.latency_bound_ms,
+            bounded_ips=bounded[0],
+            bound_met=bounded[1],
         )
 
 
@@ -422,3 +439,94 @@ def summarize(rec: Recording) -> Snapshot:
     m = Metrics(rec.info)
     m.add_all(rec.batches())
     return m.snapshot()
+
+
+# -- per-iteration figures (diff, confidence intervals) -------------------------------------
+@dataclass
+class IterationTable:
+    """Time per learner iteration, so a figure can be resampled over iterations.
+
+    Every array has one value per complete main-loop iteration (index k = the k-th iteration,
+    0-based). A span belongs to the iteration its own process was in when it started (the
+    recording's `iter` column); workers and learner count rounds in lockstep, so iteration k of
+    every process is summed into row k. Iterations in which a phase did not run hold 0.
+    """
+
+    iterations: int
+    latencies_ns: np.ndarray  # the main loop's iteration latencies
+    phases: dict[str, np.ndarray]  # phase name -> ns spent in it, all processes
+    top: dict[str, np.ndarray]  # sample/update/sync/other -> top-level span ns
+    comm: np.ndarray  # outermost communication spans, ns
+    comm_update: np.ndarray  # ... of them inside update
+
+    @property
+    def exec(self) -> np.ndarray:
+        return self.top["sample"] + self.top["update"]
+
+    @property
+    def process(self) -> np.ndarray:
+        return sum(self.top.values(), np.zeros(self.iterations))
+
+
+class IterationAccumulator:
+    """Streams span rows into per-(phase, iteration) sums; memory ~ phases x iterations."""
+
+    def __init__(self) -> None:
+        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._names: dict[tuple[str, str | None], int] = {}
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        if batch.num_rows == 0:
+            return
+        spans = batch.filter(pc.equal(batch.column("kind"), SPAN))
+        if spans.num_rows == 0:
+            return
+        table = pa.table({"name": spans.column("name"), "parent": spans.column("parent"),
+                          "iter": spans.column("iter"), "dur_ns": spans.column("dur_ns")})
+        g = table.group_by(["name", "parent", "iter"]).aggregate([("dur_ns", "sum")])
+        keys = [self._names.setdefault(k, len(self._names))
+                for k in zip(g.column("name").to_pylist(), g.column("parent").to_pylist(), strict=True)]
+        self._parts.append((np.asarray(keys, np.int64), g.column("iter").to_numpy(zero_copy_only=False),
+                            g.column("dur_ns_sum").to_numpy(zero_copy_only=False)))
+
+    def table(self, latencies_ns: np.ndarray) -> IterationTable:
+        n = len(latencies_ns)
+        sums = np.zeros((len(self._names), n), np.float64)
+        for keys, iters, durs in self._parts:
+            ok = (iters >= 0) & (iters < n)
+            np.add.at(sums, (keys[ok], iters[ok].astype(np.int64)), durs[ok])
+        phases: dict[str, np.ndarray] = {}
+        top = {k: np.zeros(n) for k in ("sample", "update", "sync", "other")}
+        comm, comm_update = np.zeros(n), np.zeros(n)
+        for (name, parent), k in self._names.items():
+            if name is None:
+                continue
+            phases[name] = phases.get(name, np.zeros(n)) + sums[k]
+            if parent is None:
+                top[top_of(name)] += sums[k]
+            if is_comm(name) and not is_comm(parent):  # the same rule as Metrics._spans
+                comm += sums[k]
+                if top_of(name) == "update":
+                    comm_update += sums[k]
+        return IterationTable(n, latencies_ns.astype(np.float64), phases, top, comm, comm_update)
+
+
+def read_iterations(rec: Recording, latency_bound_ms: float | None = None) -> tuple[Snapshot, IterationTable]:
+    """One pass over a recording: its Snapshot and its per-iteration table."""
+    m = Metrics(rec.info)
+    if latency_bound_ms is not None:
+        m.latency_bound_ms = latency_bound_ms
+    acc = IterationAccumulator()
+    for b in rec.batches():
+        m.add(b)
+        acc.add(b)
+    return m.snapshot(), acc.table(m.iteration_latencies_ns())
+
+
+def bounded_throughput(latencies_ns: np.ndarray, wall_s: float, bound_ms: float) -> tuple[float, float]:
+    """Latency-bounded IPS (iterations within the bound per second of wall time) and the
+    fraction of iterations that met the bound (arXiv 2309.07108 argues for this metric)."""
+    if len(latencies_ns) == 0:
+        return 0.0, math.nan
+    ok = int(np.count_nonzero(latencies_ns <= bound_ms * 1e6))
+    return (ok / wall_s if wall_s > 0 else 0.0), ok / len(latencies_ns)

@@ -48,6 +48,10 @@ def summary_text(s: Snapshot, path: str = "", status: str = "") -> str:
         f"iterations {s.iterations}  wall {s.wall_s:.2f} s  IPS {s.ips:.2f}  "
         f"iteration p50/p95/p99 {ms(s.iteration_ms['p50'])}/{ms(s.iteration_ms['p95'])}/{ms(s.iteration_ms['p99'])} ms"
     )
+    if s.latency_bound_ms is not None and s.bounded_ips is not None:
+        met = "-" if s.bound_met is None or math.isnan(s.bound_met) else pct(s.bound_met).strip()
+        lines.append(f"latency-bounded IPS {s.bounded_ips:.2f} (bound {s.latency_bound_ms:g} ms; "
+                     f"{met} of iterations within it)")
     lines.append(
         f"communication: {pct(s.comm_share).strip()} of execution time (sample+update), "
         f"{pct(s.comm_share_update).strip()} of update time"

@@ -1,0 +1,293 @@
+"""`marlwatch diff A.arrow B.arrow`: what changed between two runs, with confidence intervals.
+
+Every figure is resampled over iterations (the per-iteration table from
+`marlwatch.metrics.read_iterations`), so run-to-run noise shows up as a wide interval instead
+of a false verdict. The bootstrap is a circular block bootstrap (blocks of about n^(1/3)
+consecutive iterations), because neighbouring iterations are correlated (warm-up, replay buffer
+filling, a neighbour process hogging a core for a second): resampling single iterations would
+make the intervals too narrow. A verdict ("slower", "faster", "higher", "lower") is given only
+where the 95% interval excludes zero; everything else is "within noise".
+
+Exit codes: 0 done; 1 `--fail-if-slower PCT` and B's IPS is slower than A's by more than PCT
+percent with confidence (the upper end of the interval of the IPS change is below -PCT);
+2 bad input (unreadable file, a recording without a single complete iteration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from marlwatch.metrics import IterationTable, Snapshot, read_iterations
+
+EXIT_OK, EXIT_SLOWER, EXIT_USAGE = 0, 1, 2
+RESAMPLES = 2000
+CONFIDENCE = 0.95
+
+
+@dataclass
+class Row:
+    """One compared figure. `change` is percent for times and IPS, percentage points for shares."""
+
+    figure: str
+    a: float
+    b: float
+    unit: str  # "ms/it", "IPS", "%"
+    change: float
+    lo: float
+    hi: float
+    change_unit: str  # "%" or "pp"
+    verdict: str  # slower / faster / higher / lower / new / gone / within noise
+
+
+@dataclass
+class Diff:
+    a_path: str
+    b_path: str
+    header: dict[str, Any]
+    notes: list[str]  # configuration differences the reader must know about
+    rows: list[Row]
+
+    def row(self, figure: str) -> Row:
+        return next(r for r in self.rows if r.figure == figure)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"a": self.a_path, "b": self.b_path, **self.header, "notes": self.notes,
+                "confidence": CONFIDENCE, "rows": [asdict(r) for r in self.rows]}
+
+
+def block_counts(n: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """How often each iteration is drawn in each resample (circular block bootstrap): (resamples, n)."""
+    block = max(1, round(n ** (1 / 3)))
+    blocks = math.ceil(n / block)
+    starts = rng.integers(0, n, size=(resamples, blocks))
+    idx = (starts[:, :, None] + np.arange(block)[None, None, :]).reshape(resamples, -1)[:, :n] % n
+    counts = np.zeros((resamples, n), np.float64)
+    np.add.at(counts, (np.repeat(np.arange(resamples), n), idx.ravel()), 1.0)
+    return counts
+
+
+def _interval(samples: np.ndarray) -> tuple[float, float]:
+    finite = samples[np.isfinite(samples)]
+    if len(finite) == 0:
+        return math.nan, math.nan
+    alpha = (1 - CONFIDENCE) / 2
+    lo, hi = np.quantile(finite, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
+class _Side:
+    """One recording's per-iteration table plus its bootstrap resampling counts."""
+
+    def __init__(self, table: IterationTable, rng: np.random.Generator, resamples: int) -> None:
+        self.t = table
+        self.counts = block_counts(table.iterations, resamples, rng)
+
+    def sums(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        """The total of a per-iteration series, and its bootstrap replicates."""
+        return float(x.sum()), self.counts @ x
+
+
+def _pct_change(a: float, b: float) -> float:
+    return (b / a - 1) * 100 if a > 0 else math.inf
+
+
+def _verdict(lo: float, hi: float, up: str, down: str) -> str:
+    if math.isnan(lo) or math.isnan(hi):
+        return "within noise"
+    if lo > 0:
+        return up
+    if hi < 0:
+        return down
+    return "within noise"
+
+
+def _skip(t: IterationTable, k: int) -> IterationTable:
+    return IterationTable(t.iterations - k, t.latencies_ns[k:], {n: v[k:] for n, v in t.phases.items()},
+                          {n: v[k:] for n, v in t.top.items()}, t.comm[k:], t.comm_update[k:])
+
+
+def compare(a_path: str, b_path: str, *, resamples: int = RESAMPLES, seed: int = 0, skip: int = 1) -> Diff:
+    """Compare two recordings; raises UsageError for unreadable or empty ones."""
+    from marlwatch.cli import UsageError, open_or_fail
+
+    sides: list[tuple[Snapshot, IterationTable]] = []
+    for path in (a_path, b_path):
+        rec = open_or_fail(path)
+        try:
+            snap, table = read_iterations(rec)
+        except Exception as e:  # noqa: BLE001 - a damaged file must give one line, not a traceback
+            raise UsageError(f"{path}: damaged recording ({type(e).__name__}: {e})") from None
+        if table.iterations == 0:
+            raise UsageError(f"{path}: no complete iteration recorded, nothing to compare")
+        if table.iterations - skip < 2:
+            raise UsageError(f"{path}: only {table.iterations} complete iterations, too few to compare "
+                             f"(after skipping {skip})")
+        sides.append((snap, _skip(table, skip)))
+    (sa, ta), (sb, tb) = sides
+    rng = np.random.default_rng(seed)
+    A, B = _Side(ta, rng, resamples), _Side(tb, rng, resamples)
+    na, nb = ta.iterations, tb.iterations
+    rows: list[Row] = []
+
+    # IPS = iterations / sum of latencies; positive change = B faster.
+    la, la_r = A.sums(ta.latencies_ns)
+    lb, lb_r = B.sums(tb.latencies_ns)
+    ips_a, ips_b = na / (la / 1e9), nb / (lb / 1e9)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rep = (la_r / na) / (lb_r / nb) * 100 - 100
+    lo, hi = _interval(rep)
+    rows.append(Row("IPS", ips_a, ips_b, "IPS", _pct_change(ips_a, ips_b), lo, hi, "%",
+                    _verdict(lo, hi, "faster", "slower")))
+
+    # Shares: ratio of two per-iteration series; change in percentage points.
+    def share(figure: str, num_a, den_a, num_b, den_b) -> None:
+        (va, ra), (wa, qa) = A.sums(num_a), A.sums(den_a)
+        (vb, rb), (wb, qb) = B.sums(num_b), B.sums(den_b)
+        if wa <= 0 and wb <= 0:
+            return
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sa_ = va / wa * 100 if wa > 0 else math.nan
+            sb_ = vb / wb * 100 if wb > 0 else math.nan
+            lo, hi = _interval(rb / qb * 100 - ra / qa * 100)
+        rows.append(Row(figure, sa_, sb_, "%", sb_ - sa_, lo, hi, "pp", _verdict(lo, hi, "higher", "lower")))
+
+    share("comm share of execution", ta.comm, ta.exec, tb.comm, tb.exec)
+    share("comm share of update", ta.comm_update, ta.top["update"], tb.comm_update, tb.top["update"])
+    for top in ("sample", "update", "sync"):
+        share(f"{top} share", ta.top[top], ta.process, tb.top[top], tb.process)
+
+    # Phases: mean time per iteration (all processes); positive change = B slower.
+    for name in sorted(set(ta.phases) | set(tb.phases)):
+        xa = ta.phases.get(name, np.zeros(na))
+        xb = tb.phases.get(name, np.zeros(nb))
+        (va, ra), (vb, rb) = A.sums(xa), B.sums(xb)
+        ma, mb = va / na / 1e6, vb / nb / 1e6
+        if va == 0 or vb == 0:
+            rows.append(Row(name, ma, mb, "ms/it", math.nan, math.nan, math.nan, "%",
+                            "new" if va == 0 else "gone"))
+            continue
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lo, hi = _interval(((rb / nb) / (ra / na) - 1) * 100)
+        rows.append(Row(name, ma, mb, "ms/it", _pct_change(ma, mb), lo, hi, "%",
+                        _verdict(lo, hi, "slower", "faster")))
+
+    header, notes = _header(sa, sb, na, nb)
+    return Diff(a_path, b_path, header, notes, rows)
+
+
+def _header(sa: Snapshot, sb: Snapshot, na: int, nb: int) -> tuple[dict[str, Any], list[str]]:
+    header: dict[str, Any] = {"iterations": [na, nb]}  # compared (after --skip)
+    notes: list[str] = []
+    for key in ("algo", "env", "agents", "workers"):
+        va = getattr(sa.info, key, None) if sa.info else None
+        vb = getattr(sb.info, key, None) if sb.info else None
+        header[key] = [va, vb]
+        if va != vb:
+            notes.append(f"{key} differ: {va} vs {vb}")
+    ca = (sa.info.extra.get("config") if sa.info else None) or {}
+    cb = (sb.info.extra.get("config") if sb.info else None) or {}
+    changed = sorted(k for k in set(ca) | set(cb) if ca.get(k) != cb.get(k) and k not in ("agents", "workers", "env"))
+    if changed:
+        notes.append("settings differ: " + ", ".join(f"{k} {ca.get(k)} vs {cb.get(k)}" for k in changed))
+    for snap, label in ((sa, "A"), (sb, "B")):
+        if not snap.complete:
+            notes.append(f"{label} is truncated (no end-of-run marker)")
+    return header, notes
+
+
+def _num(x: float, unit: str) -> str:
+    if math.isnan(x):
+        return "-"
+    if unit == "%":
+        return f"{x:.1f}%"
+    return f"{x:.3f}" if abs(x) < 10 else f"{x:.1f}"
+
+
+def _change(r: Row) -> str:
+    if math.isnan(r.change) or math.isinf(r.change):
+        return "-"
+    u = "%" if r.change_unit == "%" else " pp"
+    ci = "" if math.isnan(r.lo) else f" [{r.lo:+.1f}, {r.hi:+.1f}]"
+    return f"{r.change:+.1f}{u}{ci}"
+
+
+def render(d: Diff) -> str:
+    h = d.header
+    lines = [f"A: {d.a_path}  ({h['algo'][0]}, {h['env'][0]}, {h['agents'][0]} agents, {h['workers'][0]} workers, "
+             f"{h['iterations'][0]} iterations)",
+             f"B: {d.b_path}  ({h['algo'][1]}, {h['env'][1]}, {h['agents'][1]} agents, {h['workers'][1]} workers, "
+             f"{h['iterations'][1]} iterations)"]
+    lines += [f"note: {n}" for n in d.notes]
+    lines.append(f"change B vs A with a {CONFIDENCE:.0%} block-bootstrap interval over iterations; "
+                 "a verdict only where it excludes zero")
+    lines.append("")
+    head = f"{'figure':<32} {'A':>10} {'B':>10} {'change [95% CI]':>28}  verdict"
+    lines += [head, "-" * len(head)]
+    section = None
+    for r in d.rows:
+        kind = "phases (ms per iteration, all processes)" if r.unit == "ms/it" else "run"
+        if kind != section:
+            if section is not None:
+                lines.append("")
+            lines.append(kind)
+            section = kind
+        lines.append(f"  {r.figure:<30} {_num(r.a, r.unit):>10} {_num(r.b, r.unit):>10} {_change(r):>28}  {r.verdict}")
+    significant = [r.figure for r in d.rows if r.verdict not in ("within noise",)]
+    lines.append("")
+    lines.append("significant: " + (", ".join(significant) if significant else "nothing, all within noise"))
+    return "\n".join(lines)
+
+
+def _finite(x: Any) -> Any:
+    """NaN and infinity are not JSON: they become null."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("a", metavar="A.arrow", help="the baseline recording")
+    parser.add_argument("b", metavar="B.arrow", help="the recording compared with it")
+    parser.add_argument("--json", action="store_true", help="print a JSON object")
+    parser.add_argument("--fail-if-slower", type=float, default=None, metavar="PCT",
+                        help="exit 1 when B's IPS is lower than A's by more than PCT percent with confidence")
+    parser.add_argument("--skip", type=int, default=1, metavar="N",
+                        help="leave out the first N iterations (default 1: the first one includes process start-up)")
+    parser.add_argument("--resamples", type=int, default=RESAMPLES, help="bootstrap resamples")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (results are reproducible)")
+
+
+def cli(args: argparse.Namespace) -> int:
+    from marlwatch.cli import UsageError
+
+    if args.fail_if_slower is not None and not args.fail_if_slower >= 0:
+        raise UsageError(f"--fail-if-slower takes a percentage >= 0, got {args.fail_if_slower}")
+    if args.resamples < 100:
+        raise UsageError(f"--resamples must be at least 100, got {args.resamples}")
+    if args.skip < 0:
+        raise UsageError(f"--skip must be >= 0, got {args.skip}")
+    d = compare(args.a, args.b, resamples=args.resamples, seed=args.seed, skip=args.skip)
+    if args.json:
+        print(json.dumps(_finite(d.to_json()), indent=2))
+    else:
+        print(render(d))
+    if args.fail_if_slower is not None:
+        ips = d.row("IPS")
+        # Slower with confidence: even the most favourable end of the interval is below -PCT.
+        if not math.isnan(ips.hi) and ips.hi < -args.fail_if_slower:
+            import sys
+
+            print(f"marlwatch: B is slower: IPS {ips.change:+.1f}% [{ips.lo:+.1f}, {ips.hi:+.1f}], "
+                  f"beyond -{args.fail_if_slower:g}%", file=sys.stderr)
+            return EXIT_SLOWER
+    return EXIT_OK
