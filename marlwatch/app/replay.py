@@ -18,17 +18,18 @@ from marlwatch.playback import SPEEDS, Playback, speed_label
 
 
 class ReplayApp(WatchApp):
+    # Priority: the focused phase table would take these keys for scrolling.
     BINDINGS = [
-        Binding("space", "toggle", "play/pause", key_display="space"),
+        Binding("space", "toggle", "play/pause", key_display="space", priority=True),
         Binding("f", "faster", "speed"),
         Binding("d", "slower", "slower", show=False),
-        Binding("left", "step(-1)", "-1s", show=False),
-        Binding("right", "step(1)", "+1s", show=False),
+        Binding("left", "step(-1)", "-1s", show=False, priority=True),
+        Binding("right", "step(1)", "+1s", show=False, priority=True),
         Binding("[", "step(-10)", "-10s", show=False),
         Binding("]", "step(10)", "+10s", show=False),
-        Binding("home", "start", "start", show=False),
+        Binding("home", "start", "start", show=False, priority=True),
         Binding("g", "start", "start", show=False),
-        Binding("end", "end", "end", show=False),
+        Binding("end", "end", "end", show=False, priority=True),
         Binding("G", "end", "end", show=False),
     ]
     KEYS_HELP = ("[b]Keys[/b]: space or p play/pause   f faster, d slower (1x 4x 16x max)\n"

@@ -77,18 +77,33 @@ class RunHeader(Static):
         return Text("\n", no_wrap=True).join([text, Text(" ") + rec])
 
 
+class HistorySparkline(Sparkline):
+    """The newest points of a history, one per cell, refit when the widget is resized."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__([], **kwargs)
+        self.history: list[float] = []
+
+    def set_history(self, values: list[float]) -> None:
+        self.history = values
+        self.data = fit_history(values, self.size.width) if self.size.width else values
+
+    def on_resize(self) -> None:
+        self.set_history(self.history)
+
+
 class ThroughputPanel(Vertical):
     DEFAULT_CSS = """
     ThroughputPanel > #ips { height: 2; }
-    ThroughputPanel > Sparkline { height: 1fr; min-height: 1; }
-    ThroughputPanel > Sparkline > .sparkline--max-color { color: $success; }
-    ThroughputPanel > Sparkline > .sparkline--min-color { color: $success 30%; }
+    ThroughputPanel > HistorySparkline { height: 1fr; min-height: 1; }
+    ThroughputPanel > HistorySparkline > .sparkline--max-color { color: $success; }
+    ThroughputPanel > HistorySparkline > .sparkline--min-color { color: $success 30%; }
     """
     snapshot: reactive[Snapshot | None] = reactive(None, always_update=True)
 
     def compose(self) -> ComposeResult:
         yield Static(id="ips")
-        yield Sparkline([], id="ips-history")
+        yield HistorySparkline(id="ips-history")
 
     def on_mount(self) -> None:
         self.border_title = "Throughput"
@@ -106,8 +121,7 @@ class ThroughputPanel(Vertical):
         if not math.isnan(s.iteration_ms["p50"]):
             line2.append(f"  latency p50 {ms(s.iteration_ms['p50'])} p99 {ms(s.iteration_ms['p99'])} ms")
         self.query_one("#ips", Static).update(Group(line1, line2))
-        spark = self.query_one(Sparkline)
-        spark.data = fit_history(s.ips_history, spark.size.width or 60)
+        self.query_one(HistorySparkline).set_history(s.ips_history)
         self.border_subtitle = f"{len(s.ips_history)} s history"
 
 

@@ -1,0 +1,133 @@
+"""`marlwatch replay` driven with Pilot on the shipped recording, and its bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from marlwatch.app.replay import ReplayApp, load
+from marlwatch.app.widgets import PhaseTable, RunHeader, TimePanel
+from marlwatch.report import ms
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "recordings" / "maddpg-3agents-2workers.arrow"
+
+
+def replay_app(**kwargs) -> ReplayApp:
+    playback, status, size = load(str(SHIPPED))
+    return ReplayApp(playback, "recordings/maddpg-3agents-2workers.arrow", size, status, **kwargs)
+
+
+def header_text(app: ReplayApp) -> str:
+    return app.query_one(RunHeader).render().plain
+
+
+@pytest.mark.timeout(60)
+def test_play_pause_seek_speed():
+    async def scenario() -> None:
+        app = replay_app(at_s=12.0, play=False)
+        async with app.run_test(size=(120, 40)) as pilot:
+            pb = app.playback
+            await pilot.pause(0.6)
+            assert pb.position_s == pytest.approx(12.0) and "❚❚ 1x" in header_text(app)
+            first = app.snapshot
+            assert first is not None
+
+            await pilot.press("space")  # play
+            assert pb.playing and "▶ 1x" in header_text(app)
+            await pilot.pause(1.0)
+            moved = pb.position_s
+            assert 12.5 < moved < 14.5  # about one second of wall time at 1x
+            assert app.snapshot.iterations >= first.iterations
+
+            await pilot.press("p")  # pause
+            held = pb.position_s
+            await pilot.pause(0.6)
+            assert not pb.playing and pb.position_s == held
+
+            await pilot.press("f")
+            assert pb.speed == 4.0 and "4x" in header_text(app)
+            await pilot.press("f", "f")
+            assert math.isinf(pb.speed) and "max" in header_text(app)
+            await pilot.press("d")
+            assert pb.speed == 16.0
+
+            await pilot.press("right")
+            assert pb.position_s == pytest.approx(held + 1.0)
+            await pilot.press("left", "left")
+            assert pb.position_s == pytest.approx(held - 1.0)
+            await pilot.press("]")
+            assert pb.position_s == pytest.approx(held + 9.0)
+
+            await pilot.press("home")
+            assert pb.position_s == 0 and app.snapshot.iterations == 0
+            await pilot.press("end")
+            assert pb.at_end and app.snapshot.complete and app.snapshot.iterations == 150
+            assert "end" in header_text(app)
+
+            await pilot.press("q")
+        assert app.return_value == 0
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_phase_table_matches_summary_json():
+    out = subprocess.run([sys.executable, "-m", "marlwatch", "summary", "--json", str(SHIPPED)],
+                         capture_output=True, text=True, timeout=60, check=True)
+    summary = json.loads(out.stdout)
+
+    async def scenario() -> None:
+        app = replay_app(play=False)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("end")
+            await pilot.pause()
+            table = app.query_one(PhaseTable)
+            shown = table.displayed()
+            assert table.row_count == len(shown) == len(summary["phases"]) > 5
+            for i, phase in enumerate(shown):
+                want = summary["phases"][phase.name]
+                cells = [c.plain for c in table.get_row_at(i)]
+                assert cells[0].strip().endswith(phase.name.rsplit("/", 1)[-1] + (" ✉" if want["comm"] else ""))
+                assert cells[1] == f"{want['total_s']:.3f}"
+                assert cells[3] == str(want["count"])
+                assert cells[4:] == [ms(want["p50_ms"]), ms(want["p95_ms"]), ms(want["p99_ms"])]
+            # The headline numbers are summary's too.
+            time_text = "\n".join(t.plain for t in app.query_one(TimePanel).render().renderables)
+            assert f"{100 * summary['comm_share']:.1f}%" in time_text
+            assert f"{100 * summary['comm_share_update']:.1f}%" in time_text
+            # Sorting by total puts the biggest first; the hottest is in the subtitle.
+            await pilot.press("s")
+            assert table.sort_key == "total"
+            totals = [float(table.get_row_at(i)[1].plain) for i in range(table.row_count)]
+            assert totals == sorted(totals, reverse=True)
+            assert "hottest: sync/wait" in str(table.border_subtitle)
+            await pilot.press("question_mark")
+            assert app.screen.__class__.__name__ == "HelpScreen"
+            await pilot.press("x")
+            assert app.screen.__class__.__name__ != "HelpScreen"
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["replay", "/nonexistent/x.arrow"], "no such file"),
+        (["replay", str(REPO / "pyproject.toml")], "not an Arrow IPC stream"),
+        (["replay", str(SHIPPED), "--speed", "3"], "--speed takes 1, 4, 16 or max"),
+        (["replay", str(SHIPPED), "--at", "-1"], "--at must be"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(argv, message):
+    out = subprocess.run([sys.executable, "-m", "marlwatch", *argv], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("marlwatch: ") and message in lines[0]
+    assert "Traceback" not in out.stderr
