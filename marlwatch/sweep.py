@@ -1,0 +1,252 @@
+"""`marlwatch sweep`: run an agents x workers grid and tabulate how the time scales.
+
+Each cell is a real headless run with its own recording, all under one folder, so `summary`,
+`diff` and `replay` work on any cell. The table is computed from the recordings through
+`marlwatch.metrics.summarize` (one home for every figure) and saved as CSV, JSON and markdown.
+
+Growth per doubling of agents: for cells with the same worker count, sorted by agents, the
+growth of a time t from a1 to a2 agents is (t2 / t1) ** (1 / log2(a2 / a1)), i.e. the factor
+per doubling even when the grid skips a step; the fit over all agent counts (least squares of
+log2 t on log2 agents) gives one factor per worker count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from marlwatch.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError, _setting, start_run
+from marlwatch.runner import Run, RunConfig
+
+
+def _int_list(flag: str):
+    def parse(text: str) -> list[int]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"{flag} takes a comma-separated list of whole numbers, got {text!r}")
+        out = []
+        for t in items:
+            try:
+                v = int(t)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{flag}: {t!r} is not a whole number") from None
+            if v < 1:
+                raise argparse.ArgumentTypeError(f"{flag}: values must be at least 1, got {v}")
+            out.append(v)
+        return sorted(set(out))
+
+    return parse
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--iterations must be a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"--iterations must be at least 1, got {v}")
+    return v
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--algo", required=True, help="algorithm (see `marlwatch algorithms`)")
+    p.add_argument("--env", default="", help="environment (default: the algorithm's)")
+    p.add_argument("--agents", type=_int_list("--agents"), default=[2, 4, 8], help="e.g. 2,4,8,16")
+    p.add_argument("--workers", type=_int_list("--workers"), default=[1], help="e.g. 1,2")
+    p.add_argument("--iterations", type=_positive, default=50, help="learner iterations per cell")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for the recordings and tables (default: runs/sweep-ALGO-TIME)")
+    p.add_argument("--set", dest="settings", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                   help="algorithm setting for every cell, e.g. --set max_cycles=25")
+
+
+# -- running -----------------------------------------------------------------------------------
+def build_run(cfg: RunConfig) -> Run:
+    """A Run for `cfg`, configuration problems turned into UsageError (not started)."""
+    try:
+        return Run(cfg)
+    except (KeyError, ValueError) as e:
+        raise UsageError(str(e).strip("'\"")) from None
+
+
+def execute(run: Run, time_limit_s: float | None = None) -> Run:
+    """Start `run` and drive it to its end (its iteration count, or `time_limit_s`), headless and
+    quietly; the recording is closed on return. Ctrl-C kills the children and re-raises."""
+    start_run(run)
+    deadline = time.monotonic() + time_limit_s if time_limit_s else None
+    try:
+        while run.alive:
+            run.pump(0.2)
+            if deadline is not None and time.monotonic() >= deadline:
+                run.request_stop("time limit")
+                break
+        run.finish()
+    except KeyboardInterrupt:
+        run.kill_children()
+        if run.writer is not None:
+            run.writer.close(t_ns=run.now_ns(), detail={"stop_reason": "interrupted"})
+        raise
+    return run
+
+
+# -- the table -----------------------------------------------------------------------------------
+@dataclass
+class Row:
+    agents: int
+    workers: int
+    iterations: int
+    ips: float
+    sample_share: float
+    update_share: float
+    sync_share: float
+    comm_share_exec: float
+    comm_share_update: float
+    update_ms_per_iter: float
+    comm_ms_per_iter: float
+    update_growth_per_doubling: float | None
+    comm_growth_per_doubling: float | None
+    recording: str
+
+
+COLUMNS = [f for f in Row.__dataclass_fields__]
+
+
+def _growth(t1: float, t2: float, a1: int, a2: int) -> float | None:
+    if t1 <= 0 or t2 <= 0 or a2 <= a1:
+        return None
+    return (t2 / t1) ** (1.0 / math.log2(a2 / a1))
+
+
+def fitted_growth(agents: list[int], times: list[float]) -> float | None:
+    """Factor per doubling from a least-squares line of log2(time) on log2(agents)."""
+    pts = [(math.log2(a), math.log2(t)) for a, t in zip(agents, times, strict=True) if t > 0]
+    if len(pts) < 2 or len({x for x, _ in pts}) < 2:
+        return None
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    slope = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+    return 2.0**slope
+
+
+def table(recordings: list[Path]) -> list[Row]:
+    """One row per recording, growth factors filled in per worker count."""
+    from marlwatch.cli import open_or_fail
+    from marlwatch.metrics import summarize
+
+    rows = []
+    for path in recordings:
+        snap = summarize(open_or_fail(str(path)))
+        info = snap.info
+        if info is None:
+            raise UsageError(f"{path}: no run information in the recording")
+        it = max(snap.iterations, 1)
+        rows.append(Row(
+            agents=info.agents, workers=info.workers, iterations=snap.iterations, ips=snap.ips,
+            sample_share=snap.shares["sample"], update_share=snap.shares["update"], sync_share=snap.shares["sync"],
+            comm_share_exec=snap.comm_share, comm_share_update=snap.comm_share_update,
+            update_ms_per_iter=snap.update_s * 1e3 / it, comm_ms_per_iter=snap.comm_s * 1e3 / it,
+            update_growth_per_doubling=None, comm_growth_per_doubling=None, recording=path.name,
+        ))
+    rows.sort(key=lambda r: (r.workers, r.agents))
+    for prev, cur in zip(rows, rows[1:], strict=False):
+        if prev.workers == cur.workers:
+            cur.update_growth_per_doubling = _growth(prev.update_ms_per_iter, cur.update_ms_per_iter,
+                                                     prev.agents, cur.agents)
+            cur.comm_growth_per_doubling = _growth(prev.comm_ms_per_iter, cur.comm_ms_per_iter,
+                                                   prev.agents, cur.agents)
+    return rows
+
+
+def fits(rows: list[Row]) -> dict[int, dict[str, float | None]]:
+    """Per worker count: growth per doubling fitted over every agent count."""
+    out: dict[int, dict[str, float | None]] = {}
+    for w in sorted({r.workers for r in rows}):
+        sel = [r for r in rows if r.workers == w]
+        agents = [r.agents for r in sel]
+        out[w] = {"update": fitted_growth(agents, [r.update_ms_per_iter for r in sel]),
+                  "comm": fitted_growth(agents, [r.comm_ms_per_iter for r in sel])}
+    return out
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _x(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}x"
+
+
+def markdown(algo: str, rows: list[Row]) -> str:
+    head = ("| agents | workers | iters | IPS | sample | update | sync | comm / exec | comm / update "
+            "| update ms/it | comm ms/it | update x per 2x agents | comm x per 2x agents |")
+    lines = [head, "|" + "---:|" * 13]
+    for r in rows:
+        lines.append(
+            f"| {r.agents} | {r.workers} | {r.iterations} | {r.ips:.2f} | {_pct(r.sample_share)} "
+            f"| {_pct(r.update_share)} | {_pct(r.sync_share)} | {_pct(r.comm_share_exec)} "
+            f"| {_pct(r.comm_share_update)} | {r.update_ms_per_iter:.1f} | {r.comm_ms_per_iter:.1f} "
+            f"| {_x(r.update_growth_per_doubling)} | {_x(r.comm_growth_per_doubling)} |"
+        )
+    lines.append("")
+    for w, f in fits(rows).items():
+        lines.append(f"Fitted over all agent counts, {w} worker(s): update time {_x(f['update']) or 'n/a'} "
+                     f"and communication time {_x(f['comm']) or 'n/a'} per doubling of agents ({algo}).")
+    return "\n".join(lines) + "\n"
+
+
+def save(out: Path, algo: str, rows: list[Row]) -> dict[str, Path]:
+    paths = {"csv": out / "sweep.csv", "json": out / "sweep.json", "md": out / "sweep.md"}
+    with paths["csv"].open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow(asdict(r))
+    paths["json"].write_text(json.dumps(
+        {"algo": algo, "rows": [asdict(r) for r in rows],
+         "fitted_growth_per_doubling": {str(k): v for k, v in fits(rows).items()}}, indent=2) + "\n")
+    paths["md"].write_text(markdown(algo, rows))
+    return paths
+
+
+# -- command -----------------------------------------------------------------------------------
+def cli(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{args.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    settings = dict(args.settings)
+    cells = []
+    # Build every cell's Run first, so a bad --algo/--env/--set fails before anything runs.
+    for w in args.workers:
+        for a in args.agents:
+            cfg = RunConfig(algo=args.algo, env=args.env, agents=a, workers=w, iterations=args.iterations,
+                            seed=args.seed, record=str(out / f"{args.algo}-a{a}-w{w}.arrow"), settings=settings)
+            cells.append(build_run(cfg))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: {e.strerror}") from None
+    done: list[Path] = []
+    for k, run in enumerate(cells, 1):
+        print(f"marlwatch: sweep cell {k}/{len(cells)}: {args.algo}, {run.cfg.agents} agents, {run.workers} "
+              f"workers, {args.iterations} iterations -> {run.record_path}", file=sys.stderr, flush=True)
+        try:
+            execute(run)
+        except KeyboardInterrupt:
+            print(f"marlwatch: sweep interrupted; {len(done)} complete cells kept in {out}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if run.failure:
+            print(f"marlwatch: sweep cell failed: {run.failure} (recording kept: {run.record_path})",
+                  file=sys.stderr)
+            return EXIT_FAILED
+        done.append(run.record_path)
+    rows = table(done)
+    paths = save(out, args.algo, rows)
+    print(markdown(args.algo, rows), end="")
+    print(f"marlwatch: saved {paths['csv']}, {paths['json']}, {paths['md']}", file=sys.stderr)
+    return EXIT_OK

@@ -1,0 +1,71 @@
+"""`marlwatch sweep`: a tiny real grid, its recordings and its tables."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from marlwatch.recording import open_recording
+from marlwatch.sweep import COLUMNS, _growth, fitted_growth
+from tests.conftest import marlwatch
+
+
+def test_growth_per_doubling() -> None:
+    assert _growth(10.0, 40.0, 2, 4) == pytest.approx(4.0)
+    assert _growth(10.0, 40.0, 2, 8) == pytest.approx(2.0)  # two doublings: 2x each
+    assert fitted_growth([2, 4, 8], [1.0, 8.0, 64.0]) == pytest.approx(8.0)
+    assert fitted_growth([2], [1.0]) is None
+
+
+@pytest.mark.timeout(150)
+def test_tiny_real_sweep(tmp_path, no_leftovers) -> None:
+    out = tmp_path / "sweep"
+    proc = marlwatch("sweep", "--algo", "neurcomm", "--agents", "2,4", "--workers", "1", "--iterations", "3",
+                     "--out", str(out), "--set", "max_cycles=10", timeout=140)
+    assert proc.returncode == 0, proc.stderr
+    assert "| agents | workers |" in proc.stdout and "comm / exec" in proc.stdout
+    recs = sorted(out.glob("*.arrow"))
+    assert [r.name for r in recs] == ["neurcomm-a2-w1.arrow", "neurcomm-a4-w1.arrow"]
+    for r in recs:
+        rec = open_recording(r)
+        for _ in rec.batches():
+            pass
+        assert rec.complete and rec.info.algo == "neurcomm"
+    with (out / "sweep.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == COLUMNS
+    assert [(r["agents"], r["workers"], r["iterations"]) for r in rows] == [("2", "1", "3"), ("4", "1", "3")]
+    assert rows[0]["update_growth_per_doubling"] == "" and float(rows[1]["update_growth_per_doubling"]) > 0
+    for r in rows:
+        assert 0 < float(r["comm_share_exec"]) < 1 and float(r["ips"]) > 0
+        shares = float(r["sample_share"]) + float(r["update_share"]) + float(r["sync_share"])
+        assert 0.9 < shares <= 1.0 + 1e-9
+    data = json.loads((out / "sweep.json").read_text())
+    assert data["algo"] == "neurcomm" and len(data["rows"]) == 2 and "1" in data["fitted_growth_per_doubling"]
+    assert (out / "sweep.md").read_text().startswith("| agents |")
+    summary = marlwatch("summary", str(recs[1]))  # every cell is an ordinary recording
+    assert summary.returncode == 0 and "neurcomm" in summary.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--algo", "neurcomm", "--agents", "2,x"], "not a whole number"),
+    (["--algo", "neurcomm", "--workers", "0"], "at least 1"),
+    (["--algo", "neurcomm", "--iterations", "-3"], "at least 1"),
+    (["--algo", "nope"], "unknown algorithm"),
+    (["--algo", "neurcomm", "--set", "nosuch=1"], "unknown setting"),
+    (["--agents", "2"], "required"),
+])
+def test_bad_flags_are_usage_errors(argv, message, tmp_path) -> None:
+    proc = marlwatch("sweep", *argv, "--out", str(tmp_path / "o"), timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("marlwatch: ") and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()  # nothing ran
+
+
+def test_out_must_be_a_folder(tmp_path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    proc = marlwatch("sweep", "--algo", "neurcomm", "--out", str(f), timeout=60)
+    assert proc.returncode == 2 and "not a folder" in proc.stderr
