@@ -1,0 +1,138 @@
+"""Benchmark 2: what instrumentation costs a real training run, as an IPS ratio.
+
+Real headless runs through `marlwatch.runner.Run` (learner + workers as processes, pipes, the
+recording), alternating spans on / `--no-spans` (ON, OFF, OFF, ON, ON, OFF, ... so neither mode
+always runs first), and the figure is the median of the per-pair ratios IPS_on / IPS_off - 1.
+IPS is the main loop's steady rate, read from its iteration ticks (which both modes record)
+after the first 20% of iterations, so start-up and the replay-buffer warm-up are left out.
+
+On a shared 2-core machine run-to-run noise is several percent, far above the < 1% target, so
+the table also gives an estimate that does not depend on noise: spans per iteration on the
+busiest process x the measured ns per span (benchmark 1) / that process's time per iteration.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import main_for, median, row, spread
+
+TARGET = 0.01
+# Short runs that reach the steady state quickly (MADDPG: updates start after 1024 transitions).
+SETTINGS: dict[str, dict[str, str]] = {"maddpg": {"warmup": "1024", "batch_size": "256"}}
+# Iterations per run (full, quick): about 15 s of training each on this machine.
+ITERATIONS: dict[str, tuple[int, int]] = {"maddpg": (150, 100), "tom2c": (40, 25)}
+
+
+def real_run(algo: str, spans: bool, iterations: int, record: Path, workers: int = 2, agents: int = 3,
+             settings: dict[str, str] | None = None) -> dict:
+    """One headless run, driven like `marlwatch run --headless`; its figures from Metrics."""
+    from marlwatch.metrics import Metrics
+    from marlwatch.runner import Run, RunConfig
+
+    run = Run(RunConfig(algo=algo, agents=agents, workers=workers, iterations=iterations, spans=spans,
+                        record=str(record), settings=dict(settings or SETTINGS.get(algo, {}))))
+    m = Metrics(run.info)
+    run.listeners.append(m.add)
+    run.start()
+    t0 = time.monotonic()
+    try:
+        while run.alive:
+            run.pump(0.2)
+    finally:
+        run.finish()
+    if run.failure:
+        raise RuntimeError(f"benchmark run failed: {run.failure}")
+    ticks = m.iteration_times_ns()
+    skip = len(ticks) // 5
+    steady = (len(ticks) - 1 - skip) / ((ticks[-1] - ticks[skip]) / 1e9)
+    snap = m.snapshot()
+    return {"ips": float(steady), "iterations": int(len(ticks)), "wall_s": time.monotonic() - t0,
+            "snapshot": snap, "spans": sum(p.count for p in snap.phases),
+            "record": str(record)}
+
+
+def spans_per_iteration(record: str | Path) -> dict[int, float]:
+    """Spans per iteration of each process (slot), counted in the recording."""
+    import pyarrow.compute as pc
+
+    from marlwatch.recording import open_recording
+
+    counts: dict[int, int] = {}
+    iters: dict[int, int] = {}
+    for b in open_recording(record).batches():
+        for kind, into in (("span", counts), ("iter", iters)):
+            sel = b.filter(pc.equal(b.column("kind"), kind))
+            for d in pc.value_counts(sel.column("proc")).to_pylist():
+                into[d["values"]] = into.get(d["values"], 0) + d["counts"]
+    return {slot: counts.get(slot, 0) / n for slot, n in iters.items() if n}
+
+
+def _estimate(per_iter: dict[int, float], ips: float, ns_per_span: float) -> float:
+    """Span cost as a share of iteration time on the process with the most spans per iteration
+    (every process runs one loop iteration per learner iteration)."""
+    busiest = max(per_iter.values(), default=0.0)
+    return busiest * ns_per_span * 1e-9 * ips
+
+
+def available_algos() -> list[str]:
+    from algorithms import ALGORITHMS
+
+    return [a for a in ("maddpg", "tom2c") if a in ALGORITHMS]
+
+
+def measure(quick: bool = False, algos: list[str] | None = None, keep: Path | None = None,
+            ns_per_span: float | None = None) -> dict:
+    pairs = 2 if quick else 4
+    algos = algos or available_algos()
+    if ns_per_span is None:
+        import span_cost
+
+        ns_per_span = span_cost.measure(quick=True)["ns_per_span_by_name"]
+    out: dict = {"pairs": pairs, "iterations": ITERATIONS, "settings": SETTINGS, "ns_per_span": ns_per_span,
+                 "algos": {}}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mw-bench-") as tmp:
+        for algo in algos:
+            iterations = ITERATIONS.get(algo, (50, 30))[1 if quick else 0]
+            on: list[float] = []
+            off: list[float] = []
+            rec_on = None
+            for i in range(pairs):
+                order = (True, False) if i % 2 == 0 else (False, True)
+                got = {}
+                for spans in order:
+                    path = Path(tmp) / f"{algo}-{i}-{'on' if spans else 'off'}.arrow"
+                    r = real_run(algo, spans, iterations, path)
+                    got[spans] = r["ips"]
+                    if spans and rec_on is None:
+                        rec_on = r
+                        if keep is not None:
+                            keep.write_bytes(path.read_bytes())
+                on.append(got[True])
+                off.append(got[False])
+            ratios = [a / b - 1.0 for a, b in zip(on, off, strict=True)]
+            med = median(ratios)
+            lo, hi = spread(ratios)
+            per_iter = spans_per_iteration(rec_on["record"])
+            est = _estimate(per_iter, rec_on["ips"], ns_per_span)
+            noise = float(np.std(off) / np.mean(off)) if len(off) > 1 else float("nan")
+            out["algos"][algo] = {"ips_on": on, "ips_off": off, "overhead_median": -med, "ratio_min_max": [lo, hi],
+                                  "off_cv": noise, "estimated_overhead": est,
+                                  "spans_per_iteration_by_slot": per_iter}
+            rows.append(row(f"overhead {algo}: IPS on/off - 1 (measured)", f"{100 * med:+.2f}%", "> -1%",
+                            -med < TARGET,
+                            f"median of {pairs} interleaved pairs, range {100 * lo:+.1f}..{100 * hi:+.1f}%, "
+                            f"IPS on {median(on):.2f} off {median(off):.2f}, run-to-run CV {100 * noise:.1f}%"))
+            rows.append(row(f"overhead {algo}: estimated from span cost", f"{100 * est:.3f}%", "< 1%", est < TARGET,
+                            f"busiest process {max(per_iter.values()):.0f} spans/iteration x {ns_per_span:.0f} ns "
+                            f"at {rec_on['ips']:.1f} IPS"))
+    out["rows"] = rows
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_for(measure))

@@ -1,0 +1,86 @@
+"""Benchmark 4: recording size, bytes per span and per core sample on disk.
+
+Measured on a real MADDPG recording (3 agents, 2 workers; the one benchmark 2 made, or a
+fresh 150-iteration run). Two figures: the whole file over its span count, and the marginal
+cost of one row of a kind. For the latter (compression works per batch, so batch boundaries
+matter) the file is rewritten batch for batch with the real
+`RecordingWriter`, once whole and once without the rows of one kind, and the difference is
+divided by the number of rows of that kind: what one more span (or core sample) costs on disk.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from _common import main_for, row
+
+TARGET = 16.0
+
+
+def rewrite(src: Path, out: Path, drop: str | None = None) -> int:
+    """Rewrite `src` batch for batch with the real writer, without rows of kind `drop`; rows dropped."""
+    import pyarrow.compute as pc
+
+    from marlwatch.recording import RecordingWriter, open_recording
+
+    rec = open_recording(src)
+    dropped = 0
+    with RecordingWriter(out, rec.info) as w:
+        for b in rec.batches():
+            if drop is not None:
+                keep = pc.not_equal(b.column("kind"), drop)
+                dropped += b.num_rows - (pc.sum(keep).as_py() or 0)
+                b = b.filter(keep)
+            if b.num_rows:
+                w.append(b)
+                w.flush()
+        w.close(complete=False)
+    return dropped
+
+
+def marginal_bytes(src: Path, kind: str, tmp: Path) -> tuple[int, int]:
+    """(bytes, rows) that the rows of `kind` add to the file: with them minus without them."""
+    full, without = tmp / "full.arrow", tmp / f"no-{kind}.arrow"
+    rewrite(src, full)
+    rows = rewrite(src, without, drop=kind)
+    return full.stat().st_size - without.stat().st_size, rows
+
+
+def measure(quick: bool = False, record: Path | None = None) -> dict:
+    import pyarrow.compute as pc
+
+    from marlwatch.recording import open_recording
+
+    with tempfile.TemporaryDirectory(prefix="mw-size-") as tmp_s:
+        tmp = Path(tmp_s)
+        if record is None:
+            import overhead
+
+            record = tmp / "run.arrow"
+            overhead.real_run("maddpg", True, 100 if quick else 150, record)
+        counts: dict[str, int] = {}
+        for b in open_recording(record).batches():
+            for d in pc.value_counts(b.column("kind")).to_pylist():
+                counts[d["values"]] = counts.get(d["values"], 0) + d["counts"]
+        total = record.stat().st_size
+        span_b, span_n = marginal_bytes(record, "span", tmp)
+        core_b, core_n = marginal_bytes(record, "core", tmp)
+    per_span = span_b / span_n
+    per_span_all = total / counts.get("span", 1)
+    out = {"file_bytes": total, "rows": counts, "bytes_per_span": per_span, "bytes_per_span_whole_file": per_span_all,
+           "bytes_per_core_sample": core_b / core_n if core_n else float("nan")}
+    out["rows_by_kind"] = out.pop("rows")
+    out["rows"] = [
+        row("recording: bytes per span (marginal)", f"{per_span:.1f} B", f"< {TARGET:.0f} B",
+            per_span < TARGET, f"{span_n:,} spans of a real MADDPG run, zstd"),
+        row("recording: whole file / spans", f"{per_span_all:.1f} B", "", None,
+            f"{total / 1024:.0f} KB incl. iter/core/proc/counter/event rows"),
+        row("recording: bytes per core sample (marginal)", f"{out['bytes_per_core_sample']:.1f} B", "", None,
+            f"{core_n:,} samples (one row per core per 0.1 s)"),
+    ]
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_for(measure))

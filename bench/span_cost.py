@@ -1,0 +1,131 @@
+"""Benchmark 1: the cost of one span on the hot path, in ns.
+
+A real `Telemetry` ships its batches through a real `multiprocessing` Pipe that another process
+drains (as the monitor would), so buffer flushes and the pipe write are in the figure, amortised
+over the spans of a batch. The cost of the bare loop is measured in the same way and subtracted.
+Figures: `with s:` on a span object held by the caller (the built-in algorithms do this through
+`span = instrument.span` and a name, so both forms are measured), a nested pair, `tick()`,
+spans switched off (`--no-spans`), and the floor: two `perf_counter_ns` reads.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+
+from _common import main_for, median, row, spread
+
+TARGET_NS = 500
+
+
+def _drain(conn) -> None:
+    try:
+        while True:
+            conn.recv_bytes()
+    except (EOFError, OSError):
+        pass
+
+
+def _timeit(fn, n: int) -> float:
+    t0 = time.perf_counter_ns()
+    fn(n)
+    return (time.perf_counter_ns() - t0) / n
+
+
+def measure(quick: bool = False) -> dict:
+    from marlwatch import instrument
+
+    n = 200_000 if quick else 1_000_000
+    repeats = 5 if quick else 9
+    ctx = mp.get_context("spawn")
+    r, w = ctx.Pipe(duplex=False)
+    drainer = ctx.Process(target=_drain, args=(r,), daemon=True)
+    drainer.start()
+    r.close()
+    tel = instrument.connect(w, role="bench", slot=0)
+    try:
+        sp = tel.span("sample/env_step")
+        outer, inner = tel.span("update"), tel.span("update/comm/gnn")
+        span = instrument.span
+        now = time.perf_counter_ns
+
+        def empty(k: int) -> None:
+            for _ in range(k):
+                pass
+
+        def cached(k: int) -> None:
+            for _ in range(k):
+                with sp:
+                    pass
+
+        def by_name(k: int) -> None:
+            for _ in range(k):
+                with span("sample/env_step"):
+                    pass
+
+        def nested(k: int) -> None:
+            for _ in range(k // 2):
+                with outer:
+                    with inner:
+                        pass
+
+        def ticks(k: int) -> None:
+            tick = instrument.tick
+            for _ in range(k):
+                tick()
+
+        def clocks(k: int) -> None:
+            for _ in range(k):
+                now()
+                now()
+
+        def off(k: int) -> None:
+            with instrument.spans_off():
+                for _ in range(k):
+                    with span("sample/env_step"):
+                        pass
+
+        cases = {"cached": cached, "by_name": by_name, "nested": nested, "tick": ticks, "clocks": clocks, "off": off}
+        samples: dict[str, list[float]] = {k: [] for k in cases}
+        for _ in range(repeats):
+            # Interleaved: each repeat measures every case and its own empty loop right after.
+            for name, fn in cases.items():
+                base = _timeit(empty, n)
+                samples[name].append(_timeit(fn, n) - base)
+        sent = tel.spans_sent
+    finally:
+        instrument.disconnect()
+        drainer.join(timeout=5)
+        if drainer.is_alive():
+            drainer.kill()
+    res = {k: median(v) for k, v in samples.items()}
+    best = {k: min(v) for k, v in samples.items()}
+    lo, hi = spread(samples["by_name"])
+    out = {
+        "ns_per_span_cached": res["cached"],
+        "ns_per_span_by_name": res["by_name"],
+        "ns_per_span_nested": res["nested"],
+        "ns_per_tick": res["tick"],
+        "ns_per_span_off": res["off"],
+        "ns_two_clock_reads": res["clocks"],
+        "by_name_min_max": [lo, hi],
+        "ns_per_span_by_name_min": best["by_name"],
+        "spans_shipped": sent,
+        "n": n,
+        "repeats": repeats,
+    }
+    out["rows"] = [
+        row("span cost, span(name) (ns)", f"{res['by_name']:.0f}", f"< {TARGET_NS}", res["by_name"] < TARGET_NS,
+            f"median of {repeats}, range {lo:.0f}-{hi:.0f}; real Pipe drained by a process"),
+        row("span cost, held span object (ns)", f"{res['cached']:.0f}", f"< {TARGET_NS}", res["cached"] < TARGET_NS),
+        row("span cost, nested pair, per span (ns)", f"{res['nested']:.0f}", f"< {TARGET_NS}",
+            res["nested"] < TARGET_NS),
+        row("tick() (ns)", f"{res['tick']:.0f}"),
+        row("span with --no-spans (ns)", f"{res['off']:.0f}"),
+        row("floor: two clock reads (ns)", f"{res['clocks']:.0f}"),
+    ]
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_for(measure))

@@ -1,0 +1,95 @@
+"""`marlwatch repair FILE [-o OUT]`: rewrite a damaged recording from its complete batches.
+
+A run killed mid-write (SIGKILL, power loss, a full disk) leaves a file whose last record batch
+is cut. `summary` and the other readers already read such a file up to its last complete batch;
+`repair` makes that permanent: it writes every complete batch to a new, well-formed stream
+(same schema and run metadata, same compression), adds an `event` row named ``repaired`` that
+says what was kept and that the tail was lost, and warns about it. It does not add the
+end-of-run marker: the run did not end there, and readers must keep saying so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from marlwatch.recording import _WRITE_OPTIONS, EVENT, RecordingError, open_recording
+
+__all__ = ["add_arguments", "cli", "repair"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="the recording to repair")
+    parser.add_argument("-o", "--output", default=None,
+                        help="where to write the repaired recording (default: FILE with .repaired.arrow)")
+
+
+def default_output(path: Path) -> Path:
+    return path.with_name(path.stem + ".repaired.arrow")
+
+
+def repair(src: str | os.PathLike, dst: str | os.PathLike) -> dict:
+    """Copy every complete batch of `src` to `dst` (atomically), plus a `repaired` note row.
+
+    Returns what was kept; raises RecordingError when `src` is not a readable recording."""
+    rec = open_recording(src)
+    dst = Path(dst)
+    rows = spans = 0
+    last_t = 0
+    fd, tmp = tempfile.mkstemp(prefix=".repair-", suffix=".arrow", dir=dst.parent if str(dst.parent) else ".")
+    try:
+        with os.fdopen(fd, "wb") as f, pa.ipc.new_stream(f, rec.schema, options=_WRITE_OPTIONS) as w:
+            for b in rec.batches():
+                w.write_batch(b)
+                rows += b.num_rows
+                spans += pc.sum(pc.equal(b.column("kind"), "span")).as_py() or 0
+                t = pc.max(b.column("t_ns")).as_py()
+                last_t = max(last_t, t or 0)
+            note = {"source": str(rec.path), "batches": rec.batches_read, "rows": rows,
+                    "tail_lost": rec.truncated_mid_batch, "complete": bool(rec.complete)}
+            if not rec.complete:  # after an end marker nothing may follow; a complete file is just copied
+                w.write_batch(pa.RecordBatch.from_pylist(
+                    [{"kind": EVENT, "name": "repaired", "t_ns": last_t, "text": json.dumps(note)}],
+                    schema=rec.schema))
+        os.replace(tmp, dst)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return {**note, "spans": spans, "output": str(dst)}
+
+
+def cli(args: argparse.Namespace) -> int:
+    from marlwatch.cli import EXIT_OK, UsageError
+
+    src = Path(args.file)
+    dst = Path(args.output) if args.output else default_output(src)
+    if dst.is_dir():
+        raise UsageError(f"{dst}: is a directory; give a file name with -o")
+    try:
+        kept = repair(src, dst)
+    except RecordingError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        raise UsageError(f"cannot write {dst}: {e.strerror or e}") from None
+    except pa.ArrowException as e:
+        raise UsageError(f"{src}: damaged recording ({e})") from None
+    print(f"{kept['output']}: {kept['batches']} complete batches, {kept['rows']:,} rows, {kept['spans']:,} spans")
+    if kept["tail_lost"]:
+        print(f"marlwatch: warning: {src} was cut mid-batch; the rows after its last complete batch are lost",
+              file=sys.stderr)
+    elif kept["complete"]:
+        print(f"marlwatch: {src} was complete; nothing was lost", file=sys.stderr)
+    else:
+        print(f"marlwatch: warning: {src} has no end-of-run marker; the run's tail was never written",
+              file=sys.stderr)
+    return EXIT_OK
