@@ -1,0 +1,127 @@
+"""`marlwatch run` with the app: a short real run driven with Pilot, and bad input before the app."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from marlwatch.app.live import LiveApp
+from marlwatch.app.widgets import CoresPanel, PhaseTable, RunHeader, WorkerRow
+from marlwatch.cli import build_parser, make_run, start_run
+from marlwatch.recording import open_recording
+
+QUICK = ["--set", "warmup=512", "--set", "batch_size=128"]
+
+
+def run_children() -> list[psutil.Process]:
+    """Our live descendants, minus multiprocessing's resource tracker (it is not part of a run)."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE \
+                    and "resource_tracker" not in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+async def wait_for(pilot, predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.2)
+
+
+def start(tmp_path: Path, *extra: str):
+    args = build_parser().parse_args(["run", "--workers", "2", "--record", str(tmp_path / "live.arrow"),
+                                      *QUICK, *extra])
+    run = make_run(args, default_iterations=None)
+    start_run(run)
+    return run
+
+
+@pytest.mark.timeout(150)
+def test_live_run_fills_panels_and_q_stops_it(tmp_path):
+    run = start(tmp_path)
+    app = LiveApp(run)
+
+    async def scenario() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            def filled() -> bool:
+                s = app.snapshot
+                return (s is not None and s.ips_now > 0 and s.iterations >= 3 and len(s.phases) >= 5
+                        and bool(s.cores_now) and any(u > 0 for u in s.cores_now))
+
+            await wait_for(pilot, filled, 100, "non-zero IPS, phases and cores")
+            s = app.snapshot
+            assert "LIVE" in app.query_one(RunHeader).render().plain
+            assert app.query_one(PhaseTable).row_count == len(s.phases)
+            cores_text = "\n".join(t.plain for t in app.query_one(CoresPanel).render().renderables)
+            assert "cpu0" in cores_text and "learner" in cores_text
+            rows = list(app.query(WorkerRow))
+            assert len(rows) == 3 and any(r.has_class("-running") for r in rows)
+
+            await pilot.press("p")  # pause the view: the figures hold still while the run goes on
+            held = app.snapshot
+            await pilot.pause(1.0)
+            assert app.snapshot is held and "paused" in app.query_one(RunHeader).render().plain
+            await pilot.press("p")
+            await wait_for(pilot, lambda: app.snapshot is not held, 5, "the view to resume")
+
+            await pilot.press("q")
+            await wait_for(pilot, lambda: app.ended is not None, 30, "the run to stop")
+        assert app.return_value == 0
+
+    asyncio.run(scenario())
+    rec = open_recording(run.record_path)
+    batches = list(rec.batches())
+    assert rec.complete and len(batches) > 1
+    assert not run.alive
+    assert run_children() == []
+
+
+@pytest.mark.timeout(150)
+def test_live_run_that_finishes_stays_on_screen(tmp_path):
+    run = start(tmp_path, "--iterations", "3", "--workers", "1")
+    app = LiveApp(run)
+
+    async def scenario() -> None:
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: app.ended is not None, 100, "the run to finish")
+            await pilot.pause(0.3)
+            assert "FINISHED" in app.query_one(RunHeader).render().plain
+            assert app.snapshot.iterations == 3
+            assert all(r.has_class("-finished") for r in app.query(WorkerRow))
+            await pilot.press("ctrl+c")  # same as q
+        assert app.return_value == 130
+
+    asyncio.run(scenario())
+    rec = open_recording(run.record_path)
+    assert rec.read_all().num_rows > 0 and rec.complete
+    assert run_children() == []
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--agents", "0"], "--agents must be at least 1"),
+        (["--algo", "nope"], "nope"),
+        (["--set", "batch_size"], "--set takes KEY=VALUE"),
+        (["--record", "/etc/passwd/x.arrow"], "cannot write recording"),
+    ],
+)
+def test_bad_input_fails_before_the_app(argv, message):
+    out = subprocess.run([sys.executable, "-m", "marlwatch", "run", *argv], capture_output=True, text=True,
+                         timeout=60, stdin=subprocess.DEVNULL)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("marlwatch: ") and message in lines[0]
+    assert out.stdout == ""
