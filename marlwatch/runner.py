@@ -180,7 +180,19 @@ class Run:
                          iterations=self.cfg.iterations, spans=self.cfg.spans, keep_going=self.cfg.keep_going)
 
     def _spawn(self, slot: int, p: mp.process.BaseProcess, tel: Connection) -> None:
-        p.start()
+        # A spawned child spends seconds importing (unpickling its spec imports the algorithm) before
+        # its bootstrap ignores SIGINT; a Ctrl-C to the terminal's process group then killed it with
+        # KeyboardInterrupt and the run reported a crash. Python keeps SIGINT ignored when it starts
+        # with it ignored, so the child is started with SIGINT ignored from its first instruction.
+        try:
+            old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:  # not the main thread (the live app's worker): cannot touch signals
+            old = None
+        try:
+            p.start()
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGINT, old)
         self._children[slot] = p
         self._conns[tel] = slot
         st = self.procs[slot]

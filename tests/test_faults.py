@@ -1,0 +1,276 @@
+"""Load and faults, with real processes: backpressure, a worker killed, a full disk, Ctrl-C.
+
+The monitor killed with SIGKILL is covered in test_run_headless.py (no child survives, the file
+reads back); repairing a file cut mid-batch is in test_repair.py.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pyarrow.compute as pc
+import pytest
+
+from marlwatch import wire
+from marlwatch.collector import ProcStream
+from marlwatch.recording import RecordingWriter, RunInfo, open_recording
+from marlwatch.runner import Run, RunConfig
+from tests.conftest import FAST, REPO
+from tests.fault_helpers import flood
+
+FAST_SETTINGS = {"warmup": "256", "batch_size": "64"}
+
+
+def count_spans(path, slot: int | None = None) -> int:
+    n = 0
+    for b in open_recording(path).batches():
+        sel = pc.equal(b.column("kind"), "span")
+        if slot is not None:
+            sel = pc.and_(sel, pc.equal(b.column("proc"), slot))
+        n += pc.sum(sel).as_py() or 0
+    return n
+
+
+def pump_until(run: Run, cond, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline and run.alive:
+        run.pump(0.05)
+    return bool(cond())
+
+
+# -- backpressure ---------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_a_producer_faster_than_the_recorder_waits_and_loses_nothing(tmp_path):
+    """Design choice: producers block on a full pipe (send_bytes waits), so nothing is ever
+    dropped and nothing piles up: the pipe's kernel buffer and one frame in each process are
+    all that is in flight. A slow monitor slows the training loop instead (it shows as a longer
+    span), which the user sees, rather than silently losing spans."""
+    ctx = mp.get_context("spawn")
+    r, w = ctx.Pipe(duplex=False)
+    rep_r, rep_w = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=flood, args=(w, 3.0, rep_w), daemon=True)
+    p.start()
+    w.close()
+    rep_w.close()
+    path = tmp_path / "flood.arrow"
+    stream = ProcStream(1, time.perf_counter_ns())
+    me = psutil.Process()
+    rss = [me.memory_info().rss]
+    t0 = time.monotonic()
+    with RecordingWriter(path, RunInfo("synthetic", "none", 0, 1, 0, None)) as writer:
+        while True:
+            try:
+                frame = r.recv_bytes()
+            except EOFError:
+                break
+            msg = wire.decode(frame)
+            if isinstance(msg, wire.Batch):
+                rows = stream.rows(msg)
+                if rows is not None:
+                    writer.append(rows)
+                time.sleep(0.02)  # a recorder far slower than the producer
+            rss.append(me.memory_info().rss)
+    elapsed = time.monotonic() - t0
+    sent, producer_rss = rep_r.recv()
+    p.join(10)
+    assert p.exitcode == 0
+    assert sent > 0 and count_spans(path) == stream.spans == sent  # nothing dropped
+    # The producer was held back: at 20 ms per 4096-span frame the recorder takes < 205k spans/s,
+    # while the span API alone runs at over 1M spans/s.
+    assert sent / elapsed < 300_000
+    assert max(rss) - rss[0] < 64 * 2**20, "the monitor's memory grew with the backlog"
+    assert producer_rss < 256 * 2**20
+
+
+# -- a worker killed ------------------------------------------------------------------------
+def _running_run(tmp_path, **kw) -> Run:
+    run = Run(RunConfig(algo="maddpg", agents=2, workers=2, record=str(tmp_path / "run.arrow"),
+                        settings=dict(FAST_SETTINGS), **kw))
+    run.start()
+    # Wait until the learner has done a few iterations and worker 1 has shipped spans.
+    assert pump_until(run, lambda: run.streams[0].iteration >= 3 and run.streams[1].spans > 0, 90), \
+        "the run did not get going"
+    return run
+
+
+@pytest.mark.timeout(150)
+def test_worker_killed_is_noticed_within_a_second_and_named(tmp_path, no_leftovers):
+    run = _running_run(tmp_path, iterations=100_000)
+    try:
+        os.kill(run.procs[1].pid, signal.SIGKILL)
+        t_kill = time.monotonic()
+        assert pump_until(run, lambda: run.procs[1].state == "crashed", 5)
+        noticed = time.monotonic() - t_kill
+    finally:
+        run.finish(grace_s=20)
+    assert noticed < 1.0, f"took {noticed:.2f} s to notice"
+    assert run.failure.startswith("worker 1 (pid ") and "killed by SIGKILL" in run.failure
+    # The others were stopped cleanly: the learner reports the lost worker, worker 2 ends normally.
+    assert run.procs[0].state == "stopped" and run.procs[2].state == "finished" and run.procs[2].exitcode == 0
+    assert count_spans(run.record_path, slot=1) == run.streams[1].spans > 0  # every span it flushed
+    rec = open_recording(run.record_path)
+    list(rec.batches())
+    assert rec.complete
+
+
+@pytest.mark.timeout(150)
+def test_worker_killed_cli_exits_1_naming_the_worker(tmp_path, no_leftovers):
+    path = tmp_path / "cli.arrow"
+    proc = subprocess.Popen([sys.executable, "-m", "marlwatch", "run", "--headless", "--agents", "2",
+                             "--workers", "2", "--iterations", "100000", "--record", str(path), *FAST],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        pid = _wait_for_worker_pid(path, slot=1, timeout=90)
+        os.kill(pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"marlwatch: run failed: worker 1 (pid {pid}) was killed by SIGKILL"), err
+    assert "Traceback" not in err
+
+
+def _wait_for_worker_pid(path, slot: int, timeout: float) -> int:
+    """The pid a worker announced, read from the live recording once spans of it are on disk."""
+    import json
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        if not path.exists() or path.stat().st_size < 2000:
+            continue
+        pid, spans = None, 0
+        try:
+            for b in open_recording(path).batches():
+                rows = b.filter(pc.equal(b.column("proc"), slot))
+                for kind, name, text in zip(rows.column("kind").to_pylist(), rows.column("name").to_pylist(),
+                                            rows.column("text").to_pylist(), strict=True):
+                    if kind == "event" and name == "started":
+                        pid = json.loads(text)["pid"]
+                    spans += kind == "span"
+        except Exception:  # noqa: BLE001 - the file is being written; try again
+            continue
+        if pid and spans:
+            return pid
+    raise AssertionError("the worker never showed up in the recording")
+
+
+@pytest.mark.timeout(150)
+def test_keep_going_carries_on_without_the_killed_worker(tmp_path, no_leftovers):
+    run = _running_run(tmp_path, iterations=12, keep_going=True)
+    try:
+        os.kill(run.procs[1].pid, signal.SIGKILL)
+        pump_until(run, lambda: not run.alive, 90)
+    finally:
+        run.finish(grace_s=20)
+    assert run.procs[1].state == "crashed" and "SIGKILL" in (run.procs[1].error or "")
+    assert run.procs[0].state == "finished" and run.streams[0].iteration == 12  # the learner did all of it
+    assert run.procs[2].state == "finished"
+    assert "worker 1" in (run.failure or "")  # still reported
+
+
+# -- disk full ------------------------------------------------------------------------------
+LIMIT = 96 * 1024
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A directory that fills up after LIMIT bytes: a tmpfs when we may mount one (root), else
+    the file size limit RLIMIT_FSIZE (write fails with EFBIG instead of ENOSPC)."""
+    d = tmp_path / "disk"
+    d.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={LIMIT}", "tmpfs", str(d)], capture_output=True).returncode == 0
+    yield d, (None if mounted else LIMIT)
+    if mounted:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+@pytest.mark.timeout(150)
+def test_disk_full_stops_the_run_with_one_clear_line_and_a_readable_file(small_disk, tmp_path, no_leftovers):
+    d, fsize = small_disk
+    path = d / "full.arrow"
+
+    def limit() -> None:
+        if fsize:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    proc = subprocess.run([sys.executable, "-m", "marlwatch", "run", "--headless", "--workers", "1", "--agents", "2",
+                           "--iterations", "100000", "--record", str(path), *FAST], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, preexec_fn=limit)
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    why = "No space left on device" if fsize is None else "File too large"
+    assert last.startswith(f"marlwatch: run failed: recording stopped, {path}: {why}"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    # The file so far reads back (on a healthy disk: copy it out of the full one first).
+    copy = tmp_path / "copy.arrow"
+    copy.write_bytes(path.read_bytes())
+    s = subprocess.run([sys.executable, "-m", "marlwatch", "summary", str(copy), "--json"], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert s.returncode == 0, s.stderr
+    assert "truncated" in s.stderr
+    assert count_spans(copy) > 0
+
+
+# -- Ctrl-C ---------------------------------------------------------------------------------
+def _start_headless(path, when: str = "running") -> subprocess.Popen:
+    """Start a long headless run; return once it is `running` (worker spans on disk) or `starting`
+    (its children are still importing)."""
+    proc = subprocess.Popen([sys.executable, "-m", "marlwatch", "run", "--headless", "--workers", "1", "--agents",
+                             "2", "--iterations", "100000", "--record", str(path), *FAST], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    if when == "running":
+        _wait_for_worker_pid(path, slot=1, timeout=90)
+    else:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(psutil.Process(proc.pid).children()) < 2:
+            time.sleep(0.05)
+    if proc.poll() is not None:
+        raise AssertionError(proc.communicate()[1])
+    return proc
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("when", ["starting", "running"])
+def test_ctrl_c_once_stops_cleanly_with_a_complete_recording(tmp_path, when):
+    path = tmp_path / "int.arrow"
+    proc = _start_headless(path, when)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert children
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal does: the whole foreground group
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "[complete]" in out
+    rec = open_recording(path)
+    list(rec.batches())
+    assert rec.complete
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive
+
+
+@pytest.mark.timeout(150)
+def test_ctrl_c_twice_forces_exit_and_leaves_no_process(tmp_path):
+    path = tmp_path / "int2.arrow"
+    proc = _start_headless(path)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive
+    s = subprocess.run([sys.executable, "-m", "marlwatch", "summary", str(path)], cwd=REPO, capture_output=True,
+                       text=True, timeout=60)
+    assert s.returncode == 0, s.stderr
