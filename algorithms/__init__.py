@@ -31,6 +31,18 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
             default_env="cacc", module="algorithms.neurcomm",
             config="NeurCommConfig", rollout="NeurCommRollout", learner="NeurCommLearner",
         ),
+        AlgorithmSpec(
+            name="tom2c", training="CTDE", communication="learned",
+            description="theory-of-mind over N x N pairs + Gumbel graph choosing whom to message; attention critic",
+            default_env="simple_spread", module="algorithms.tom2c",
+            config="ToM2CConfig", rollout="ToM2CRollout", learner="ToM2CLearner",
+        ),
+        AlgorithmSpec(
+            name="tarmac", training="decentralised", communication="learned",
+            description="per-agent learners; targeted attention messages (signature, value) read by query",
+            default_env="simple_spread", module="algorithms.tarmac",
+            config="TarMACConfig", rollout="TarMACRollout", learner="TarMACLearner",
+        ),
     ]
 }
 

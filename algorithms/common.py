@@ -3,7 +3,8 @@
 On-policy pieces (A2C-style algorithms: tom2c, tarmac, neurcomm): `EpisodeStorage` (whole
 episodes, [episodes, T, agents, ...]), `play_episodes` (a worker's episode loop),
 `compute_gae(rewards, values, dones, last_value, gamma, lam) -> (advantages, returns)` and
-`discounted_returns(rewards, dones, last_value, gamma)` (time-first tensors), `a2c_loss`,
+`discounted_returns(rewards, dones, last_value, gamma)` (time-first tensors),
+`bootstrap_truncated` (time-limit episodes bootstrap from their last observation), `a2c_loss`,
 and `attention(q, k, v, mask) -> (out, weights)` (scaled dot-product over agents).
 """
 
@@ -107,6 +108,8 @@ class ParallelEnvRunner:
         prev = self.obs
         rewards = np.array([rew[a] for a in self.agents], dtype=np.float32)
         done = all(term.values()) or all(trunc.values()) or not obs
+        # Ended by the task (no value after it) rather than by the time limit (bootstrap from next_obs).
+        self.terminated = bool(term) and all(term.values())
         next_obs = self._stack(obs) if obs else prev
         self.episode_return += float(rewards.sum())
         self.episode_len += 1
@@ -145,15 +148,20 @@ def play_episodes(runner: ParallelEnvRunner, episodes: int, steps: int,
     """Play `episodes` whole episodes of at most `steps` steps. `act(obs [agents, obs_dim], t)`
     returns (actions [agents] ints, extras dict of arrays to store at this step); `t == 0` tells
     a recurrent policy to reset its state. Stores obs, act, rew, done (1 on an episode's last step),
-    mask, plus the extras. Leaves the runner at the start of a fresh episode."""
+    mask, plus the extras, and per episode `terminal` (1 if the task ended it, 0 if the time limit
+    did) and `last_obs` [episodes, agents, obs_dim] (the observation after the last step, to
+    bootstrap a truncated episode: see `bootstrap_truncated`). Leaves the runner at the start of
+    a fresh episode."""
     n, d = runner.n, runner.obs_dim
     shapes = {"obs": (n, d), "act": (n,), "rew": (n,), "done": (), **(extra_shapes or {})}
     store = EpisodeStorage(episodes, steps, shapes, {"act": np.int64})
     data = store.data
+    data["terminal"] = np.zeros((episodes,), np.float32)
+    data["last_obs"] = np.zeros((episodes, n, d), np.float32)
     for e in range(episodes):
         for t in range(steps):
             actions, extras = act(runner.obs, t)
-            obs, rew, _, done = runner.step(actions)
+            obs, rew, next_obs, done = runner.step(actions)
             with instrument.span("sample/store"):
                 data["obs"][e, t], data["act"][e, t], data["rew"][e, t] = obs, actions, rew
                 data["mask"][e, t] = 1.0
@@ -161,6 +169,8 @@ def play_episodes(runner: ParallelEnvRunner, episodes: int, steps: int,
                     data[k][e, t] = v
             if done or t == steps - 1:
                 data["done"][e, t] = 1.0
+                data["terminal"][e] = float(done and runner.terminated)
+                data["last_obs"][e] = next_obs
                 if not done:  # episode longer than `steps`: cut it so the next one starts fresh
                     runner.episode_return, runner.episode_len = 0.0, 0
                     obs0, _ = runner.env.reset()
@@ -183,6 +193,17 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
         gae = delta + gamma * lam * live * gae
         adv[t] = gae
     return adv, adv + values
+
+
+def bootstrap_truncated(rewards: torch.Tensor, done: torch.Tensor, terminal: torch.Tensor,
+                        last_value: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Episodes first: rewards [E, T, ...], done [E, T] (1 on each episode's last step), terminal
+    [E], last_value [E, ...] = V(last_obs). Adds gamma * V(last_obs) to the last reward of every
+    episode the time limit cut, so GAE / returns that stop at `done` still see the future the
+    cut hid (the value of a state then does not depend on the clock, which it cannot observe)."""
+    extra = (gamma * last_value * (1.0 - terminal).reshape(-1, *[1] * (last_value.dim() - 1)))
+    d = done.reshape(*done.shape, *[1] * (rewards.dim() - done.dim()))
+    return rewards + d * extra.unsqueeze(1)
 
 
 def discounted_returns(rewards: torch.Tensor, dones: torch.Tensor, last_value: torch.Tensor,
@@ -228,3 +249,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if mask is not None:
         weights = torch.nan_to_num(weights, nan=0.0)
     return weights @ v, weights
+
+
+def env_dims(env: str, agents: int, max_cycles: int = 25) -> tuple[int, int, int]:
+    """(agents, observation size, number of discrete actions) of an env, for building networks."""
+    from algorithms.envs import make_env
+
+    runner = ParallelEnvRunner(make_env(env, agents, max_cycles), seed=0)
+    return runner.n, runner.obs_dim, runner.n_actions
