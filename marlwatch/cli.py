@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_config(args: argparse.Namespace, default_iterations: int | None):
     from marlwatch.runner import RunConfig
 
-    if args.sample_hz <= 0 or args.sample_hz > 1000:
+    if not 0 < args.sample_hz <= 1000:  # also NaN, which every comparison lets through
         raise UsageError(f"--sample-hz must be in (0, 1000], got {args.sample_hz}")
     return RunConfig(
         algo=args.algo, env=args.env, agents=args.agents, workers=args.workers or 0,

@@ -267,6 +267,9 @@ def cli(args: argparse.Namespace) -> int:
         _remove(out, args.to, created_dir)
         print(f"marlwatch: export to {out} failed: {e.strerror or e}", file=sys.stderr)
         return EXIT_FAILED
+    except Exception as e:  # noqa: BLE001 - a damaged file must give one line, not a traceback (as summary)
+        _remove(out, args.to, created_dir)
+        raise UsageError(f"{args.file}: damaged recording ({type(e).__name__}: {e})") from None
     status = "" if rec.complete else f" (recording {rec.status}: exported what it holds)"
     print(f"marlwatch: wrote {out}: {what}{status}", file=sys.stderr)
     return EXIT_OK

@@ -45,6 +45,17 @@ def _bins(durations_ns: np.ndarray) -> np.ndarray:
     return np.minimum((np.log2(d) * _BINS_PER_OCTAVE).astype(np.int64), _N_BINS - 1)
 
 
+def _valid(b: pa.RecordBatch, *columns: str) -> pa.RecordBatch:
+    """The rows of `b` where `columns` are all set. A run never writes nulls there; a damaged
+    or foreign file may, and they must not reach the numpy code below."""
+    if all(b.column(c).null_count == 0 for c in columns):
+        return b
+    mask = pc.is_valid(b.column(columns[0]))
+    for c in columns[1:]:
+        mask = pc.and_(mask, pc.is_valid(b.column(c)))
+    return b.filter(mask)
+
+
 def quantiles_from_hist(hist: np.ndarray, qs: Iterable[float]) -> list[float]:
     """Quantiles (ns) from a latency histogram, read at the geometric centre of the bin."""
     total = int(hist.sum())
@@ -217,15 +228,15 @@ class Metrics:
             self.t_ns = max(self.t_ns, tmax)
         kinds = set(pc.unique(kind).to_pylist())
         if SPAN in kinds:
-            self._spans(batch.filter(pc.equal(kind, SPAN)))
+            self._spans(_valid(batch.filter(pc.equal(kind, SPAN)), "name", "t_ns", "dur_ns"))
         if ITER in kinds:
-            self._iters(batch.filter(pc.equal(kind, ITER)))
+            self._iters(_valid(batch.filter(pc.equal(kind, ITER)), "proc", "t_ns", "iter"))
         if CORE in kinds:
-            self._cores(batch.filter(pc.equal(kind, CORE)))
+            self._cores(_valid(batch.filter(pc.equal(kind, CORE)), "core", "value"))
         if PROC in kinds:
             self._proc_samples(batch.filter(pc.equal(kind, PROC)))
         if COUNTER in kinds:
-            self._counters(batch.filter(pc.equal(kind, COUNTER)))
+            self._counters(_valid(batch.filter(pc.equal(kind, COUNTER)), "name", "value"))
         if EVENT in kinds:
             self._events(batch.filter(pc.equal(kind, EVENT)))
         if END in kinds:
@@ -288,6 +299,11 @@ class Metrics:
     def _cores(self, b: pa.RecordBatch) -> None:
         core = b.column("core").to_numpy(zero_copy_only=False).astype(np.int64)
         value = b.column("value").to_numpy(zero_copy_only=False)
+        ok = (core >= 0) & (core < 4096)
+        if not ok.all():  # only a damaged file numbers its cores like that
+            core, value = core[ok], value[ok]
+        if len(core) == 0:
+            return
         n = int(core.max()) + 1
         if n > len(self.core_sum):
             grow = n - len(self.core_sum)

@@ -72,8 +72,25 @@ class RunInfo:
     @classmethod
     def from_json(cls, text: str | bytes) -> RunInfo:
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        # Readers index these without further checks; a damaged file must fail here, in one line.
+        for k, v in known.items():
+            want = _INFO_TYPES.get(k)
+            if want is not None and not isinstance(v, want):
+                raise TypeError(f"field {k!r} is {type(v).__name__}")
+        try:
+            return cls(**known)
+        except TypeError as e:  # a required field is missing
+            raise TypeError(str(e).replace("__init__() ", "")) from None
+
+
+_INFO_TYPES: dict[str, type | tuple[type, ...]] = {
+    "algo": str, "env": str, "agents": int, "workers": int, "seed": int, "iterations": (int, type(None)),
+    "spans": bool, "host": str, "cores": int, "start_unix": (int, float), "versions": dict, "pinning": dict,
+    "procs": dict, "extra": dict, "format_version": int,
+}
 
 
 def empty_columns() -> dict[str, list]:
@@ -191,6 +208,10 @@ class Recording:
             while True:
                 try:
                     batch = reader.read_next_batch()
+                    # The IPC reader checks framing, not contents: a damaged batch (a flipped bit
+                    # in an offset buffer) reads "fine" and then crashes Arrow compute kernels with
+                    # a segfault. Full validation makes it a damaged batch, like a cut one.
+                    batch.validate(full=True)
                 except StopIteration:
                     break
                 except (pa.ArrowInvalid, pa.ArrowException, OSError, ValueError):
@@ -234,7 +255,8 @@ def open_recording(path: str | os.PathLike) -> Recording:
     meta = schema.metadata or {}
     if METADATA_KEY not in meta:
         raise RecordingError(f"{p}: an Arrow stream, but not a marlwatch recording (no run metadata)")
-    if not set(COLUMNS) <= set(schema.names):
+    if not set(COLUMNS) <= set(schema.names) or any(
+            schema.field(f.name).type != f.type for f in SCHEMA if schema.get_field_index(f.name) >= 0):
         raise RecordingError(f"{p}: a marlwatch recording with unexpected columns")
     try:
         info = RunInfo.from_json(meta[METADATA_KEY])

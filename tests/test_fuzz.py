@@ -1,0 +1,259 @@
+"""Bad input, fuzzed with hypothesis: damaged and foreign files, malformed flag values.
+
+Every reader command must answer a bad file with exit 2 and one line (`marlwatch: ...`), or
+read what is readable (exit 0), and never raise or hang. The CLI runs in-process (`main([...])`)
+for speed; a few cases run the real command in a subprocess as well.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from marlwatch.cli import main
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.timeout(240)
+
+SMALL = REPO / "recordings" / "maddpg-3agents-2workers.arrow"
+FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+                derandomize=True)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> bytes:
+    """A real recording, cut to its first ~120 KB of complete batches so each example is quick."""
+    from marlwatch.repair import repair
+
+    data = SMALL.read_bytes()
+    d = tmp_path_factory.mktemp("fuzz")
+    cut = d / "cut.arrow"
+    cut.write_bytes(data[:120_000])
+    repair(cut, d / "small.arrow")
+    return (d / "small.arrow").read_bytes()
+
+
+def has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def check(capsys, argv: list[str]) -> int:
+    """Run the CLI; it must succeed or fail with exactly one `marlwatch:` line on stderr."""
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if code == 0:
+        return code
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("marlwatch: "), err
+    return code
+
+
+def readers(path: Path, tmp: Path) -> list[list[str]]:
+    out = [["summary", str(path)], ["summary", str(path), "--json"]]
+    if has("marlwatch.diff"):
+        out.append(["diff", str(path), str(path), "--resamples", "50"])
+    if has("marlwatch.export"):
+        out.append(["export", str(path), "--to", "perfetto", "-o", str(tmp / "trace.json")])
+    return out
+
+
+def feed(capsys, tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "fuzzed.arrow"
+    path.write_bytes(data)
+    for argv in readers(path, tmp_path):
+        check(capsys, argv)
+    if has("marlwatch.app.replay"):
+        # The replay command reads the whole file before it opens the app: that part must fail cleanly.
+        from marlwatch.app.replay import load
+        from marlwatch.cli import UsageError
+
+        try:
+            load(str(path))
+        except UsageError as e:
+            assert "\n" not in str(e)
+
+
+@FUZZ
+@given(data=st.data())
+def test_truncated_recordings(capsys, tmp_path, small, data):
+    n = data.draw(st.integers(0, len(small) - 1), label="cut at")
+    feed(capsys, tmp_path, small[:n])
+
+
+@FUZZ
+@given(data=st.data())
+def test_bit_flipped_recordings(capsys, tmp_path, small, data):
+    buf = bytearray(small)
+    flips = data.draw(st.lists(st.tuples(st.integers(0, len(buf) - 1), st.integers(0, 7)), min_size=1, max_size=6),
+                      label="flips")
+    for pos, bit in flips:
+        buf[pos] ^= 1 << bit
+    feed(capsys, tmp_path, bytes(buf))
+
+
+@FUZZ
+@given(data=st.binary(max_size=2048))
+def test_foreign_bytes(capsys, tmp_path, data):
+    feed(capsys, tmp_path, data)
+
+
+@FUZZ
+@given(prefix=st.sampled_from([b"\xff\xff\xff\xff", b"ARROW1\x00\x00", b"PAR1", b"{\"kind\": ", b"\x00" * 8]),
+       tail=st.binary(max_size=512))
+def test_foreign_bytes_that_look_like_formats(capsys, tmp_path, prefix, tail):
+    feed(capsys, tmp_path, prefix + tail)
+
+
+def _arrow_stream(schema: pa.Schema, batch: pa.RecordBatch | None, fmt: str = "stream") -> bytes:
+    sink = pa.BufferOutputStream()
+    opener = pa.ipc.new_stream if fmt == "stream" else pa.ipc.new_file
+    with opener(sink, schema) as w:
+        if batch is not None:
+            w.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def test_foreign_arrow_files(capsys, tmp_path, small):
+    from marlwatch.recording import METADATA_KEY, SCHEMA
+
+    info = pa.ipc.open_stream(small).schema.metadata[METADATA_KEY]
+    cases = {
+        "other schema": _arrow_stream(pa.schema([("x", pa.int64())]), pa.record_batch({"x": [1]})),
+        "arrow file format": _arrow_stream(SCHEMA.with_metadata({METADATA_KEY: info}), None, "file"),
+        "our schema, bad metadata": _arrow_stream(SCHEMA.with_metadata({METADATA_KEY: b"{not json"}), None),
+        "our schema, metadata of the wrong types": _arrow_stream(
+            SCHEMA.with_metadata({METADATA_KEY: json.dumps({"algo": 3, "agents": "x", "procs": [1], "pinning": 5})}),
+            pa.RecordBatch.from_pylist([{"kind": "span", "proc": 0, "name": "update", "t_ns": 1, "dur_ns": 2}],
+                                       schema=SCHEMA)),
+        "metadata is a list": _arrow_stream(SCHEMA.with_metadata({METADATA_KEY: b"[1, 2]"}), None),
+        "columns of other types": _arrow_stream(
+            pa.schema([(f.name, pa.string()) for f in SCHEMA]).with_metadata({METADATA_KEY: info}),
+            pa.RecordBatch.from_pylist([{f.name: "1" for f in SCHEMA}],
+                                       schema=pa.schema([(f.name, pa.string()) for f in SCHEMA]))),
+        "only the schema": small[: len(_arrow_stream(SCHEMA.with_metadata({METADATA_KEY: info}), None)) - 8],
+        "rows with impossible values": _arrow_stream(SCHEMA.with_metadata({METADATA_KEY: info}),
+                                                     pa.RecordBatch.from_pylist([
+                                                         {"kind": "span", "proc": -5, "name": None, "t_ns": -1,
+                                                          "dur_ns": -10**15, "iter": -3},
+                                                         {"kind": "core", "core": -1, "t_ns": 0, "value": float("nan")},
+                                                         {"kind": "iter", "proc": 0, "t_ns": 5, "iter": None},
+                                                         {"kind": "proc", "proc": 9, "name": "rss_bytes", "t_ns": 1},
+                                                         {"kind": "event", "proc": 1, "name": "started", "t_ns": 1,
+                                                          "text": "[not a dict"},
+                                                         {"kind": "nonsense", "t_ns": 0},
+                                                     ], schema=SCHEMA)),
+    }
+    for name, data in cases.items():
+        try:
+            feed(capsys, tmp_path, data)
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from None
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "foreign"])
+def test_real_subprocess_gives_one_line_and_exit_2_or_reads(tmp_path, small, damage):
+    data = {"truncated": small[:300], "flipped": bytes(b ^ 0xFF if 8 <= i < 64 else b for i, b in enumerate(small)),
+            "foreign": b"PAR1" + bytes(range(256)) * 4}[damage]
+    path = tmp_path / "bad.arrow"
+    path.write_bytes(data)
+    p = subprocess.run([sys.executable, "-m", "marlwatch", "summary", str(path)], capture_output=True, text=True,
+                       timeout=60, cwd=REPO)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("marlwatch: ") and "Traceback" not in p.stderr
+
+
+# -- malformed flag values of `run` ---------------------------------------------------------
+# The safety net: should a value slip through as valid, the run still could not start (its
+# recording path cannot be created), so the test can never launch a real run.
+NET = ["--headless", "--record", "/proc/no-such-dir/x.arrow"]
+INT_FLAGS = ["--agents", "--workers", "--iterations"]
+
+
+def not_a_positive_int(s: str) -> bool:
+    try:
+        return int(s) < 1
+    except ValueError:
+        return True
+
+
+def not_a_rate(s: str) -> bool:
+    try:
+        v = float(s)
+    except ValueError:
+        return True
+    return not (0 < v <= 1000)
+
+
+texts = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=12)
+
+
+@FUZZ
+@given(flag=st.sampled_from(INT_FLAGS), value=texts.filter(not_a_positive_int))
+def test_malformed_counts_are_rejected(capsys, flag, value):
+    assert check(capsys, ["run", *NET, f"{flag}={value}"]) == 2
+
+
+@FUZZ
+@given(value=st.one_of(texts, st.sampled_from(["nan", "inf", "-inf", "0", "-1", "1e9", "NaN", "1001"]))
+       .filter(not_a_rate))
+def test_malformed_sample_rates_are_rejected(capsys, value):
+    capsys.readouterr()
+    assert main(["run", *NET, f"--sample-hz={value}"]) == 2
+    assert "--sample-hz" in capsys.readouterr().err
+
+
+@FUZZ
+@given(value=texts.filter(lambda s: not s.lstrip("-").isdigit()))
+def test_malformed_seeds_are_rejected(capsys, value):
+    try:
+        int(value)
+        return  # int() accepts it (" 7", "٣"): a valid seed
+    except ValueError:
+        pass
+    assert check(capsys, ["run", *NET, f"--seed={value}"]) == 2
+
+
+@FUZZ
+@given(setting=st.one_of(
+    texts.filter(lambda s: "=" not in s),  # no KEY=VALUE at all
+    st.builds(lambda k, v: f"{k}={v}", texts.filter(lambda s: s.strip() not in _known_settings()), texts),
+    st.builds(lambda k, v: f"{k}={v}", st.sampled_from(["batch_size", "warmup", "hidden", "max_cycles"]),
+              texts.filter(not_a_positive_int)),
+))
+def test_malformed_settings_are_rejected(capsys, setting):
+    capsys.readouterr()
+    code = main(["run", *NET, "--set", setting])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "cannot write recording" not in err, f"--set {setting!r} was accepted"
+
+
+def _known_settings() -> set[str]:
+    from dataclasses import fields
+
+    from algorithms.maddpg import MADDPGConfig
+
+    return {f.name for f in fields(MADDPGConfig)}
+
+
+@FUZZ
+@given(name=texts.filter(lambda s: s not in _algorithms()))
+def test_unknown_algorithms_are_rejected(capsys, name):
+    assert check(capsys, ["run", *NET, f"--algo={name}"]) == 2
+
+
+def _algorithms() -> set[str]:
+    from algorithms import ALGORITHMS
+
+    return set(ALGORITHMS)
