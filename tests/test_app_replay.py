@@ -93,7 +93,7 @@ def test_phase_table_matches_summary_json():
             assert table.row_count == len(shown) == len(summary["phases"]) > 5
             for i, phase in enumerate(shown):
                 want = summary["phases"][phase.name]
-                cells = [c.plain for c in table.get_row_at(i)]
+                cells = table.cells[i]
                 assert cells[0].strip().endswith(phase.name.rsplit("/", 1)[-1] + (" ✉" if want["comm"] else ""))
                 assert cells[1] == f"{want['total_s']:.3f}"
                 assert cells[3] == str(want["count"])
@@ -105,7 +105,7 @@ def test_phase_table_matches_summary_json():
             # Sorting by total puts the biggest first; the hottest is in the subtitle.
             await pilot.press("s")
             assert table.sort_key == "total"
-            totals = [float(table.get_row_at(i)[1].plain) for i in range(table.row_count)]
+            totals = [float(c[1]) for c in table.cells]
             assert totals == sorted(totals, reverse=True)
             assert "hottest: sync/wait" in str(table.border_subtitle)
             await pilot.press("question_mark")
