@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from textual import events
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
@@ -87,8 +88,8 @@ class WatchApp(App[int]):
             yield WorkersPanel(id="workers")
         yield Footer()
 
-    def on_resize(self) -> None:
-        self.screen.set_class(self.size.height >= TALL_ROWS, "-tall")
+    def on_resize(self, event: events.Resize) -> None:
+        self.screen.set_class(event.size.height >= TALL_ROWS, "-tall")
 
     def show(self, snapshot: Snapshot, status: Status) -> None:
         """Hand new figures down to every panel."""

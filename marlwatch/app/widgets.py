@@ -56,6 +56,9 @@ class RunHeader(Static):
     snapshot: reactive[Snapshot | None] = reactive(None, always_update=True)
     status: reactive[Status] = reactive(Status("LIVE"), always_update=True)
 
+    def on_resize(self) -> None:
+        self.refresh(layout=True)  # one line or two depends on the width
+
     def render(self) -> Text:
         st = self.status
         text = Text(no_wrap=True, overflow="ellipsis")
