@@ -9,8 +9,11 @@ live view do). Figures: the span rate end to end (spans found in the file over t
 the start signal to the last frame), the span counts sent vs recorded (they must be equal:
 producers wait on a full pipe, nothing is dropped), the monitor's peak RSS and its CPU.
 
-Flat out, producers are throttled only by the pipe, so the rate measured is the highest rate
-that the pipeline sustains without loss on this machine at that W.
+Flat out, producers are throttled only by the pipe and by the CPU they get, so the rate
+measured is the highest rate that the pipeline sustains without loss on this machine at that
+W. On a shared machine the producers' share of the CPU varies, so the monitor's CPU time per
+span is given too: it does not depend on the load, and its inverse is what one core of monitor
+could take.
 """
 
 from __future__ import annotations
@@ -118,7 +121,10 @@ def run_pipeline(workers: int, duration_s: float, path: Path, *, metrics: bool =
     recorded = sum(pc.sum(pc.equal(b.column("kind"), "span")).as_py() or 0 for b in open_recording(path).batches())
     elapsed = t_end - (t_go or t_end)
     cpu = ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / elapsed if cpu0 and elapsed else float("nan")
+    cpu_per_span = cpu * elapsed / recorded if recorded else float("nan")
     return {"workers": workers, "spans_sent": sum(sent.values()), "spans_recorded": recorded,
+            "monitor_cpu_ns_per_span": cpu_per_span * 1e9,
+            "monitor_capacity_one_core": 1.0 / cpu_per_span if cpu_per_span else float("nan"),
             "lossless": sum(sent.values()) == recorded and len(sent) == workers, "elapsed_s": elapsed,
             "rate": recorded / elapsed if elapsed else 0.0, "monitor_rss_peak": rss_peak,
             "monitor_rss_start": rss_start, "monitor_cpu": cpu, "file_bytes": path.stat().st_size}
@@ -138,6 +144,9 @@ def measure(quick: bool = False) -> dict:
                             f"({'no loss' if r['lossless'] else 'LOSS'}); monitor RSS peak "
                             f"{r['monitor_rss_peak'] / 2**20:.0f} MB (start {r['monitor_rss_start'] / 2**20:.0f}), "
                             f"CPU {100 * r['monitor_cpu']:.0f}%"))
+            rows.append(row(f"pipeline W={w}: monitor CPU per span", f"{r['monitor_cpu_ns_per_span']:.0f} ns", "",
+                            None, f"one core of monitor would take {r['monitor_capacity_one_core'] / 1e6:.1f} M spans/s "
+                            "(decode, rows, zstd recording, Metrics)"))
         r = run_pipeline(2, duration, Path(tmp) / "w2-rec.arrow", metrics=False)
         out["recorder_only_w2"] = r
         rows.append(row("pipeline W=2, recorder only (no Metrics)", f"{r['rate'] / 1e6:.2f} M", "", None,
