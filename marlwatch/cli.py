@@ -69,6 +69,12 @@ def _latency_bound(text: str) -> float:
     return value
 
 
+def _flame(text: str) -> tuple[str, float]:
+    from marlwatch.flame import parse_flame_arg
+
+    return parse_flame_arg(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="marlwatch", description="See where the time of a MARL training run goes.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
@@ -93,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="headless: print the final summary as JSON")
     run.add_argument("--latency-bound", type=_latency_bound, default=None, metavar="MS",
                      help="also show latency-bounded IPS: only iterations that took at most MS ms count")
+    run.add_argument("--flame", type=_flame, action="append", default=[], metavar="PHASE[:SECONDS]",
+                     help="run py-spy on the processes running PHASE for SECONDS (default 5) once it runs; "
+                          "samples are stored in the recording (see `marlwatch flame`)")
+    run.add_argument("--auto-flame", action="store_true",
+                     help="run py-spy once, when a phase becomes the hottest or its p95 jumps")
+    run.add_argument("--flame-rate", type=_positive("--flame-rate"), default=100, metavar="HZ",
+                     help="py-spy samples per second (default 100)")
 
     summ = sub.add_parser("summary", help="summarise a recording")
     summ.add_argument("file")
@@ -167,6 +180,9 @@ def make_run(args: argparse.Namespace, default_iterations: int | None):
     if getattr(args, "latency_bound", None) is not None:
         # In the run info, so every Metrics of this run (live, replay, summary) shows it.
         run.info.extra["latency_bound_ms"] = args.latency_bound
+    from marlwatch.flame import attach
+
+    run.flame = attach(run, args)  # None unless --flame / --auto-flame; the live app uses it too
     return run
 
 
@@ -193,6 +209,9 @@ def run_headless(args: argparse.Namespace) -> int:
 
     run = make_run(args, default_iterations=500)
     metrics = Metrics(run.info)
+    if run.flame is not None:
+        nl = "\n" if sys.stderr.isatty() else ""  # after the progress line
+        run.flame.on_message = lambda text: print(f"{nl}marlwatch: {text}", file=sys.stderr)
     run.listeners.append(metrics.add)
     interrupted = 0
 

@@ -142,6 +142,10 @@ class Run:
         self.failure: str | None = None  # why the run ended badly (worker crash, disk full)
         self.started = False
         self.listeners: list[Callable[[pa.RecordBatch], None]] = []
+        # Called with final=False at the end of every pump() and with final=True by finish()
+        # before the recording closes: lets a helper (marlwatch.flame) act in the pumping thread.
+        self.hooks: list[Callable[[bool], None]] = []
+        self.flame: Any = None  # a marlwatch.flame.FlameController when --flame / --auto-flame asked for one
         self._out: list[pa.RecordBatch] = []
 
     # -- starting --------------------------------------------------------------------------
@@ -227,6 +231,8 @@ class Run:
                 self._sample()
             if time.monotonic() >= deadline or not self.alive:
                 break
+        for hook in self.hooks:
+            hook(False)
         return out
 
     def _drain(self, conn: Connection, limit: int = 64) -> None:
@@ -312,6 +318,10 @@ class Run:
         if procs:
             self._emit(proc_rows(t, procs))
 
+    def emit(self, batch: pa.RecordBatch) -> None:
+        """Add rows of our own (SCHEMA) to the run: recorded, passed to listeners, returned by pump."""
+        self._emit(batch)
+
     def _emit(self, batch: pa.RecordBatch) -> None:
         self._out.append(batch)
         for fn in self.listeners:
@@ -342,6 +352,9 @@ class Run:
         while self.alive and time.monotonic() < deadline:
             out += self.pump(0.1)
         out += self.kill_children()
+        self._out = out
+        for hook in self.hooks:
+            hook(True)
         if self.writer is not None:
             self.writer.close(t_ns=self.now_ns(), detail={"stop_reason": self.stop_reason, "failure": self.failure})
         return out
