@@ -193,6 +193,7 @@ class Metrics:
         self.comm_update_ns = 0
         self.t_ns = 0
         self.first_span_ns: int | None = None
+        self.first_started_ns: int | None = None  # the first process ready (a `started` event)
         self.procs: dict[int, _Proc] = {}
         if info:
             for slot, role in info.procs.items():
@@ -379,6 +380,8 @@ class Metrics:
             if name == "started":
                 p.state, p.pid, p.core = "running", detail.get("pid"), detail.get("core", p.core)
                 p.first_t = t
+                if self.first_started_ns is None or t < self.first_started_ns:
+                    self.first_started_ns = t
             elif name == "crashed":
                 p.state, p.error = "crashed", detail.get("error")
             elif name == "finished":
@@ -404,18 +407,25 @@ class Metrics:
             self.main_ticks = [np.concatenate(self.main_ticks)]
         return self.main_ticks[0]
 
+    def _start_ns(self) -> int:
+        """Where wall time starts: the first span; without spans (`--no-spans`) the first process
+        ready, so that process start-up (seconds of imports) is not counted in either case."""
+        if self.first_span_ns is not None:
+            return self.first_span_ns
+        return self.first_started_ns if self.first_started_ns is not None else 0
+
     def iteration_latencies_ns(self) -> np.ndarray:
         ticks = self.iteration_times_ns()
         if len(ticks) == 0:
             return ticks
-        start = self.first_span_ns if self.first_span_ns is not None else 0
+        start = self._start_ns()
         return np.diff(ticks, prepend=min(start, int(ticks[0])))
 
     def snapshot(self) -> Snapshot:
         process_ns = sum(self.top_ns.values())
         exec_ns = self.top_ns["sample"] + self.top_ns["update"]
         ticks = self.iteration_times_ns()
-        start = self.first_span_ns if self.first_span_ns is not None else 0
+        start = self._start_ns()
         wall_ns = int(ticks[-1]) - start if len(ticks) else max(0, self.t_ns - start)
         iterations = self.main_iterations
         recent = ticks[ticks >= self.t_ns - 3_000_000_000] if len(ticks) else ticks
