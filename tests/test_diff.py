@@ -29,7 +29,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     procs = {
         name: subprocess.Popen(
             [sys.executable, "-m", "marlwatch", "run", "--headless", "--algo", "maddpg", "--agents", str(agents),
-             "--workers", "1", "--iterations", "16", *QUICK, "--record", str(d / f"{name}.arrow")],
+             "--workers", "1", "--iterations", "12", *QUICK, "--record", str(d / f"{name}.arrow")],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for name, agents in configs.items()
     }
@@ -96,7 +96,7 @@ def test_fail_if_slower_is_a_regression_gate(runs, capsys):
 def test_intervals_come_from_the_per_iteration_table(runs):
     rec = open_recording(runs["a3"])
     snap, table = read_iterations(rec)
-    assert table.iterations == snap.iterations == 16
+    assert table.iterations == snap.iterations == 12
     # Per-iteration phase times add up to the phase totals of the Snapshot (spans of complete iterations).
     for p in snap.phases:
         assert table.phases[p.name].sum() / 1e9 <= p.total_s + 1e-9
