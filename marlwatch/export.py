@@ -33,10 +33,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from marlwatch.metrics import Metrics, is_comm, top_of
-from marlwatch.recording import CORE, COUNTER, EVENT, PROC, SPAN, Recording
+from marlwatch.recording import CORE, COUNTER, EVENT, PROC, SPAN, STACK, Recording
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-STACK = "stack"  # py-spy sample rows (marlwatch.flame)
 SPAN_TID, STACK_TID = 1, 2
 
 

@@ -44,9 +44,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from marlwatch.collector import event_row
-from marlwatch.recording import ITER, SCHEMA, SPAN, Recording
+from marlwatch.metrics import function_name
+from marlwatch.recording import ITER, SCHEMA, SPAN, STACK, Recording
 
-STACK = "stack"
 DEFAULT_SECONDS = 5.0
 DEFAULT_RATE = 100
 SPAN_WAIT_S = 10.0  # how long to wait for a process's spans covering the sampled window
@@ -335,7 +335,6 @@ class FlameController:
         self.pending: list[FlameRequest] = []
         self.capture: _Capture | None = None
         self.done: list[dict[str, Any]] = []  # one summary per finished capture
-        self.top: dict[str, Counter] = {}  # phase -> leaf function -> samples, for the live panel
         self.phase_slots: dict[str, set[int]] = defaultdict(set)
         self._auto_fired = False
         self._auto_metrics = None
@@ -545,11 +544,9 @@ class FlameController:
             unattributed += lost
             if batch.num_rows:
                 self.run.emit(batch)
-                for name, stack, count in zip(batch.column("name").to_pylist(), batch.column("text").to_pylist(),
-                                              batch.column("value").to_pylist(), strict=True):
+                for name, count in zip(batch.column("name").to_pylist(), batch.column("value").to_pylist(),
+                                       strict=True):
                     phases[name] += int(count)
-                    leaf = stack.rsplit(";", 1)[-1]
-                    self.top.setdefault(name, Counter())[leaf] += int(count)
         try:
             if not os.environ.get("MARLWATCH_FLAME_KEEP"):  # debugging: keep py-spy's raw output
                 shutil.rmtree(cap.sessions[0].out.parent, ignore_errors=True)
@@ -565,13 +562,6 @@ class FlameController:
             self._say(f"flame: {total} samples stored ({in_req} in '{cap.request.phase}', "
                       f"{unattributed} outside any span)")
 
-    def top_functions(self, phase: str, n: int = 10) -> list[tuple[str, int]]:
-        """The live panel: leaf functions of the samples taken while `phase` (or below) ran."""
-        c: Counter = Counter()
-        for name, counts in self.top.items():
-            if in_phase(name, phase):
-                c.update(counts)
-        return c.most_common(n)
 
 
 def _raised_priority() -> list[str]:
@@ -654,8 +644,8 @@ def top_functions_text(stacks: Counter, phase: str, n: int = 25) -> str:
     total = sum(stacks.values())
     for stack, count in stacks.items():
         frames = _frames(stack)
-        self_c[_func(frames[-1])] += count
-        for f in {_func(fr) for fr in frames}:
+        self_c[function_name(frames[-1])] += count
+        for f in {function_name(fr) for fr in frames}:
             incl[f] += count
     lines = [f"phase {phase}: {total} samples", "",
              f"{'self':>7} {'self%':>6} {'total':>7} {'total%':>6}  function"]
@@ -663,13 +653,6 @@ def top_functions_text(stacks: Counter, phase: str, n: int = 25) -> str:
     for f in ranked:
         lines.append(f"{self_c[f]:7d} {100 * self_c[f] / total:5.1f}% {incl[f]:7d} {100 * incl[f] / total:5.1f}%  {f}")
     return "\n".join(lines)
-
-
-def _func(frame: str) -> str:
-    """`backward (torch/_tensor.py:647)` -> `backward (torch/_tensor.py)`: one line per function."""
-    name, _, where = frame.partition(" (")
-    file = where.rstrip(")").rsplit(":", 1)[0] if where else ""
-    return f"{name} ({file})" if file else name
 
 
 def speedscope(per_slot: dict[int, Counter], phase: str, roles: dict[str, str]) -> dict[str, Any]:

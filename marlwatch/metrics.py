@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from marlwatch.recording import CORE, COUNTER, END, EVENT, ITER, PROC, SPAN, Recording, RunInfo
+from marlwatch.recording import CORE, COUNTER, END, EVENT, ITER, PROC, SPAN, STACK, Recording, RunInfo
 
 TOP_LEVEL = ("sample", "update", "sync")
 # Latency histogram: 32 log-spaced bins per octave (bin width 2.2%, so a percentile read off
@@ -33,6 +33,13 @@ STALL_S = 5.0
 def is_comm(name: str | None) -> bool:
     """A phase is communication when any segment of its path is `comm`."""
     return name is not None and "comm" in name.split("/")
+
+
+def function_name(frame: str) -> str:
+    """A folded-stack frame `backward (torch/_tensor.py:647)` -> `backward (torch/_tensor.py)`."""
+    name, _, where = frame.partition(" (")
+    file = where.rstrip(")").rsplit(":", 1)[0] if where else ""
+    return f"{name} ({file})" if file else name
 
 
 def top_of(name: str) -> str:
@@ -127,6 +134,17 @@ class Snapshot:
     latency_bound_ms: float | None = None
     bounded_ips: float | None = None
     bound_met: float | None = None
+    # py-spy samples seen so far (rows of kind `stack`): phase -> leaf function -> samples.
+    stacks: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def top_functions(self, phase: str, n: int = 10) -> list[tuple[str, int]]:
+        """The functions py-spy found running (leaf frames) while `phase` or a phase below it ran."""
+        total: dict[str, int] = {}
+        for name, funcs in self.stacks.items():
+            if name == phase or name.startswith(phase + "/"):
+                for f, c in funcs.items():
+                    total[f] = total.get(f, 0) + c
+        return sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
 
     @property
     def hottest(self) -> PhaseRow | None:
@@ -208,6 +226,7 @@ class Metrics:
         self.returns: deque[float] = deque(maxlen=200)
         self.events: deque[dict[str, Any]] = deque(maxlen=100)
         self.complete = False
+        self.stacks: dict[str, dict[str, int]] = {}  # bounded by phases x functions sampled
         # `marlwatch run --latency-bound MS` stores the bound in the run info, so the live view,
         # replay and summary of that recording all show it; `summary --latency-bound` overrides.
         bound = info.extra.get("latency_bound_ms") if info else None
@@ -249,6 +268,8 @@ class Metrics:
             self._counters(_valid(rows(COUNTER, ["name", "value"]), "name", "value"))
         if EVENT in kinds:
             self._events(rows(EVENT, ["proc", "name", "t_ns", "text"]))
+        if STACK in kinds:
+            self._stack_samples(rows(STACK, ["name", "text", "value"]))
         if END in kinds:
             self.complete = True
 
@@ -363,6 +384,15 @@ class Metrics:
                 self.counters[name] = value
             if name == "episode_return":
                 self.returns.append(value)
+
+    def _stack_samples(self, b: pa.RecordBatch) -> None:
+        for name, stack, count in zip(b.column("name").to_pylist(), b.column("text").to_pylist(),
+                                      b.column("value").to_pylist(), strict=True):
+            if name is None or not stack:
+                continue
+            funcs = self.stacks.setdefault(name, {})
+            leaf = function_name(stack.rsplit(";", 1)[-1])
+            funcs[leaf] = funcs.get(leaf, 0) + int(count or 0)
 
     def _events(self, b: pa.RecordBatch) -> None:
         for slot, name, t, text in zip(b.column("proc").to_pylist(), b.column("name").to_pylist(),
@@ -488,6 +518,7 @@ class Metrics:
             latency_bound_ms=self.latency_bound_ms,
             bounded_ips=bounded[0],
             bound_met=bounded[1],
+            stacks={k: dict(v) for k, v in self.stacks.items()},
         )
 
 

@@ -23,6 +23,7 @@ FORMAT_VERSION = 1
 
 # Row kinds. One schema for all of them keeps the file a single stream any Arrow reader opens.
 SPAN, ITER, COUNTER, CORE, PROC, EVENT, END = "span", "iter", "counter", "core", "proc", "event", "end"
+STACK = "stack"  # py-spy samples attributed to a phase (marlwatch.flame, docs/flame.md)
 
 SCHEMA = pa.schema(
     [

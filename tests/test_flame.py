@@ -15,6 +15,7 @@ import pytest
 
 from marlwatch.cli import main
 from marlwatch.flame import FlameController, samples_from_chrometrace
+from marlwatch.metrics import Metrics, summarize
 from marlwatch.recording import open_recording
 from marlwatch.runner import Run, RunConfig
 from tests.conftest import REPO
@@ -109,6 +110,12 @@ def test_flame_text_lists_update_code_not_rollout(flamed, capsys):
     assert "backward" in out or "_engine_run_backward" in out
     for rollout in ("MADDPGRollout", "collect", "env_step", "ParallelEnvRunner"):
         assert rollout not in out
+    # Metrics carries the same samples (live panel, replay at their time): top leaf functions.
+    snap = summarize(open_recording(flamed))
+    top = snap.top_functions("update", 50)
+    assert top and sum(n for _, n in top) == sum(snap.stacks[p][f] for p in snap.stacks if p.startswith("update")
+                                                 for f in snap.stacks[p])
+    assert not snap.top_functions("sample")
 
 
 def test_flame_svg_and_speedscope(flamed, tmp_path, capsys):
@@ -195,6 +202,8 @@ def test_auto_flame_triggers_once(tmp_path, no_leftovers):
     run = Run(RunConfig(agents=3, workers=1, iterations=45, record=str(tmp_path / "a.arrow"),
                         settings={"warmup": "2000", "batch_size": "256"}))
     ctl = FlameController(run, auto=True, auto_seconds=2)
+    metrics = Metrics(run.info)
+    run.listeners.append(metrics.add)
     run.start()
     try:
         drive(run, lambda: bool(ctl.done))
@@ -203,7 +212,11 @@ def test_auto_flame_triggers_once(tmp_path, no_leftovers):
     auto = [m for m in ctl.messages if m.startswith("flame: auto: ")]
     assert len(auto) == 1, ctl.messages
     assert ctl.done and ctl.done[0]["samples"] > 0
-    assert ctl.top_functions(ctl.done[0]["phase"])  # the live panel's data
+    # What the live panel shows comes from Metrics: the same samples, per phase.
+    snap = metrics.snapshot()
+    assert {p: sum(f.values()) for p, f in snap.stacks.items()} == ctl.done[0]["phases"]
+    busiest = max(ctl.done[0]["phases"], key=ctl.done[0]["phases"].get)
+    assert snap.top_functions(busiest)
 
 
 def test_chrometrace_rebuild_counts_samples():
