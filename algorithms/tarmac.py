@@ -59,16 +59,16 @@ class TarMACConfig(BaseConfig):
     env: str = "simple_spread"
     max_cycles: int = 25
     """Episode length."""
-    episodes_per_worker: int = 2
-    """Whole episodes each worker plays per iteration."""
+    episodes_per_iteration: int = 8
+    """Whole episodes played per iteration, split among the workers (each plays its share, rounded up)."""
     hidden: int = 64
     """Width of each agent's encoder, actor and critic."""
     key_dim: int = 16
     """Size of message signatures and queries."""
     value_dim: int = 32
     """Size of message values."""
-    lr: float = 3e-3
-    """Adam learning rate of every agent's optimiser."""
+    lr: float = 2e-3
+    """Adam learning rate of every agent's optimiser (3e-3 let the per-agent policies collapse)."""
     gamma: float = 0.95
     """Discount factor."""
     gae_lambda: float = 0.95
@@ -79,6 +79,9 @@ class TarMACConfig(BaseConfig):
     """Weight of the value loss."""
     grad_clip: float = 1.0
     """Gradient norm clip (per agent)."""
+    reward_scale: float = 0.1
+    """Rewards are multiplied by this for learning: the critic shares the encoder with the actor,
+    and returns of -30 would let the value loss's gradients drown the policy's."""
     backprop_messages: bool = True
     """Receivers' losses train the senders' message networks (DIAL-style); False detaches them."""
 
@@ -157,7 +160,7 @@ class TarMACRollout:
 
     def collect(self) -> Payload:
         cfg = self.cfg
-        return play_episodes(self.runner, cfg.episodes_per_worker, cfg.max_cycles, self.act)
+        return play_episodes(self.runner, -(-cfg.episodes_per_iteration // cfg.workers), cfg.max_cycles, self.act)
 
 
 # --- Learner: N independent optimisers --------------------------------------------------
@@ -198,7 +201,7 @@ class TarMACLearner:
 
         with span("update/gae"):
             # Each agent's own reward and own critic: nothing is pooled across agents.
-            rew = bootstrap_truncated(b["rew"], b["done"], b["terminal"], last_values, cfg.gamma)
+            rew = bootstrap_truncated(b["rew"] * cfg.reward_scale, b["done"], b["terminal"], last_values, cfg.gamma)
             adv, ret = compute_gae(
                 rew.transpose(0, 1), values.detach().transpose(0, 1), b["done"].transpose(0, 1)[..., None],
                 torch.zeros(e_count, n), cfg.gamma, cfg.gae_lambda,

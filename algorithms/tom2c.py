@@ -66,8 +66,8 @@ class ToM2CConfig(BaseConfig):
     env: str = "simple_spread"
     max_cycles: int = 25
     """Episode length."""
-    episodes_per_worker: int = 2
-    """Whole episodes each worker plays per iteration."""
+    episodes_per_iteration: int = 8
+    """Whole episodes played per iteration, split among the workers (each plays its share, rounded up)."""
     hidden: int = 32
     """Width of the encoder, GRU, ToM and graph networks."""
     lr: float = 3e-3
@@ -277,7 +277,7 @@ class ToM2CRollout:
 
     def collect(self) -> Payload:
         cfg = self.cfg
-        return play_episodes(self.runner, cfg.episodes_per_worker, cfg.max_cycles, self.act)
+        return play_episodes(self.runner, -(-cfg.episodes_per_iteration // cfg.workers), cfg.max_cycles, self.act)
 
 
 def check_obs(obs_dim: int, n: int) -> None:

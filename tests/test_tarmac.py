@@ -98,7 +98,7 @@ def test_real_run_has_comm_phases(tmp_path, agents: int, no_leftovers) -> None:
     path = tmp_path / "tarmac.arrow"
     proc = marlwatch("run", "--headless", "--algo", "tarmac", "--agents", str(agents), "--workers", "1",
                      "--iterations", "3", "--record", str(path),
-                     "--set", "max_cycles=10", "--set", "episodes_per_worker=1")
+                     "--set", "max_cycles=10", "--set", "episodes_per_iteration=1")
     assert proc.returncode == 0, proc.stderr
     snap = summarize(open_recording(path))
     names = {p.name for p in snap.phases}
