@@ -57,7 +57,8 @@ class PerfettoWriter:
         slots = sorted(int(s) for s in rec.info.procs) or [0]
         self.machine_pid = max(slots) + 2  # process tracks use slot + 1
         self.named: set[int] = set()
-        self.pending: dict[int, list[tuple[int, int, dict[str, Any]]]] = {}
+        self.pending: dict[int, list[tuple[int, int, str]]] = {}
+        self.span_heads: dict[str | None, str] = {}
         self.metrics = Metrics(rec.info)
         self.last_ips_t: int | None = None
         self.events = 0
@@ -66,8 +67,10 @@ class PerfettoWriter:
         out.write(', "traceEvents": [\n')
         self._meta(self.machine_pid, "machine", sort=-1)
 
-    def _emit(self, ev: dict[str, Any]) -> None:
-        self.out.write(("" if self.first else ",\n") + json.dumps(ev, separators=(",", ":")))
+    def _emit(self, ev: dict[str, Any] | str) -> None:
+        """Write one event (a dict, or one already rendered as JSON text)."""
+        text = ev if isinstance(ev, str) else json.dumps(ev, separators=(",", ":"))
+        self.out.write(("" if self.first else ",\n") + text)
         self.first = False
         self.events += 1
 
@@ -127,10 +130,16 @@ class PerfettoWriter:
                             "args": {"value": round(snap.ips_now, 3)}})
 
     def _spans(self, b: pa.RecordBatch) -> None:
+        # Spans are most of a recording: rendered with a format string (names JSON-escaped once)
+        # rather than json.dumps per event, ~3x faster.
         for slot, name, parent, t, dur, it in _cols(b, "proc", "name", "parent", "t_ns", "dur_ns", "iter"):
             pid = self._pid(slot)
-            ev = {"ph": "X", "name": name, "cat": "comm" if is_comm(name) else top_of(name or ""), "pid": pid,
-                  "tid": SPAN_TID, "ts": _us(t), "dur": _us(dur), "args": {"iter": it}}
+            head = self.span_heads.get(name)
+            if head is None:
+                cat = "comm" if is_comm(name) else top_of(name or "")
+                head = self.span_heads[name] = f'{{"ph":"X","name":{json.dumps(name)},"cat":"{cat}"'
+            ev = (f'{head},"pid":{pid},"tid":{SPAN_TID},"ts":{t / 1000:.3f},"dur":{dur / 1000:.3f},'
+                  f'"args":{{"iter":{"null" if it is None else it}}}}}')
             buf = self.pending.setdefault(pid, [])
             buf.append((t, -dur, ev))
             if parent is None:
