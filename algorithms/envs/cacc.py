@@ -9,8 +9,8 @@ every agent picks one of a few discrete accelerations; headways and speeds follo
 
 The reward of vehicle i penalises headway error, speed error (the target speed is the
 leader's) and acceleration, as in the paper; a collision (headway below `h_min`) ends the
-episode for everyone, as in the paper, and costs every vehicle a penalty plus one unit per step
-cut off. Rewards are scaled so a
+episode for everyone, as in the paper, and costs every vehicle a penalty plus CRASH_STEP_COST
+per step cut off. Rewards are scaled so a
 step costs O(1), which keeps actor-critic learning well conditioned.
 
 Scenarios (the paper's two): `catchup`: the platoon starts with scattered headways and must
@@ -35,6 +35,9 @@ from pettingzoo import ParallelEnv
 ACCELERATIONS = np.array([-2.5, -1.25, 0.0, 1.25, 2.5], dtype=np.float64)
 """The discrete action set (m/s^2); the paper bounds acceleration to [-2.5, 2.5]."""
 
+CRASH_STEP_COST = 3.0
+"""Per step cut off by a crash; a step with a 17 m headway error costs about that much."""
+
 N_OWN = 4  # own features: headway error, speed error, closing speed, last acceleration
 OBS_DIM = 3 * N_OWN + 2  # own + two neighbours' features + two presence flags
 OBS_BOUND = 10.0
@@ -44,8 +47,8 @@ class CACCEnv(ParallelEnv):
     metadata = {"name": "cacc_v0", "render_modes": [], "is_parallelizable": True}
 
     def __init__(self, agents: int = 8, max_cycles: int = 60, scenario: str = "catchup", dt: float = 0.5,
-                 h_star: float = 20.0, v_star: float = 15.0, h_min: float = 1.0, v_max: float = 30.0,
-                 collision_penalty: float = 10.0, render_mode: str | None = None) -> None:
+                 h_star: float = 20.0, v_star: float = 15.0, h_min: float = 1.0, h_safe: float = 8.0, v_max: float = 30.0,
+                 collision_penalty: float = 20.0, render_mode: str | None = None) -> None:
         if agents < 1:
             raise ValueError("cacc needs at least one vehicle")
         if scenario not in ("catchup", "slowdown"):
@@ -54,6 +57,7 @@ class CACCEnv(ParallelEnv):
         self.max_cycles = max_cycles
         self.scenario = scenario
         self.dt, self.h_star, self.v_star, self.h_min, self.v_max = dt, h_star, v_star, h_min, v_max
+        self.h_safe = h_safe
         self.collision_penalty = collision_penalty
         self.render_mode = render_mode
         self.possible_agents = [f"vehicle_{i}" for i in range(agents)]
@@ -110,8 +114,9 @@ class CACCEnv(ParallelEnv):
         self.t = 0
         self.u = np.zeros(self.n)
         if self.scenario == "catchup":
+            # As in the paper, everyone starts at the cruise speed; only the gaps are off.
             self.h = self.h_star * self._rng.uniform(0.6, 1.6, self.n)
-            self.v = self.v_star + self._rng.uniform(-2.0, 2.0, self.n)
+            self.v = self.v_star + self._rng.uniform(-0.5, 0.5, self.n)
         else:
             self.h = self.h_star + self._rng.uniform(-2.0, 2.0, self.n)
             self.v = np.full(self.n, self._leader_speed(0)) + self._rng.uniform(-1.0, 1.0, self.n)
@@ -130,12 +135,14 @@ class CACCEnv(ParallelEnv):
         self.v, self.u = v_new, u
         v_lead = self._leader_speed(self.t)
         cost = ((self.h - self.h_star) / 10.0) ** 2 + ((self.v - v_lead) / 5.0) ** 2 + 0.1 * (u / 2.5) ** 2
+        # A safety term below h_safe, as the paper's reward has: it warns before the crash does.
+        cost += (np.maximum(0.0, self.h_safe - self.h) / 4.0) ** 2
         rewards = -cost
         crashed = bool((self.h < self.h_min).any())
         if crashed:
-            # Everyone pays, and pays for the steps a crash cuts off: otherwise ending the episode
-            # early would look cheaper to the other vehicles than driving on with errors.
-            rewards = rewards - self.collision_penalty - (self.max_cycles - self.t)
+            # Everyone pays, and pays for the steps a crash cuts off at more than driving on with
+            # large errors would cost: otherwise crashing early is a shortcut a learner finds.
+            rewards = rewards - self.collision_penalty - CRASH_STEP_COST * (self.max_cycles - self.t)
         obs = self._observe()
         trunc = self.t >= self.max_cycles
         rew = {a: float(rewards[i]) for i, a in enumerate(self.agents)}
