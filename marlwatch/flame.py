@@ -367,18 +367,25 @@ class FlameController:
         if self._auto_metrics is not None and not self._auto_fired:
             self._auto_metrics.add(batch)
         kind = batch.column("kind")
-        spans = batch.filter(pc.equal(kind, SPAN))
-        if spans.num_rows:
-            pairs = pa.table({"proc": spans.column("proc"), "name": spans.column("name")}).group_by(
-                ["proc", "name"]).aggregate([])
-            for slot, name in zip(pairs.column("proc").to_pylist(), pairs.column("name").to_pylist(), strict=True):
-                if name is not None and slot is not None and slot not in self.phase_slots[name]:
-                    self.phase_slots[name].add(slot)
+        is_span = pc.equal(kind, SPAN).to_numpy(zero_copy_only=False)
+        if is_span.any():
+            # Which process runs which phase: distinct (proc, name) pairs with numpy, without
+            # copying the batch (this runs for every batch of a run, profiled or not).
+            enc = pc.dictionary_encode(batch.column("name"))
+            codes = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+            procs = batch.column("proc").fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+            pairs = np.unique((procs[is_span] << 32) | (codes[is_span] & 0xFFFFFFFF))
+            names = enc.dictionary.to_pylist()
+            for key in pairs.tolist():
+                slot, code = key >> 32, key & 0xFFFFFFFF
+                if slot >= 0 and code != 0xFFFFFFFF:
+                    self.phase_slots[names[code]].add(slot)
         cap = self.capture
         if cap is None:
             return
         slots = {s.slot for s in cap.sessions}
-        if spans.num_rows:
+        if is_span.any():
+            spans = batch.filter(pa.array(is_span))
             for slot, name, parent, t, dur, it in zip(
                     *(spans.column(c).to_pylist() for c in ("proc", "name", "parent", "t_ns", "dur_ns", "iter")),
                     strict=True):
