@@ -52,10 +52,14 @@ def flamed(tmp_path_factory) -> Path:
     rec = tmp_path_factory.mktemp("flame") / "flame.arrow"
     r = subprocess.run(
         [sys.executable, "-m", "marlwatch", "run", "--headless", "--algo", "maddpg", "--agents", "3", "--workers", "1",
-         "--iterations", "30", "--set", "warmup=512", "--set", "batch_size=256", "--flame", "update:3",
-         "--record", str(rec)], cwd=REPO, capture_output=True, text=True, timeout=170)
+         "--iterations", "40", "--set", "warmup=512", "--set", "batch_size=256", "--flame", "update:3",
+         "--flame", "sample:2", "--latency-bound", "1000", "--record", str(rec)],
+        cwd=REPO, capture_output=True, text=True, timeout=170)
     assert r.returncode == 0, r.stderr[-1500:]
+    # Two requests, one after the other, each on the processes that run the phase.
     assert "marlwatch: flame: profiling 'update' in learner for 3 s at 100 Hz" in r.stderr
+    assert "marlwatch: flame: profiling 'sample' in worker 1 for 2 s at 100 Hz" in r.stderr
+    assert "latency-bounded IPS" in r.stdout  # --latency-bound shown in the run's summary
     return rec
 
 
@@ -63,8 +67,9 @@ def test_flame_run_stores_samples_attributed_to_open_spans(flamed):
     table = open_recording(flamed).read_all()
     stacks = table.filter(pc.equal(table["kind"], "stack")).to_pylist()
     spans = table.filter(pc.equal(table["kind"], "span")).to_pylist()
-    assert sum(r["value"] for r in stacks) >= 100  # ~3 s at 100 Hz
-    assert {r["proc"] for r in stacks} == {0}  # only the learner runs `update`
+    learner = [r for r in stacks if r["proc"] == 0]
+    assert sum(r["value"] for r in learner) >= 100  # ~3 s at 100 Hz
+    assert {r["proc"] for r in stacks} == {0, 1}  # the learner for update, the worker for sample
     # Every stored sample lies inside a span of its phase, in its process, that was open then.
     by_key: dict[tuple[int, str], list[tuple[int, int]]] = {}
     for s in spans:
@@ -99,7 +104,8 @@ def test_flame_run_stores_samples_attributed_to_open_spans(flamed):
     assert checked[True] > checked[False], checked
     done = [json.loads(t) for n, t in zip(table["name"].to_pylist(), table["text"].to_pylist(), strict=True)
             if n == "flame_done"]
-    assert len(done) == 1 and done[0]["phase"] == "update" and done[0]["alignment"]["0"]["agreement"] > 0.8
+    assert [d["phase"] for d in done] == ["update", "sample"]
+    assert done[0]["alignment"]["0"]["agreement"] > 0.8 and done[1]["alignment"]["1"]["agreement"] > 0.8, done
 
 
 def test_flame_text_lists_update_code_not_rollout(flamed, capsys):
@@ -108,14 +114,18 @@ def test_flame_text_lists_update_code_not_rollout(flamed, capsys):
     assert out.startswith("phase update: ")
     assert "MADDPGLearner.update" in out
     assert "backward" in out or "_engine_run_backward" in out
-    for rollout in ("MADDPGRollout", "collect", "env_step", "ParallelEnvRunner"):
+    for rollout in ("MADDPGRollout", "collect", "env_step", "ParallelEnvRunner", "serve_rollout"):
         assert rollout not in out
+    # And the other way round: the workers' `sample` is rollout code, not the update.
+    assert main(["flame", str(flamed), "--phase", "sample", "--to", "text", "--top", "60"]) == 0
+    out = capsys.readouterr().out
+    assert "collect" in out and "MADDPGLearner" not in out and "backward" not in out
     # Metrics carries the same samples (live panel, replay at their time): top leaf functions.
     snap = summarize(open_recording(flamed))
     top = snap.top_functions("update", 50)
     assert top and sum(n for _, n in top) == sum(snap.stacks[p][f] for p in snap.stacks if p.startswith("update")
                                                  for f in snap.stacks[p])
-    assert not snap.top_functions("sample")
+    assert not snap.top_functions("sample/nothing")
 
 
 def test_flame_svg_and_speedscope(flamed, tmp_path, capsys):
@@ -137,7 +147,7 @@ def test_perfetto_export_carries_the_samples(flamed, tmp_path):
     assert main(["export", str(flamed), "--to", "perfetto", "-o", str(out)]) == 0
     events = json.loads(out.read_text())["traceEvents"]
     py = [e for e in events if e.get("cat") == "py-spy"]
-    assert py and all(e["ph"] == "X" and e["tid"] == 2 and e["args"]["phase"].startswith(("update", "sync"))
+    assert py and all(e["ph"] == "X" and e["tid"] == 2 and e["args"]["phase"].startswith(("update", "sync", "sample"))
                       for e in py)
     ts = [e["ts"] for e in py]
     assert ts == sorted(ts)
@@ -147,9 +157,9 @@ def test_flame_bad_input(flamed, tmp_path, capsys):
     assert main(["flame", str(SHIPPED), "--phase", "update"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds no py-spy samples" in err[0]
-    assert main(["flame", str(flamed), "--phase", "sample"]) == 2
+    assert main(["flame", str(flamed), "--phase", "sample/nothing"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no py-spy samples were taken while 'sample' ran" in err[0]
+    assert len(err) == 1 and "no py-spy samples were taken while 'sample/nothing' ran" in err[0]
     assert main(["flame", str(flamed), "--phase", "update", "-o", "/proc/nope/x.txt"]) == 2
     assert capsys.readouterr().err.startswith("marlwatch: cannot write /proc/nope/x.txt")
     assert main(["run", "--headless", "--flame", ":3"]) == 2
