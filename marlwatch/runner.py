@@ -140,6 +140,7 @@ class Run:
         self._next_sample = 0.0
         self.stop_reason: str | None = None
         self.failure: str | None = None  # why the run ended badly (worker crash, disk full)
+        self._failure_is_consequence = False
         self.started = False
         self.listeners: list[Callable[[pa.RecordBatch], None]] = []
         # Called with final=False at the end of every pump() and with final=True by finish()
@@ -279,7 +280,7 @@ class Run:
             elif name == "stopped":
                 st.state = "stopped"
                 if not self.failure and not self._stopping:
-                    self._fail(f"{st.role} stopped: {detail.get('reason')}")
+                    self._fail(f"{st.role} stopped: {detail.get('reason')}", consequence=True)
             self._emit(event_row(t, slot, name, **detail))
 
     def _child_exited(self, slot: int) -> None:
@@ -304,10 +305,15 @@ class Run:
         elif st.state == "crashed" and not self.cfg.keep_going:
             self.request_stop(f"{st.role} crashed")
 
-    def _fail(self, why: str) -> None:
-        if self.failure is None:
+    def _fail(self, why: str, *, consequence: bool = False) -> None:
+        # A worker's death reaches us twice, in either order: the learner's "stopped: worker N is
+        # gone" (a consequence) and the worker's own exit status (the cause, with how it died).
+        # The cause is what the user must read, whichever arrived first.
+        if self.failure is None or (self._failure_is_consequence and not consequence):
+            first = self.failure is None
             self.failure = why
-            if not self.cfg.keep_going or why.startswith("learner"):
+            self._failure_is_consequence = consequence
+            if first and (not self.cfg.keep_going or why.startswith("learner")):
                 self.request_stop(why)
 
     def _sample(self) -> None:

@@ -274,3 +274,15 @@ def test_ctrl_c_twice_forces_exit_and_leaves_no_process(tmp_path):
     s = subprocess.run([sys.executable, "-m", "marlwatch", "summary", str(path)], cwd=REPO, capture_output=True,
                        text=True, timeout=60)
     assert s.returncode == 0, s.stderr
+
+
+def test_the_cause_of_a_failure_wins_over_its_consequence(tmp_path):
+    """The learner's "worker 1 is gone" may reach the monitor before worker 1's exit status; the
+    failure shown must still say how the worker died."""
+    run = Run(RunConfig(workers=2, record=str(tmp_path / "x.arrow")))
+    run._control(0, {"type": "event", "name": "stopped", "reason": "worker 1 is gone (pipe closed)", "t_ns": 0})
+    assert run.failure == "learner stopped: worker 1 is gone (pipe closed)"
+    run._fail("worker 1 (pid 42) was killed by SIGKILL")
+    assert run.failure == "worker 1 (pid 42) was killed by SIGKILL"
+    run._fail("worker 2 (pid 43) was killed by SIGKILL")  # a later, unrelated failure does not replace it
+    assert run.failure == "worker 1 (pid 42) was killed by SIGKILL"
