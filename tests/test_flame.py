@@ -244,3 +244,17 @@ def test_chrometrace_rebuild_counts_samples():
     s = samples_from_chrometrace(ev, 100, origin_ns=1_000_000_000)
     assert Counter(s.stacks) == {"a (x.py:1);b (x.py:2)": 3, "a (x.py:1);c (x.py:3)": 2}
     assert s.t_ns.tolist() == [1_000_000_000 + k * 10_000_000 for k in range(5)]
+
+
+def test_replay_shows_the_samples_from_their_time_on(flamed):
+    from marlwatch.playback import Playback
+
+    table = open_recording(flamed).read_all()
+    first = min(t for t, k in zip(table["t_ns"].to_pylist(), table["kind"].to_pylist(), strict=True) if k == "stack")
+    pb = Playback.from_recording(open_recording(flamed))
+    pb.seek_ns(first - 1)
+    assert pb.snapshot().stacks == {}  # before py-spy ran: nothing to show
+    pb.seek_ns(first + 3_000_000_000)
+    assert pb.snapshot().top_functions("update")
+    pb.to_end()
+    assert pb.snapshot().top_functions("sample")
