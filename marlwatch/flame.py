@@ -350,7 +350,10 @@ class FlameController:
 
     # -- requests ----------------------------------------------------------------------------
     def request(self, phase: str, seconds: float = DEFAULT_SECONDS, reason: str = "requested") -> None:
-        """Profile `phase` for `seconds` once a process is seen running it (queued while busy)."""
+        """Profile `phase` for `seconds` once a process is seen running it (queued while busy).
+
+        May be called from any thread (the live app's UI thread): it only appends to a list that
+        the run's thread takes from in `poll()`."""
         self.pending.append(FlameRequest(phase, seconds, reason))
 
     @property
