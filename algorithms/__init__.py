@@ -73,4 +73,7 @@ def make_config(name: str | AlgorithmSpec, *, env: str = "", agents: int = 3, wo
 
     if cfg.env not in ENVS:
         raise KeyError(f"unknown env {cfg.env!r} (known: {', '.join(sorted(ENVS))})")
+    validate = getattr(cfg, "validate", None)  # an algorithm may refuse settings it cannot run
+    if validate is not None:
+        validate()  # raises ValueError with a one-line message
     return cfg

@@ -91,6 +91,11 @@ class ToM2CConfig(BaseConfig):
     prop_steps: int = 2
     """Propagation steps of the graph network."""
 
+    def validate(self) -> None:
+        if self.env != "simple_spread":  # the encoder and ToM read simple_spread's observation layout
+            raise ValueError(f"tom2c runs on simple_spread only, not {self.env} "
+                             "(its encoder and ToM network read that observation layout)")
+
 
 # --- Observation layout of simple_spread ------------------------------------------------
 # [vel(2), pos(2), landmarks rel. to me (2N), other agents rel. to me (2(N-1)), comm (2(N-1))]

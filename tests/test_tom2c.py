@@ -140,3 +140,14 @@ def test_real_run_has_comm_phases(tmp_path, agents: int, no_leftovers) -> None:
             "update/comm/tom_train", "update/backward"} <= names
     assert snap.comm_share > 0 and snap.comm_share_update > 0
     assert len(snap.returns) == 3  # one 10-step episode per iteration
+
+
+@pytest.mark.timeout(60)
+def test_another_env_is_refused_as_bad_input(tmp_path) -> None:
+    proc = marlwatch("run", "--headless", "--algo", "tom2c", "--env", "cacc", "--iterations", "1",
+                     "--record", str(tmp_path / "x.arrow"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "marlwatch: tom2c runs on simple_spread only, not cacc (its encoder and ToM network read that observation layout)"
+    ]
+    assert not (tmp_path / "x.arrow").exists()
