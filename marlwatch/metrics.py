@@ -421,6 +421,8 @@ class Metrics:
             elif name == "exited" and p.state not in ("finished", "crashed", "stopped"):
                 state = detail.get("state", "exited")
                 p.state = state if isinstance(state, str) else "exited"
+                if p.state == "crashed" and detail.get("error"):
+                    p.error = str(detail["error"])  # killed from outside: the monitor's reason
 
     def _proc(self, slot: int | None) -> _Proc:
         slot = int(slot or 0)

@@ -299,7 +299,7 @@ class Run:
                 st.state = "crashed"
                 st.error = _exit_reason(p.exitcode)
                 self._fail(f"{st.role} (pid {st.pid}) {st.error}")
-        self._emit(event_row(self.now_ns(), slot, "exited", exitcode=p.exitcode, state=st.state))
+        self._emit(event_row(self.now_ns(), slot, "exited", exitcode=p.exitcode, state=st.state, error=st.error))
         if slot == 0:
             self.request_stop("learner ended")  # workers have nothing to do without it
         elif st.state == "crashed" and not self.cfg.keep_going:
