@@ -46,6 +46,13 @@ def steady_ips(path: Path) -> tuple[float, int]:
     return (len(ticks) - 1 - skip) / ((ticks[-1] - ticks[skip]) / 1e9), len(ticks)
 
 
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
 def one_run(app: bool, iterations: int, record: Path, window_s: float, session: str) -> dict:
     """Start a run in a fresh tmux pane; measure the monitor's CPU over a mid-run window."""
     cmd = [MARLWATCH, "run", "--workers", "2", "--iterations", str(iterations), "--record", str(record), *SETTINGS]
@@ -66,21 +73,19 @@ def one_run(app: bool, iterations: int, record: Path, window_s: float, session: 
         c1, t1 = proc.cpu_times(), time.monotonic()
         rss = proc.memory_info().rss
         cpu = 100 * ((c1.user + c1.system) - (c0.user + c0.system)) / (t1 - t0)
-        # Wait for the end; the app stays on screen after a finished run until q.
-        from marlwatch.recording import open_recording
-
+        # Wait for the end. The app stays on screen after a finished run until q: send it once
+        # the run's processes are gone (watching them costs the monitor nothing).
+        children = proc.children(recursive=True)
         while proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-            if app and record.stat().st_size > 0:
-                rec = open_recording(record)
-                for _ in rec.batches():
-                    pass
-                if rec.complete:
-                    _tmux("send-keys", "-t", session, "q")
-                    proc.wait(60)
-                    break
+            if app and not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children
+                               if "resource_tracker" not in " ".join(_cmdline(c))):
+                time.sleep(1.0)  # let the app close the recording
+                _tmux("send-keys", "-t", session, "q")
+                proc.wait(60)
+                break
             if time.monotonic() > deadline + 600:
                 raise RuntimeError("the run did not finish")
-            time.sleep(1.0)
+            time.sleep(0.5)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
     ips, n = steady_ips(record)
@@ -92,7 +97,7 @@ def one_run(app: bool, iterations: int, record: Path, window_s: float, session: 
 def measure(quick: bool = False) -> dict:
     if shutil.which("tmux") is None:
         raise SystemExit("bench_app needs tmux (a real terminal for the app)")
-    pairs, iterations, window = (2, 120, 6.0) if quick else (3, 200, 10.0)
+    pairs, iterations, window = (2, 120, 6.0) if quick else (4, 150, 8.0)
     runs: dict[str, list[dict]] = {"app": [], "headless": []}
     order = []
     for i in range(pairs):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -107,6 +110,65 @@ def test_live_run_that_finishes_stays_on_screen(tmp_path):
     rec = open_recording(run.record_path)
     assert rec.read_all().num_rows > 0 and rec.complete
     assert run_children() == []
+
+
+@pytest.mark.timeout(150)
+def test_killed_worker_shows_crash_and_exits_1(tmp_path):
+    run = start(tmp_path, "--workers", "1")
+    app = LiveApp(run)
+
+    async def scenario() -> None:
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: app.snapshot is not None and app.snapshot.iterations >= 2, 100,
+                           "iterations")
+            os.kill(run.procs[1].pid, signal.SIGKILL)
+            await wait_for(pilot, lambda: app.ended is not None, 30, "the run to stop")
+            await pilot.pause(0.3)
+            assert "FAILED" in app.query_one(RunHeader).render().plain
+            crashed = app.query_one("#proc-1", WorkerRow)
+            assert crashed.has_class("-crashed") and "SIGKILL" in (crashed.row.error or "")
+            await pilot.press("q")
+        assert app.return_value == 1
+
+    asyncio.run(scenario())
+    assert run.failure and "SIGKILL" in run.failure
+    assert open_recording(run.record_path).read_all().num_rows > 0
+    assert run_children() == []
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux for a real terminal")
+def test_real_terminal_q_exits_cleanly(tmp_path):
+    """`marlwatch run` in a tmux pane, as a user runs it: every panel drawn, q ends it, exit 0."""
+    record, status = tmp_path / "tty.arrow", tmp_path / "status"
+    session = f"mwtest{os.getpid()}"
+    cmd = (f"{Path(sys.executable).with_name('marlwatch')} run --workers 1 --record {record} {' '.join(QUICK)}; "
+           f"echo $? > {status}")
+    pane = int(subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "100", "-y", "30", "-P", "-F",
+                               "#{pane_pid}", cmd], capture_output=True, text=True, check=True).stdout)
+    try:
+        deadline = time.monotonic() + 100
+        screen = ""
+        while "sample" not in screen or " it 0 " in screen:
+            assert time.monotonic() < deadline, f"the app did not show iterations:\n{screen}"
+            time.sleep(1.0)
+            screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True,
+                                    text=True).stdout
+        for title in ("LIVE", "Throughput", "Where the time goes", "Phases", "Cores", "Workers", "q quit"):
+            assert title in screen
+        children = psutil.Process(pane).children(recursive=True)
+        assert len(children) >= 2  # the monitor and its run
+        subprocess.run(["tmux", "send-keys", "-t", session, "q"], check=True)
+        while not status.exists() or not status.read_text().strip():
+            assert time.monotonic() < deadline + 30, "q did not end the app"
+            time.sleep(0.5)
+        assert status.read_text().strip() == "0"
+        rec = open_recording(record)
+        assert rec.read_all().num_rows > 0 and rec.complete
+        assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE
+                    and "resource_tracker" not in " ".join(c.cmdline())]
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from marlwatch.app.base import REFRESH_HZ, WatchApp
 from marlwatch.app.messages import RunEnded, SnapshotUpdate
 from marlwatch.app.widgets import Status, clock
 from marlwatch.metrics import Metrics, Snapshot
+from marlwatch.runner import STOP_GRACE_S
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -38,6 +39,8 @@ class LiveApp(WatchApp):
         self.metrics = Metrics(run.info)
         run.listeners.append(self.metrics.add)
         self.stop_requested = threading.Event()
+        self.run_done = threading.Event()  # set once run.finish() returned
+        self.pumping = False  # the run's thread was started
         self.quitting = False
         self.interrupted = False
         self.ended: RunEnded | None = None
@@ -47,6 +50,7 @@ class LiveApp(WatchApp):
     def on_mount(self) -> None:
         self.title = f"marlwatch: {self.run_.cfg.algo}"
         self.show(self.metrics.snapshot(), self._status(0))
+        self.pumping = True
         self.pump_run()
 
     # -- the run's thread ---------------------------------------------------------------------
@@ -55,12 +59,17 @@ class LiveApp(WatchApp):
         run, period = self.run_, 1.0 / self.refresh_hz
         worker = get_current_worker()
         next_post = time.monotonic()
-        while run.alive and not self.stop_requested.is_set() and not worker.is_cancelled:
-            run.pump(min(0.1, period))
-            if time.monotonic() >= next_post:
-                next_post = time.monotonic() + period
-                self.post_message(SnapshotUpdate(self.metrics.snapshot(), run.recording_bytes))
-        run.finish()
+        try:
+            while run.alive and not self.stop_requested.is_set() and not worker.is_cancelled:
+                run.pump(min(0.1, period))
+                if time.monotonic() >= next_post:
+                    next_post = time.monotonic() + period
+                    self.post_message(SnapshotUpdate(self.metrics.snapshot(), run.recording_bytes))
+        finally:
+            try:
+                run.finish()
+            finally:
+                self.run_done.set()
         self.post_message(RunEnded(self.metrics.snapshot(), run.recording_bytes, run.failure, run.stop_reason))
 
     # -- the UI thread ------------------------------------------------------------------------
@@ -141,12 +150,19 @@ def run_live(args: argparse.Namespace) -> int:
         app.interrupted = True
         app.stop()
 
+    # Ctrl-C reaches the app as a key (the terminal is in raw mode); these are for `kill`.
     old_term = signal.signal(signal.SIGTERM, on_term)
+    old_int = signal.signal(signal.SIGINT, on_term)
     try:
         code = app.run()
     finally:
         signal.signal(signal.SIGTERM, old_term)
-        # Whatever happened to the app, no child may outlive it and the recording gets its end.
+        signal.signal(signal.SIGINT, old_int)
+        # Whatever ended the app, the run's thread finishes the run (never two threads on it),
+        # then no child may outlive us and the recording gets its end marker.
+        app.stop()
+        if app.pumping:
+            app.run_done.wait(STOP_GRACE_S + 10)
         if run.started:
             run.kill_children()
             if run.writer is not None and not run.writer.closed:
@@ -159,6 +175,6 @@ def run_live(args: argparse.Namespace) -> int:
     if run.failure:
         print(f"marlwatch: run failed: {run.failure}", file=sys.stderr)
         return EXIT_FAILED
-    if code is None:
-        return EXIT_OK
-    return code
+    if app.return_code:  # the app itself failed (Textual printed why)
+        return app.return_code if code is None else code
+    return EXIT_OK if code is None else code
