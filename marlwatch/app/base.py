@@ -9,6 +9,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Static
 
+from marlwatch.app.flame_panel import TopFunctionsPanel
 from marlwatch.app.widgets import (
     CoresPanel,
     PhaseTable,
@@ -33,6 +34,8 @@ HELP = """\
   [b]comm / model update[/b]: communication inside update over update time.
 [b]Phases[/b]: every span path; ✉ marks communication; the hottest leaf is red.
 [b]Cores[/b]: utilisation now, the processes pinned there, CPU and memory.
+[b]py-spy[/b]: ↑/↓ select a phase; the panel under the table lists the functions py-spy
+  found running while it ran (live: f profiles it; see docs/flame.md).
 
 {keys}
 
@@ -70,6 +73,8 @@ class WatchApp(App[int]):
         Binding("p", "pause", "pause"),
         Binding("s", "sort", "sort"),
         Binding("question_mark", "help", "help", key_display="?"),
+        Binding("up", "select(-1)", "select phase", show=False, priority=True),
+        Binding("down", "select(1)", "select phase", show=False, priority=True),
     ]
     KEYS_HELP = ""
 
@@ -83,6 +88,7 @@ class WatchApp(App[int]):
             yield ThroughputPanel(id="throughput")
             yield TimePanel(id="time")
         yield PhaseTable(id="phases")
+        yield TopFunctionsPanel(id="flame")  # hidden until py-spy samples exist (docs/flame.md)
         with Horizontal(id="bottom"):
             yield CoresPanel(id="cores")
             yield WorkersPanel(id="workers")
@@ -98,6 +104,15 @@ class WatchApp(App[int]):
         self.query_one(RunHeader).status = status
         for panel in (ThroughputPanel, TimePanel, PhaseTable, CoresPanel, WorkersPanel):
             self.query_one(panel).snapshot = snapshot
+        flame = self.query_one(TopFunctionsPanel)
+        flame.phase = self.query_one(PhaseTable).selected_phase
+        flame.snapshot = snapshot
+
+    def action_select(self, delta: int) -> None:
+        """↑/↓: move the phase selection (the phase `f` profiles and the top-functions panel shows)."""
+        table = self.query_one(PhaseTable)
+        table.move_selection(delta)
+        self.query_one(TopFunctionsPanel).phase = table.selected_phase
 
     def action_sort(self) -> None:
         self.query_one(PhaseTable).cycle_sort()

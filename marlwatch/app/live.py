@@ -15,6 +15,7 @@ import threading
 import time
 
 from textual import work
+from textual.binding import Binding
 from textual.worker import get_current_worker
 
 from marlwatch.app.base import REFRESH_HZ, WatchApp
@@ -30,11 +31,21 @@ class LiveApp(WatchApp):
     """Watch a started `Run`; `q` stops it and closes its recording."""
 
     KEYS_HELP = ("[b]Keys[/b]: q quit (stops the run, finishes the recording)   p pause/resume the view\n"
-                 "      s sort the phase table   ? this help   Ctrl-C same as q")
+                 "      s sort the phase table   ↑/↓ select a phase   f py-spy on it for 5 s\n"
+                 "      ? this help   Ctrl-C same as q")
+
+    BINDINGS = [Binding("f", "flame", "py-spy")]
+    FLAME_SECONDS = 5.0
 
     def __init__(self, run, refresh_hz: float = REFRESH_HZ) -> None:
         super().__init__()
         self.run_ = run
+        if run.flame is None:
+            # Before the run's thread starts: the `f` key needs a controller (marlwatch.flame).
+            from marlwatch.flame import FlameController
+
+            run.flame = FlameController(run)
+        run.flame.on_message = lambda text: self.notify(text, timeout=8)  # notify is thread-safe
         self.refresh_hz = refresh_hz
         self.metrics = Metrics(run.info)
         run.listeners.append(self.metrics.add)
@@ -126,6 +137,17 @@ class LiveApp(WatchApp):
     def action_interrupt(self) -> None:
         self.interrupted = True
         self.action_quit()
+
+    def action_flame(self) -> None:
+        """f: py-spy on the processes running the selected phase (handled by the run's thread)."""
+        from marlwatch.app.widgets import PhaseTable
+
+        phase = self.query_one(PhaseTable).selected_phase
+        if phase is None or self.ended is not None or self.stop_requested.is_set():
+            self.notify("no running phase to profile", severity="warning")
+            return
+        self.run_.flame.request(phase, self.FLAME_SECONDS, reason="f key")
+        self.notify(f"py-spy: profiling {phase} for {self.FLAME_SECONDS:g} s…", timeout=4)
 
     def action_pause(self) -> None:
         self.paused = not self.paused

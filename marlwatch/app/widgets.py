@@ -10,9 +10,9 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.reactive import reactive
-from textual.widgets import Sparkline, Static
+from textual.widgets import Static
 
-from marlwatch.app.charts import fit_history, hbar, stacked_bar
+from marlwatch.app.charts import column_plot, hbar, stacked_bar
 from marlwatch.metrics import PhaseRow, ProcRow, Snapshot
 from marlwatch.report import human_bytes, ms
 
@@ -80,33 +80,31 @@ class RunHeader(Static):
         return Text("\n", no_wrap=True).join([text, Text(" ") + rec])
 
 
-class HistorySparkline(Sparkline):
-    """The newest points of a history, one per cell, refit when the widget is resized."""
+class HistoryPlot(Static):
+    """IPS per second, newest at the right, one column per second, scaled to the window's max.
 
-    def __init__(self, **kwargs) -> None:
-        super().__init__([], **kwargs)
-        self.history: list[float] = []
+    One plain string per row: a Sparkline draws a styled segment per cell, several times the
+    cost for the same picture at a few redraws a second.
+    """
 
-    def set_history(self, values: list[float]) -> None:
-        self.history = values
-        self.data = fit_history(values, self.size.width) if self.size.width else values
+    history: reactive[list[float]] = reactive(list, always_update=True)
 
-    def on_resize(self) -> None:
-        self.set_history(self.history)
+    def render(self) -> Text:
+        width, height = self.content_size.width, self.content_size.height
+        rows = column_plot(self.history, width, height)
+        return Text("\n".join(rows), style="green", no_wrap=True, overflow="crop")
 
 
 class ThroughputPanel(Vertical):
     DEFAULT_CSS = """
     ThroughputPanel > #ips { height: 2; }
-    ThroughputPanel > HistorySparkline { height: 1fr; min-height: 1; }
-    ThroughputPanel > HistorySparkline > .sparkline--max-color { color: $success; }
-    ThroughputPanel > HistorySparkline > .sparkline--min-color { color: $success 30%; }
+    ThroughputPanel > HistoryPlot { height: 1fr; min-height: 1; }
     """
     snapshot: reactive[Snapshot | None] = reactive(None, always_update=True)
 
     def compose(self) -> ComposeResult:
         yield Static(id="ips")
-        yield HistorySparkline(id="ips-history")
+        yield HistoryPlot(id="ips-history")
 
     def on_mount(self) -> None:
         self.border_title = "Throughput"
@@ -123,8 +121,14 @@ class ThroughputPanel(Vertical):
         line2.append(f"it {s.iterations}" + (f"/{total}" if total else ""), style="bold")
         if not math.isnan(s.iteration_ms["p50"]):
             line2.append(f"  latency p50 {ms(s.iteration_ms['p50'])} p99 {ms(s.iteration_ms['p99'])} ms")
+        if s.latency_bound_ms is not None and s.bounded_ips is not None:
+            # Latency-bounded throughput (--latency-bound): only iterations within the bound count.
+            met = "" if s.bound_met is None or math.isnan(s.bound_met) else f", {pct(s.bound_met)} of it"
+            line1.append(f"  ≤{s.latency_bound_ms:g} ms: ")
+            line1.append(f"{s.bounded_ips:.2f}", style="bold")
+            line1.append(f" IPS{met}")
         self.query_one("#ips", Static).update(Group(line1, line2))
-        self.query_one(HistorySparkline).set_history(s.ips_history)
+        self.query_one(HistoryPlot).history = s.ips_history
         self.border_subtitle = f"{len(s.ips_history)} s history"
 
 
@@ -200,6 +204,7 @@ class PhaseTable(Vertical):
     WIDTHS = (0, 9, 7, 8, 8, 8, 8)  # the phase column takes what is left
     snapshot: reactive[Snapshot | None] = reactive(None, always_update=True)
     sort_key: reactive[str] = reactive("tree")
+    selected: reactive[str | None] = reactive(None)  # the phase `f` profiles (↑/↓); None: the hottest
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -226,6 +231,26 @@ class PhaseTable(Vertical):
     def watch_snapshot(self) -> None:
         self._fill()
 
+    def watch_selected(self) -> None:
+        self._fill()
+
+    @property
+    def selected_phase(self) -> str | None:
+        names = [p.name for p in self.displayed()]
+        if self.selected in names:
+            return self.selected
+        hottest = self.snapshot.hottest if self.snapshot else None
+        return hottest.name if hottest else (names[0] if names else None)
+
+    def move_selection(self, delta: int) -> None:
+        names = [p.name for p in self.displayed()]
+        if not names:
+            return
+        current = self.selected_phase
+        i = names.index(current) if current in names else 0
+        self.selected = names[(i + delta) % len(names)]
+        self.query_one(VerticalScroll).scroll_to(y=max(0, names.index(self.selected) - 2), animate=False)
+
     def on_resize(self) -> None:
         self._fill()
 
@@ -249,6 +274,8 @@ class PhaseTable(Vertical):
             return
         hottest = s.hottest
         names = {p.name for p in s.phases}
+        # Highlighted once the user picks one (↑/↓); until then `f` takes the hottest (in red).
+        chosen = self.selected_phase if self.selected is not None else None
         self.cells = []
         for p in self.displayed():
             label = phase_label(p, names, self.sort_key == "tree") + (" ✉" if p.comm else "")
@@ -262,7 +289,8 @@ class PhaseTable(Vertical):
             if i:
                 body.append("\n")
             hot = hottest is not None and p.name == hottest.name
-            body.append(self._line(cells, name_w), style="bold red" if hot else ("magenta" if p.comm else ""))
+            style = "bold red" if hot else ("magenta" if p.comm else "")
+            body.append(self._line(cells, name_w), style=f"{style} reverse" if p.name == chosen else style)
         self.query_one("#phase-body", Static).update(body)
         if hottest is not None:
             self.border_subtitle = f"hottest: {hottest.name} {pct(hottest.share)}"

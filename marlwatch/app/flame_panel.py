@@ -1,0 +1,64 @@
+"""The "top functions" panel: what py-spy found running while the selected phase ran.
+
+It only displays `Snapshot.top_functions()` (Metrics counts the recording's `stack` rows), so
+the live view shows samples as soon as a capture is stored and replay shows them from their
+point in time on. Hidden until the snapshot holds samples. See docs/flame.md.
+"""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.reactive import reactive
+from textual.widgets import Static
+
+from marlwatch.metrics import Snapshot
+
+ROWS = 6
+
+
+class TopFunctionsPanel(Static):
+    DEFAULT_CSS = """
+    TopFunctionsPanel { height: auto; max-height: 9; border: round $primary; padding: 0 1; display: none;
+                        border-title-color: $text; border-title-style: bold;
+                        text-wrap: nowrap; text-overflow: ellipsis; }
+    TopFunctionsPanel.-has-samples { display: block; }
+    """
+    snapshot: reactive[Snapshot | None] = reactive(None, always_update=True)
+    phase: reactive[str | None] = reactive(None)
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.lines: list[tuple[str, int]] = []  # what is shown, for tests
+
+    def watch_snapshot(self) -> None:
+        self._update()
+
+    def watch_phase(self) -> None:
+        self._update()
+
+    def _update(self) -> None:
+        s = self.snapshot
+        self.set_class(bool(s and s.stacks), "-has-samples")
+        if not s or not s.stacks:
+            self.lines = []
+            return
+        phase = self.phase or ""
+        self.lines = s.top_functions(phase, ROWS) if phase else []
+        total = sum(sum(f.values()) for name, f in s.stacks.items()
+                    if phase and (name == phase or name.startswith(phase + "/")))
+        self.border_title = f"py-spy: top functions in {phase or '-'}"
+        self.border_subtitle = f"{total} samples"
+        text = Text(no_wrap=True, overflow="ellipsis")
+        if not self.lines:
+            text.append(f"no py-spy samples taken while {phase or 'this phase'} ran; press f to profile it",
+                        style="dim")
+        for i, (func, n) in enumerate(self.lines):
+            if i:
+                text.append("\n")
+            text.append(f"{100 * n / total:5.1f}% ", style="bold")
+            text.append(f"{n:6d}  ")
+            name, _, where = func.partition(" (")
+            text.append(name, style="bold magenta" if i == 0 else "")
+            if where:
+                text.append(" (" + where, style="dim")
+        self.update(text)

@@ -1,0 +1,76 @@
+"""py-spy in the app: `--auto-flame` and the `f` key on a selected phase, driven with Pilot on a
+real run; the top-functions panel; the latency bound in the throughput panel."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from marlwatch.app.flame_panel import TopFunctionsPanel
+from marlwatch.app.live import LiveApp
+from marlwatch.app.widgets import PhaseTable, ThroughputPanel
+from marlwatch.cli import build_parser, make_run, start_run
+from marlwatch.recording import open_recording
+
+
+async def wait_for(pilot, predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.2)
+
+
+@pytest.mark.timeout(170)
+def test_auto_flame_then_f_on_the_selected_phase(tmp_path: Path, no_leftovers):
+    # Updates start after a long warm-up: the p95 of `update` jumps and --auto-flame profiles it.
+    args = build_parser().parse_args(
+        ["run", "--workers", "1", "--agents", "3", "--record", str(tmp_path / "live.arrow"), "--auto-flame",
+         "--latency-bound", "500", "--set", "warmup=2000", "--set", "batch_size=256"])
+    run = make_run(args, default_iterations=None)
+    start_run(run)
+    app = LiveApp(run)
+    app.FLAME_SECONDS = 2
+
+    async def scenario() -> None:
+        async with app.run_test(size=(120, 44)) as pilot:
+            panel = app.query_one(TopFunctionsPanel)
+            await wait_for(pilot, lambda: app.snapshot is not None and len(app.snapshot.phases) >= 5, 90,
+                           "phases")
+            assert not panel.has_class("-has-samples")  # nothing sampled yet: no panel
+            # The throughput panel shows the latency-bounded IPS (bound from --latency-bound).
+            ips = app.query_one(ThroughputPanel).query_one("#ips").content
+            ips_text = " ".join(t.plain for t in ips.renderables)
+            assert "≤500 ms" in ips_text, ips_text
+            await wait_for(pilot, lambda: bool(run.flame.done), 120, "auto-flame to profile a phase")
+            auto = [m for m in run.flame.messages if m.startswith("flame: auto: ")]
+            assert len(auto) == 1, run.flame.messages
+            await wait_for(pilot, lambda: panel.has_class("-has-samples"), 10, "the top-functions panel")
+
+            # Select `sample` with the arrow keys and press f: py-spy on the worker.
+            table = app.query_one(PhaseTable)
+            names = [p.name for p in table.displayed()]
+            for _ in range(len(names)):
+                if table.selected_phase == "sample":
+                    break
+                await pilot.press("down")
+            assert table.selected_phase == "sample"
+            await pilot.press("f")
+            await wait_for(pilot, lambda: len(run.flame.done) >= 2, 60, "the f capture")
+            assert run.flame.done[1]["phase"] == "sample" and run.flame.done[1]["slots"] == [1]
+            await wait_for(pilot, lambda: bool(panel.lines), 10, "top functions of sample")
+            assert "sample" in str(panel.border_title)
+            assert sum(n for _, n in panel.lines) > 0
+            assert not any("MADDPGLearner" in f for f, _ in panel.lines)  # rollout code only
+            await pilot.press("q")
+            await wait_for(pilot, lambda: app.ended is not None, 30, "the run to stop")
+
+    asyncio.run(scenario())
+    table = open_recording(run.record_path).read_all()
+    kinds = table.column("kind").to_pylist()
+    assert "stack" in kinds
+    names = [n for n, k in zip(table.column("name").to_pylist(), kinds, strict=True) if k == "event"]
+    assert names.count("flame_done") == 2
