@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from marlwatch.app.charts import fit_history, hbar, stacked_widths
 from marlwatch.metrics import Metrics, summarize
 from marlwatch.playback import MAX_SPEED_ROWS, SPEEDS, Playback, speed_label
 from marlwatch.recording import open_recording
@@ -120,19 +119,3 @@ def test_truncated_recording_replays_to_its_last_batch(tmp_path, batches):
     s = pb.snapshot()
     assert not s.complete and 0 < s.iterations < 150
     assert s.to_json() == Metrics(rec.info).add_all(open_recording(cut).batches()).snapshot().to_json()
-
-
-def test_stacked_widths_sum_and_order():
-    assert stacked_widths([0.259, 0.124, 0.617, 0.0], 36) == [9, 5, 22, 0]
-    for width in range(1, 120, 7):
-        assert sum(stacked_widths([0.3333, 0.3333, 0.3334], width)) == width
-    assert stacked_widths([0.5, 0.0], 10) == [5, 0]  # shares summing under 1 leave room
-    assert stacked_widths([0, 0], 10) == [0, 0]
-
-
-def test_hbar_and_history():
-    assert hbar(1.0, 8, "red").plain == "█" * 8
-    assert hbar(0.0, 4, "red").plain == "····"
-    assert len(hbar(0.37, 10, "red").plain) == 10
-    assert fit_history([1.0, 2.0, 3.0], 2) == [2.0, 3.0]
-    assert fit_history([1.0], 0) == []

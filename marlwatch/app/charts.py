@@ -54,8 +54,22 @@ def hbar(fraction: float, width: int, style: str) -> Text:
     return text
 
 
-def fit_history(values: Sequence[float], width: int) -> list[float]:
-    """The newest `width` points of a history, so the plot scrolls rather than squeezes."""
-    if width <= 0:
+VBLOCKS = " ▁▂▃▄▅▆▇█"
+
+
+def column_plot(values: Sequence[float], width: int, height: int) -> list[str]:
+    """Rows (top first) of a bar-per-column plot of the newest `width` values, scaled to the max.
+
+    Newest at the right; columns without data stay blank. Eighth-cell vertical resolution.
+    """
+    if width <= 0 or height <= 0:
         return []
-    return list(values[-width:])
+    vals = list(values[-width:])
+    top = max(vals, default=0.0)
+    eighths = [round(v / top * height * 8) if top > 0 else 0 for v in vals]
+    pad = " " * (width - len(vals))
+    rows = []
+    for r in range(height):
+        floor = (height - 1 - r) * 8
+        rows.append(pad + "".join(VBLOCKS[min(8, max(0, e - floor))] for e in eighths))
+    return rows
