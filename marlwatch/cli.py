@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="settings", type=_setting, action="append", default=[],
                      metavar="KEY=VALUE", help="algorithm setting, e.g. --set batch_size=512")
     run.add_argument("--json", action="store_true", help="headless: print the final summary as JSON")
+    run.add_argument("--refresh", type=float, default=4.0, metavar="HZ",
+                     help="live view: redraws per second (default 4; lower costs the run less CPU)")
     run.add_argument("--latency-bound", type=_latency_bound, default=None, metavar="MS",
                      help="also show latency-bounded IPS: only iterations that took at most MS ms count")
     run.add_argument("--flame", type=_flame, action="append", default=[], metavar="PHASE[:SECONDS]",

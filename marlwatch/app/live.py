@@ -161,12 +161,15 @@ class LiveApp(WatchApp):
 
 def run_live(args: argparse.Namespace) -> int:
     """`marlwatch run` with the app. Bad input fails before the terminal is taken over."""
-    from marlwatch.cli import make_run, start_run
+    from marlwatch.cli import UsageError, make_run, start_run
     from marlwatch.report import human_bytes, summary_text
 
+    refresh = getattr(args, "refresh", REFRESH_HZ)
+    if not 0.1 <= refresh <= 30:
+        raise UsageError(f"--refresh must be between 0.1 and 30 redraws per second, got {refresh}")
     run = make_run(args, default_iterations=None)
     start_run(run)
-    app = LiveApp(run)
+    app = LiveApp(run, refresh_hz=refresh)
 
     def on_term(signum: int, frame: object) -> None:
         app.interrupted = True
