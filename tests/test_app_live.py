@@ -178,6 +178,7 @@ def test_real_terminal_q_exits_cleanly(tmp_path):
         (["--algo", "nope"], "nope"),
         (["--set", "batch_size"], "--set takes KEY=VALUE"),
         (["--record", "/etc/passwd/x.arrow"], "cannot write recording"),
+        (["--refresh", "0"], "--refresh must be between"),
     ],
 )
 def test_bad_input_fails_before_the_app(argv, message):

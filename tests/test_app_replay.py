@@ -116,6 +116,25 @@ def test_phase_table_matches_summary_json():
     asyncio.run(scenario())
 
 
+@pytest.mark.timeout(60)
+def test_truncated_recording_replays_to_its_last_batch(tmp_path):
+    cut = tmp_path / "cut.arrow"
+    data = SHIPPED.read_bytes()
+    cut.write_bytes(data[: int(len(data) * 0.7)])
+    playback, status, size = load(str(cut))
+    assert status == "truncated mid-batch"
+
+    async def scenario() -> None:
+        app = ReplayApp(playback, str(cut), size, status, play=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("end")
+            assert "truncated" in header_text(app)
+            assert 0 < app.snapshot.iterations < 150 and not app.snapshot.complete
+            await pilot.press("q")
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
