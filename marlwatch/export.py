@@ -59,6 +59,7 @@ class PerfettoWriter:
         self.named: set[int] = set()
         self.pending: dict[int, list[tuple[int, int, str]]] = {}
         self.span_heads: dict[str | None, str] = {}
+        self.last_stack: dict[int, dict[str, Any]] = {}
         self.metrics = Metrics(rec.info)
         self.last_ips_t: int | None = None
         self.events = 0
@@ -154,15 +155,25 @@ class PerfettoWriter:
             self._emit(ev)
 
     def _stacks(self, b: pa.RecordBatch) -> None:
+        # Each row becomes a slice on the process's "py-spy samples" track. A row's duration is
+        # its sample count / rate, which can reach past the next row's start: slices of one
+        # track may not overlap, so each is held until the next one is known and cut there.
         for slot, phase, t, dur, stack, count in _cols(b, "proc", "name", "t_ns", "dur_ns", "text", "value"):
+            pid = self._pid(slot)
+            prev = self.last_stack.get(pid)
+            if prev is not None:
+                prev["dur"] = max(0.0, min(prev["dur"], _us(t) - prev["ts"]))
+                self._emit(prev)
             leaf = (stack or "?").rsplit(";", 1)[-1]
-            self._emit({"ph": "X", "name": leaf, "cat": "py-spy", "pid": self._pid(slot), "tid": STACK_TID,
-                        "ts": _us(t), "dur": _us(dur or 0), "args": {"phase": phase, "samples": count,
-                                                                    "stack": stack}})
+            self.last_stack[pid] = {"ph": "X", "name": leaf, "cat": "py-spy", "pid": pid, "tid": STACK_TID,
+                                    "ts": _us(t), "dur": _us(dur or 0),
+                                    "args": {"phase": phase, "samples": count, "stack": stack}}
 
     def close(self) -> None:
         for pid in list(self.pending):
             self._flush(pid)
+        for ev in self.last_stack.values():
+            self._emit(ev)
         self.out.write("\n]}\n")
 
 

@@ -149,8 +149,11 @@ def test_perfetto_export_carries_the_samples(flamed, tmp_path):
     py = [e for e in events if e.get("cat") == "py-spy"]
     assert py and all(e["ph"] == "X" and e["tid"] == 2 and e["args"]["phase"].startswith(("update", "sync", "sample"))
                       for e in py)
-    ts = [e["ts"] for e in py]
-    assert ts == sorted(ts)
+    for pid in {e["pid"] for e in py}:
+        track = [e for e in py if e["pid"] == pid]
+        assert [e["ts"] for e in track] == sorted(e["ts"] for e in track)
+        # Slices of one track do not overlap.
+        assert all(a["ts"] + a["dur"] <= b["ts"] + 1e-6 for a, b in zip(track, track[1:], strict=False))
 
 
 def test_flame_bad_input(flamed, tmp_path, capsys):
