@@ -7,6 +7,8 @@ point in time on. Hidden until the snapshot holds samples. See docs/flame.md.
 
 from __future__ import annotations
 
+import os
+
 from rich.text import Text
 from textual.reactive import reactive
 from textual.widgets import Static
@@ -14,6 +16,15 @@ from textual.widgets import Static
 from marlwatch.metrics import Snapshot
 
 ROWS = 6
+
+
+def short_path(path: str) -> str:
+    """`/venv/lib/python3.11/site-packages/torch/optim/adam.py)` -> `torch/optim/adam.py)`."""
+    for marker in ("site-packages/", "dist-packages/"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    cwd = os.getcwd().rstrip("/") + "/"
+    return path[len(cwd):] if path.startswith(cwd) else path
 
 
 class TopFunctionsPanel(Static):
@@ -60,5 +71,5 @@ class TopFunctionsPanel(Static):
             name, _, where = func.partition(" (")
             text.append(name, style="bold magenta" if i == 0 else "")
             if where:
-                text.append(" (" + where, style="dim")
+                text.append(" (" + short_path(where), style="dim")
         self.update(text)
