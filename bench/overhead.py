@@ -7,8 +7,10 @@ IPS is the main loop's steady rate, read from its iteration ticks (which both mo
 after the first 20% of iterations, so start-up and the replay-buffer warm-up are left out.
 
 On a shared 2-core machine run-to-run noise is several percent, far above the < 1% target, so
-the table also gives an estimate that does not depend on noise: spans per iteration on the
-busiest process x the measured ns per span (benchmark 1) / that process's time per iteration.
+the table also gives the CPU time all processes spend per iteration (from the recording's
+per-process CPU samples; less sensitive to other jobs than IPS), and an estimate that does not
+depend on noise: spans per iteration on the busiest process x the measured ns per span
+(benchmark 1) / that process's time per iteration.
 """
 
 from __future__ import annotations
@@ -50,9 +52,27 @@ def real_run(algo: str, spans: bool, iterations: int, record: Path, workers: int
     skip = len(ticks) // 5
     steady = (len(ticks) - 1 - skip) / ((ticks[-1] - ticks[skip]) / 1e9)
     snap = m.snapshot()
-    return {"ips": float(steady), "iterations": int(len(ticks)), "wall_s": time.monotonic() - t0,
+    cpu = cpu_per_iteration(record, int(ticks[skip]), int(ticks[-1]), len(ticks) - 1 - skip, run.cfg.sample_hz)
+    return {"ips": float(steady), "cpu_s_per_iteration": cpu, "iterations": int(len(ticks)), "wall_s": time.monotonic() - t0,
             "snapshot": snap, "spans": sum(p.count for p in snap.phases),
             "record": str(record)}
+
+
+def cpu_per_iteration(record: str | Path, t0_ns: int, t1_ns: int, iterations: int, sample_hz: float) -> float:
+    """CPU seconds all the run's processes spent per iteration between t0 and t1, from the
+    recording's per-process CPU samples (each the CPU% over the last 1/sample_hz s). Unlike IPS
+    it hardly depends on what else the machine runs, so it shows an overhead that noise hides."""
+    import pyarrow.compute as pc
+
+    from marlwatch.recording import open_recording
+
+    total = 0.0
+    for b in open_recording(record).batches():
+        t = b.column("t_ns")
+        sel = pc.and_(pc.and_(pc.equal(b.column("kind"), "proc"), pc.equal(b.column("name"), "cpu_percent")),
+                      pc.and_(pc.greater(t, t0_ns), pc.less_equal(t, t1_ns)))
+        total += pc.sum(b.filter(sel).column("value")).as_py() or 0.0
+    return total / 100.0 / sample_hz / max(1, iterations)
 
 
 def spans_per_iteration(record: str | Path) -> dict[int, float]:
@@ -100,6 +120,8 @@ def measure(quick: bool = False, algos: list[str] | None = None, keep: Path | No
             iterations = ITERATIONS.get(algo, (50, 30))[1 if quick else 0]
             on: list[float] = []
             off: list[float] = []
+            cpu_on: list[float] = []
+            cpu_off: list[float] = []
             rec_on = None
             for i in range(pairs):
                 order = (True, False) if i % 2 == 0 else (False, True)
@@ -108,6 +130,7 @@ def measure(quick: bool = False, algos: list[str] | None = None, keep: Path | No
                     path = Path(tmp) / f"{algo}-{i}-{'on' if spans else 'off'}.arrow"
                     r = real_run(algo, spans, iterations, path)
                     got[spans] = r["ips"]
+                    (cpu_on if spans else cpu_off).append(r["cpu_s_per_iteration"])
                     if spans and rec_on is None:
                         rec_on = r
                         if keep is not None:
@@ -130,6 +153,14 @@ def measure(quick: bool = False, algos: list[str] | None = None, keep: Path | No
                             ("" if conclusive else "inconclusive: noise > target; ") +
                             f"median of {pairs} interleaved pairs, range {100 * lo:+.1f}..{100 * hi:+.1f}%, "
                             f"IPS on {median(on):.2f} off {median(off):.2f}, run-to-run CV {100 * noise:.1f}%"))
+            cpu_ratios = [a / b - 1.0 for a, b in zip(cpu_on, cpu_off, strict=True) if b > 0]
+            clo, chi = spread(cpu_ratios)
+            out["algos"][algo].update(cpu_s_per_iteration_on=cpu_on, cpu_s_per_iteration_off=cpu_off,
+                                      cpu_overhead_median=median(cpu_ratios))
+            rows.append(row(f"overhead {algo}: CPU s/iteration on/off - 1", f"{100 * median(cpu_ratios):+.2f}%",
+                            "< 1%", None if (chi - clo) >= 2 * TARGET else median(cpu_ratios) < TARGET,
+                            f"all processes' CPU time per iteration (psutil samples), range {100 * clo:+.1f}.."
+                            f"{100 * chi:+.1f}%: less load-dependent than IPS"))
             rows.append(row(f"overhead {algo}: estimated from span cost", f"{100 * est:.3f}%", "< 1%", est < TARGET,
                             f"busiest process {max(per_iter.values()):.0f} spans/iteration x {ns_per_span:.0f} ns "
                             f"at {rec_on['ips']:.1f} IPS"))
