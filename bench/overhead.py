@@ -133,7 +133,7 @@ def measure(quick: bool = False, algos: list[str] | None = None, keep: Path | No
                     (cpu_on if spans else cpu_off).append(r["cpu_s_per_iteration"])
                     if spans and rec_on is None:
                         rec_on = r
-                        if keep is not None:
+                        if keep is not None and algo == "maddpg":  # what the size benchmark measures
                             keep.write_bytes(path.read_bytes())
                 on.append(got[True])
                 off.append(got[False])
