@@ -49,6 +49,8 @@ def test_auto_flame_then_f_on_the_selected_phase(tmp_path: Path, no_leftovers):
             auto = [m for m in run.flame.messages if m.startswith("flame: auto: ")]
             assert len(auto) == 1, run.flame.messages
             await wait_for(pilot, lambda: panel.has_class("-has-samples"), 10, "the top-functions panel")
+            # The panel shows what Metrics counted: the stored samples, per phase.
+            assert {p: sum(f.values()) for p, f in app.snapshot.stacks.items()} == run.flame.done[0]["phases"]
 
             # Select `sample` with the arrow keys and press f: py-spy on the worker.
             table = app.query_one(PhaseTable)
