@@ -268,7 +268,7 @@ def test_ctrl_c_twice_forces_exit_and_leaves_no_process(tmp_path):
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "forced stop" in err
     _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive
     s = subprocess.run([sys.executable, "-m", "marlwatch", "summary", str(path)], cwd=REPO, capture_output=True,
