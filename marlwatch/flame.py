@@ -369,6 +369,8 @@ class FlameController:
     def on_batch(self, batch: pa.RecordBatch) -> None:
         if self._auto_metrics is not None and not self._auto_fired:
             self._auto_metrics.add(batch)
+        if not self.pending and self.capture is None:
+            return  # idle (the live app always has a controller for its `f` key): costs nothing
         kind = batch.column("kind")
         is_span = pc.equal(kind, SPAN).to_numpy(zero_copy_only=False)
         if is_span.any():
@@ -749,7 +751,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", choices=("text", "speedscope", "svg"), default="text",
                         help="text: top functions; speedscope: JSON for speedscope.app; svg: a flame graph")
     parser.add_argument("-o", "--out", default=None, help="output file (default: stdout)")
-    parser.add_argument("--top", type=int, default=25, help="text: number of functions")
+    parser.add_argument("--top", type=int, default=25, metavar="N", help="text: number of functions (default 25)")
 
 
 def cli(args: argparse.Namespace) -> int:
@@ -759,6 +761,8 @@ def cli(args: argparse.Namespace) -> int:
     phase = args.phase.strip().strip("/")
     if not phase:
         raise UsageError("--phase must name a phase, e.g. update or sample/env_step")
+    if args.top < 1:
+        raise UsageError(f"--top must be at least 1, got {args.top}")
     stacks, per_slot, any_samples = read_stacks(rec, phase)
     if not stacks:
         if not any_samples:

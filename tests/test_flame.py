@@ -165,6 +165,8 @@ def test_flame_bad_input(flamed, tmp_path, capsys):
     assert len(err) == 1 and "no py-spy samples were taken while 'sample/nothing' ran" in err[0]
     assert main(["flame", str(flamed), "--phase", "update", "-o", "/proc/nope/x.txt"]) == 2
     assert capsys.readouterr().err.startswith("marlwatch: cannot write /proc/nope/x.txt")
+    assert main(["flame", str(flamed), "--phase", "update", "--top", "0"]) == 2
+    assert "--top must be at least 1" in capsys.readouterr().err
     assert main(["run", "--headless", "--flame", ":3"]) == 2
     assert "--flame takes PHASE[:SECONDS]" in capsys.readouterr().err
     assert main(["run", "--headless", "--flame", "update:soon"]) == 2
