@@ -97,6 +97,8 @@ class ToM2CConfig(BaseConfig):
         if self.env != "simple_spread":  # the encoder and ToM read simple_spread's observation layout
             raise ValueError(f"tom2c runs on simple_spread only, not {self.env} "
                              "(its encoder and ToM network read that observation layout)")
+        if self.agents < 2:
+            raise ValueError("tom2c needs at least 2 agents (each agent models the others)")
 
 
 # --- Observation layout of simple_spread ------------------------------------------------

@@ -143,11 +143,14 @@ def test_real_run_has_comm_phases(tmp_path, agents: int, no_leftovers) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_another_env_is_refused_as_bad_input(tmp_path) -> None:
-    proc = marlwatch("run", "--headless", "--algo", "tom2c", "--env", "cacc", "--iterations", "1",
+@pytest.mark.parametrize(("args", "message"), [
+    (["--env", "cacc"], "tom2c runs on simple_spread only, not cacc (its encoder and ToM network read that "
+                        "observation layout)"),
+    (["--agents", "1"], "tom2c needs at least 2 agents (each agent models the others)"),
+])
+def test_settings_it_cannot_run_are_refused_as_bad_input(tmp_path, args: list[str], message: str) -> None:
+    proc = marlwatch("run", "--headless", "--algo", "tom2c", *args, "--iterations", "1",
                      "--record", str(tmp_path / "x.arrow"))
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        "marlwatch: tom2c runs on simple_spread only, not cacc (its encoder and ToM network read that observation layout)"
-    ]
+    assert proc.stderr.strip().splitlines() == [f"marlwatch: {message}"]
     assert not (tmp_path / "x.arrow").exists()
