@@ -6,8 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from algorithms import make_config
 from algorithms.common import attention, bootstrap_truncated, compute_gae, discounted_returns
-from algorithms.tom2c import GraphNet, ToMNet, aggregate_messages, final_goals, pair_inputs
+from algorithms.tom2c import (
+    GraphNet,
+    ToM2CLearner,
+    ToM2CRollout,
+    ToMNet,
+    aggregate_messages,
+    final_goals,
+    pair_inputs,
+)
 from marlwatch.metrics import summarize
 from marlwatch.recording import open_recording
 from tests.conftest import marlwatch
@@ -123,6 +132,25 @@ def test_a_time_limited_episode_bootstraps_from_its_last_observation() -> None:
     out = bootstrap_truncated(rewards, done, terminal, torch.tensor([[4.0, 6.0], [5.0, 5.0]]), 0.5)
     assert out[0, 2].tolist() == [3.0, 4.0]  # 1 + 0.5 * V(last_obs)
     assert torch.equal(out[0, :2], rewards[0, :2]) and torch.equal(out[1], rewards[1])
+
+
+def test_tom_trains_on_its_own_schedule_and_the_policy_every_iteration() -> None:
+    cfg = make_config("tom2c", agents=3, settings={"max_cycles": "5", "episodes_per_iteration": "2",
+                                                    "tom_every": "3"})
+    learner, rollout = ToM2CLearner(cfg), ToM2CRollout(cfg, 0)
+    rollout.load_weights(learner.weights())
+    payload = rollout.collect()
+    assert payload["obs"].shape == (2, 5, 3, 18) and payload["mask"].all()
+    tom_changed, actor_changed = [], []
+    for _ in range(6):
+        tom_before = learner.policy.tom.head.weight.detach().clone()
+        actor_before = learner.policy.actor[0].weight.detach().clone()
+        stats = learner.update([payload])
+        assert all(isinstance(v, float) for v in stats.values())
+        tom_changed.append(not torch.equal(tom_before, learner.policy.tom.head.weight))
+        actor_changed.append(not torch.equal(actor_before, learner.policy.actor[0].weight))
+    assert tom_changed == [True, False, False, True, False, False]  # the A2C loss never reaches it
+    assert all(actor_changed)
 
 
 @pytest.mark.timeout(120)
