@@ -763,7 +763,10 @@ def cli(args: argparse.Namespace) -> int:
         raise UsageError("--phase must name a phase, e.g. update or sample/env_step")
     if args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
-    stacks, per_slot, any_samples = read_stacks(rec, phase)
+    try:
+        stacks, per_slot, any_samples = read_stacks(rec, phase)
+    except Exception as e:  # noqa: BLE001 - a damaged file must give one line, not a traceback (as summary)
+        raise UsageError(f"{args.file}: damaged recording ({type(e).__name__}: {e})") from None
     if not stacks:
         if not any_samples:
             raise UsageError(f"{args.file} holds no py-spy samples (record some with "
