@@ -24,9 +24,10 @@ message encoders: the rest of the original's communication step); during the unr
 the same two as `update/comm/...`, plus `update/comm/actions` (neighbours' actions for the
 critic). The LSTM, the heads, the losses and the optimiser step are not communication.
 
-Agents sit in one process and their per-agent weights are stacked ([N, in, out]), so one
-batched matmul runs every agent's own layer; that keeps the maths identical to N separate
-networks while the Python loop stays over time, not agents.
+Agents sit in one process; their per-agent weights are stacked ([N, in, out]). By default
+(`per_agent_loop`) each step runs agent by agent, like the original's Python loops, so the
+profile has the original's shape; `--set per_agent_loop=false` runs every agent's own layer in
+one batched matmul instead: the same maths (the tests check both agree), a different profile.
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ class NeurCommConfig(BaseConfig):
     """Weight of the entropy bonus."""
     grad_clip: float = 40.0
     """Gradient norm clip (the original's max_grad_norm)."""
+    per_agent_loop: bool = True
+    """Run agents one by one, as the original's Python loops do; False runs every agent in
+    batched tensor ops (identical maths, far less per-agent overhead): compare the two profiles."""
 
 
 # --- Networks -------------------------------------------------------------------------------
@@ -99,6 +103,10 @@ class AgentLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.einsum("...ni,nio->...no", x, self.weight) + self.bias
 
+    def one(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Agent i's layer alone: x [..., in] -> [..., out]."""
+        return x @ self.weight[i] + self.bias[i]
+
 
 class AgentLSTMCell(nn.Module):
     """N independent LSTM cells: x [..., N, in], (h, c) [..., N, hidden]."""
@@ -109,7 +117,15 @@ class AgentLSTMCell(nn.Module):
         self.hh = AgentLinear(n, hidden, 4 * hidden)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        i, f, g, o = (self.ih(x) + self.hh(h)).chunk(4, dim=-1)
+        return self._cell(self.ih(x) + self.hh(h), c)
+
+    def one(self, k: int, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Agent k's cell alone: x [..., in], (h, c) [..., hidden]."""
+        return self._cell(self.ih.one(k, x) + self.hh.one(k, h), c)
+
+    @staticmethod
+    def _cell(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        i, f, g, o = gates.chunk(4, dim=-1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         return torch.sigmoid(o) * torch.tanh(c), c
 
@@ -147,10 +163,12 @@ def hop_distances(adjacency: np.ndarray) -> np.ndarray:
 class NeurCommNet(nn.Module):
     """Every agent's NeurComm policy; `step` is one time step of the whole network of agents."""
 
-    def __init__(self, adjacency: np.ndarray, obs_dim: int, n_actions: int, hidden: int = 64) -> None:
+    def __init__(self, adjacency: np.ndarray, obs_dim: int, n_actions: int, hidden: int = 64,
+                 per_agent_loop: bool = True) -> None:
         super().__init__()
         n = adjacency.shape[0]
         self.n, self.n_actions, self.hidden = n, n_actions, hidden
+        self.per_agent_loop = per_agent_loop
         self.register_buffer("table", torch.as_tensor(neighbour_table(adjacency)))
         k = self.table.shape[1]
         self.fc_x = AgentLinear(n, (k + 1) * obs_dim, hidden)
@@ -162,8 +180,15 @@ class NeurCommNet(nn.Module):
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, N, F] -> [B, N, K*F]: row i holds what i's neighbours sent (zeros for padding)."""
-        padded = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[2])], dim=1)
-        return padded[:, self.table].flatten(2)
+        return self._padded(x)[:, self.table].flatten(2)
+
+    @staticmethod
+    def _padded(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[2])], dim=1)
+
+    def gather_one(self, i: int, padded: torch.Tensor) -> torch.Tensor:
+        """What agent i's neighbours sent: padded [B, N+1, F] -> [B, K*F]."""
+        return padded[:, self.table[i]].flatten(1)
 
     def initial_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(h, c, fingerprint) at an episode's start."""
@@ -174,6 +199,8 @@ class NeurCommNet(nn.Module):
              phase: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """obs [B, N, D], h/c [B, N, H], fp [B, N, A] -> (logits [B, N, A], h, c). `phase` is
         `sample` or `update`: where the communication time is booked."""
+        if self.per_agent_loop:
+            return self._step_loop(obs, h, c, fp, phase)
         with span(f"{phase}/comm/messages"):
             n_obs, n_fp, n_h = self.gather(obs), self.gather(fp), self.gather(h)
         with span(f"{phase}/comm/encode"):
@@ -182,8 +209,30 @@ class NeurCommNet(nn.Module):
         h, c = self.lstm(s, h, c)
         return self.actor(h), h, c
 
+    def _step_loop(self, obs: torch.Tensor, h: torch.Tensor, c: torch.Tensor, fp: torch.Tensor,
+                   phase: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`step` agent by agent, as the original's `_get_comm_s` and `_run_lstm` loop: the same
+        maths, but the cost of communication now grows with the number of agents in Python."""
+        agents = range(self.n)
+        with span(f"{phase}/comm/messages"):
+            p_obs, p_fp, p_h = self._padded(obs), self._padded(fp), self._padded(h)
+            msgs = [(self.gather_one(i, p_obs), self.gather_one(i, p_fp), self.gather_one(i, p_h)) for i in agents]
+        with span(f"{phase}/comm/encode"):
+            s = [torch.cat([F.relu(self.fc_x.one(i, torch.cat([obs[:, i], n_obs], dim=-1))),
+                            F.relu(self.fc_p.one(i, n_fp)), F.relu(self.fc_m.one(i, n_h))], dim=-1)
+                 for i, (n_obs, n_fp, n_h) in zip(agents, msgs, strict=True)]
+        hc = [self.lstm.one(i, s[i], h[:, i], c[:, i]) for i in agents]
+        h, c = torch.stack([x[0] for x in hc], dim=1), torch.stack([x[1] for x in hc], dim=1)
+        return torch.stack([self.actor.one(i, h[:, i]) for i in agents], dim=1), h, c
+
     def value(self, h: torch.Tensor, actions_onehot: torch.Tensor, phase: str) -> torch.Tensor:
         """Critic: own hidden state + neighbours' actions -> [B, N]."""
+        if self.per_agent_loop:
+            with span(f"{phase}/comm/actions"):
+                padded = self._padded(actions_onehot)
+                n_act = [self.gather_one(i, padded) for i in range(self.n)]
+            return torch.stack([self.critic.one(i, torch.cat([h[:, i], n_act[i]], dim=-1)).squeeze(-1)
+                                for i in range(self.n)], dim=1)
         with span(f"{phase}/comm/actions"):
             n_act = self.gather(actions_onehot)
         return self.critic(torch.cat([h, n_act], dim=-1)).squeeze(-1)
@@ -197,7 +246,8 @@ def _env(cfg: NeurCommConfig) -> object:
 
 
 def _net(cfg: NeurCommConfig, runner: ParallelEnvRunner) -> NeurCommNet:
-    return NeurCommNet(np.asarray(runner.env.neighbours, dtype=bool), runner.obs_dim, runner.n_actions, cfg.hidden)
+    return NeurCommNet(np.asarray(runner.env.neighbours, dtype=bool), runner.obs_dim, runner.n_actions, cfg.hidden,
+                       per_agent_loop=cfg.per_agent_loop)
 
 
 # --- Worker: play whole episodes, messages flowing along the graph at every step -------------

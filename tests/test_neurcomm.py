@@ -14,9 +14,9 @@ from tests.conftest import marlwatch
 LINE4 = np.abs(np.arange(4)[:, None] - np.arange(4)[None, :]) == 1
 
 
-def _net(adjacency: np.ndarray = LINE4) -> NeurCommNet:
+def _net(adjacency: np.ndarray = LINE4, loop: bool = True) -> NeurCommNet:
     torch.manual_seed(0)
-    return NeurCommNet(adjacency, obs_dim=5, n_actions=3, hidden=8)
+    return NeurCommNet(adjacency, obs_dim=5, n_actions=3, hidden=8, per_agent_loop=loop)
 
 
 def _inputs(seed: int = 1) -> tuple[torch.Tensor, ...]:
@@ -30,9 +30,10 @@ def test_neighbour_table_and_distances() -> None:
     assert hop_distances(LINE4)[0].tolist() == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("loop", [True, False])
 @pytest.mark.parametrize("field", [0, 1, 3])  # observation, hidden state, fingerprint
-def test_a_non_neighbours_state_does_not_reach_an_agent(field: int) -> None:
-    net = _net()
+def test_a_non_neighbours_state_does_not_reach_an_agent(field: int, loop: bool) -> None:
+    net = _net(loop=loop)
     inputs = list(_inputs())
     with torch.no_grad():
         logits, h, _ = net.step(*inputs, phase="update")
@@ -44,9 +45,23 @@ def test_a_non_neighbours_state_does_not_reach_an_agent(field: int) -> None:
     assert not torch.allclose(logits[:, 2], logits2[:, 2])
 
 
-def test_gradients_follow_the_graph() -> None:
+def test_agent_loop_and_batched_agree() -> None:
+    """The original's per-agent loop and the batched form are the same network."""
+    looped, batched = _net(loop=True), _net(loop=False)
+    batched.load_state_dict(looped.state_dict())
+    obs, h, c, fp = _inputs()
+    acts = torch.nn.functional.one_hot(torch.tensor([[0, 1, 2, 0], [2, 2, 1, 0]]), 3).float()
+    with torch.no_grad():
+        for a, b in zip(looped.step(obs, h, c, fp, phase="update"), batched.step(obs, h, c, fp, phase="update"),
+                        strict=True):
+            torch.testing.assert_close(a, b)
+        torch.testing.assert_close(looped.value(h, acts, "update"), batched.value(h, acts, "update"))
+
+
+@pytest.mark.parametrize("loop", [True, False])
+def test_gradients_follow_the_graph(loop: bool) -> None:
     """The message of agent 0 reaches agent 1 but not agent 2 within one step."""
-    net = _net()
+    net = _net(loop=loop)
     obs, h, c, fp = _inputs()
     h = h.requires_grad_(True)
     logits, _, _ = net.step(obs, h, c, fp, phase="update")
@@ -54,8 +69,9 @@ def test_gradients_follow_the_graph() -> None:
     assert grad[:, 0].abs().sum() == 0 and grad[:, 1].abs().sum() > 0 and grad[:, 3].abs().sum() > 0
 
 
-def test_critic_reads_only_neighbour_actions() -> None:
-    net = _net()
+@pytest.mark.parametrize("loop", [True, False])
+def test_critic_reads_only_neighbour_actions(loop: bool) -> None:
+    net = _net(loop=loop)
     _, h, _, _ = _inputs()
     acts = torch.nn.functional.one_hot(torch.tensor([[0, 1, 2, 0], [2, 2, 1, 0]]), 3).float()
     with torch.no_grad():
