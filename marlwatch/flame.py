@@ -44,11 +44,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from marlwatch.collector import event_row
-from marlwatch.metrics import function_name
+from marlwatch.metrics import Metrics, function_name
 from marlwatch.recording import ITER, SCHEMA, SPAN, STACK, Recording
 
 DEFAULT_SECONDS = 5.0
 DEFAULT_RATE = 100
+# A capture keeps the sampled processes' spans of its window in memory until the samples are
+# attributed: a minute of even fine-grained spans stays in the tens of MB.
+MAX_SECONDS = 60
 SPAN_WAIT_S = 10.0  # how long to wait for a process's spans covering the sampled window
 
 
@@ -337,13 +340,11 @@ class FlameController:
         self.done: list[dict[str, Any]] = []  # one summary per finished capture
         self.phase_slots: dict[str, set[int]] = defaultdict(set)
         self._auto_fired = False
-        self._auto_metrics = None
+        self._auto_metrics: Metrics | None = None
         self._auto_baseline: dict[str, float] | None = None
         self._auto_hottest: str | None = None
         self._next_auto_check = 0.0
         if auto:
-            from marlwatch.metrics import Metrics
-
             self._auto_metrics = Metrics(run.info)
         run.listeners.append(self.on_batch)
         run.hooks.append(self.poll)
@@ -602,15 +603,15 @@ def parse_flame_arg(text: str) -> tuple[str, float]:
     phase, _, secs = text.partition(":")
     phase = phase.strip().strip("/")
     if not phase:
-        raise argparse.ArgumentTypeError(f"--flame takes PHASE[:SECONDS], got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected PHASE[:SECONDS], got {text!r}")
     if not secs:
         return phase, DEFAULT_SECONDS
     try:
         seconds = float(secs)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--flame: seconds must be a number, got {secs!r}") from None
-    if not 0 < seconds <= 600:
-        raise argparse.ArgumentTypeError(f"--flame: seconds must be in (0, 600], got {secs}")
+        raise argparse.ArgumentTypeError(f"seconds must be a number, got {secs!r}") from None
+    if not 0 < seconds <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"seconds must be in (0, {MAX_SECONDS}], got {secs}")
     return phase, seconds
 
 

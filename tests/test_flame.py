@@ -168,9 +168,11 @@ def test_flame_bad_input(flamed, tmp_path, capsys):
     assert main(["flame", str(flamed), "--phase", "update", "--top", "0"]) == 2
     assert "--top must be at least 1" in capsys.readouterr().err
     assert main(["run", "--headless", "--flame", ":3"]) == 2
-    assert "--flame takes PHASE[:SECONDS]" in capsys.readouterr().err
+    assert "argument --flame: expected PHASE[:SECONDS], got ':3'" in capsys.readouterr().err
     assert main(["run", "--headless", "--flame", "update:soon"]) == 2
     assert "seconds must be a number" in capsys.readouterr().err
+    assert main(["run", "--headless", "--flame", "update:61"]) == 2
+    assert "seconds must be in (0, 60], got 61" in capsys.readouterr().err
 
 
 def drive(run: Run, until, timeout: float = 120) -> None:
