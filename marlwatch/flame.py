@@ -242,26 +242,39 @@ class SpanIndex:
     names: list[str]
     iters: np.ndarray
     top: np.ndarray  # top-level span (no parent)
+    parent: np.ndarray  # index of the enclosing span, -1 at top level
 
     @classmethod
     def build(cls, rows: Iterable[tuple[int, int, str, int, bool]]) -> SpanIndex:
         """From (start_ns, dur_ns, name, iter, top_level) rows."""
-        rows = sorted(rows)
-        return cls(np.array([r[0] for r in rows], np.int64), np.array([r[0] + r[1] for r in rows], np.int64),
-                   [r[2] for r in rows], np.array([r[3] for r in rows], np.int64),
-                   np.array([r[4] for r in rows], bool))
+        rows = sorted(rows, key=lambda r: (r[0], -r[1]))  # by start; a parent before its child
+        start = np.array([r[0] for r in rows], np.int64)
+        end = start + np.array([r[1] for r in rows], np.int64)
+        # Spans of one thread nest: one pass with a stack of open spans gives each its parent.
+        parent = np.full(len(rows), -1, np.int64)
+        open_: list[int] = []
+        ends = end.tolist()
+        for i, s in enumerate(start.tolist()):
+            while open_ and ends[open_[-1]] <= s:
+                open_.pop()
+            if open_:
+                parent[i] = open_[-1]
+            open_.append(i)
+        return cls(start, end, [r[2] for r in rows], np.array([r[3] for r in rows], np.int64),
+                   np.array([r[4] for r in rows], bool), parent)
 
     def innermost(self, t_ns: np.ndarray) -> np.ndarray:
-        """Index of the innermost span open at each time (-1: none). Spans of one thread nest,
-        so among the spans containing t the one that started last is the innermost."""
-        out = np.full(len(t_ns), -1, np.int64)
-        if len(self.start) == 0:
-            return out
-        for lo in range(0, len(t_ns), 256):
-            t = t_ns[lo:lo + 256, None]
-            inside = (self.start[None, :] <= t) & (self.end[None, :] > t)
-            last = np.where(inside, np.arange(len(self.start))[None, :], -1).max(axis=1)
-            out[lo:lo + 256] = last
+        """Index of the innermost span open at each time (-1: none).
+
+        Every span open at t encloses the last span that started at or before t (spans nest),
+        so the innermost one is found walking up from that span: O(depth) per sample."""
+        last = np.searchsorted(self.start, t_ns, side="right") - 1
+        ends, parent = self.end.tolist(), self.parent.tolist()
+        out = np.empty(len(t_ns), np.int64)
+        for n, (t, i) in enumerate(zip(t_ns.tolist(), last.tolist(), strict=True)):
+            while i >= 0 and ends[i] <= t:
+                i = parent[i]
+            out[n] = i
         return out
 
 
