@@ -37,6 +37,7 @@ def _producer(conn, slot: int, go, duration_s: float) -> None:
     tel = instrument.connect(conn, role="producer", slot=slot, pid=os.getpid())
     outer, act, env = tel.span("sample"), tel.span("sample/act"), tel.span("sample/env_step")
     go.wait()
+    cpu0 = time.process_time()
     end = time.perf_counter() + duration_s
     while time.perf_counter() < end:
         for _ in range(100):
@@ -47,7 +48,7 @@ def _producer(conn, slot: int, go, duration_s: float) -> None:
                     pass
         tel.tick()
     tel.flush()
-    tel.event("finished", spans=tel.spans_sent)
+    tel.event("finished", spans=tel.spans_sent, cpu_s=time.process_time() - cpu0)
     tel.close()
 
 
@@ -74,6 +75,7 @@ def run_pipeline(workers: int, duration_s: float, path: Path, *, metrics: bool =
     me = psutil.Process()
     m = Metrics(info) if metrics else None
     sent: dict[int, int] = {}
+    producer_cpu = 0.0
     hello = 0
     rss_peak = me.memory_info().rss
     rss_start = rss_peak
@@ -100,6 +102,7 @@ def run_pipeline(workers: int, duration_s: float, path: Path, *, metrics: bool =
                             go.set()
                     elif msg.message.get("name") == "finished":
                         sent[slot] = int(msg.message["spans"])
+                        producer_cpu += float(msg.message["cpu_s"])
                     continue
                 rows = streams[slot].rows(msg)
                 if rows is not None:
@@ -122,9 +125,14 @@ def run_pipeline(workers: int, duration_s: float, path: Path, *, metrics: bool =
     elapsed = t_end - (t_go or t_end)
     cpu = ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / elapsed if cpu0 and elapsed else float("nan")
     cpu_per_span = cpu * elapsed / recorded if recorded else float("nan")
+    producer_per_span = producer_cpu / recorded if recorded else float("nan")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return {"workers": workers, "spans_sent": sum(sent.values()), "spans_recorded": recorded,
             "monitor_cpu_ns_per_span": cpu_per_span * 1e9,
             "monitor_capacity_one_core": 1.0 / cpu_per_span if cpu_per_span else float("nan"),
+            "producer_cpu_ns_per_span": producer_per_span * 1e9,
+            # What the machine could sustain with all its cores on this pipeline and nothing else.
+            "idle_machine_capacity": cores / (cpu_per_span + producer_per_span) if recorded else float("nan"),
             "lossless": sum(sent.values()) == recorded and len(sent) == workers, "elapsed_s": elapsed,
             "rate": recorded / elapsed if elapsed else 0.0, "monitor_rss_peak": rss_peak,
             "monitor_rss_start": rss_start, "monitor_cpu": cpu, "file_bytes": path.stat().st_size}
@@ -144,9 +152,10 @@ def measure(quick: bool = False) -> dict:
                             f"({'no loss' if r['lossless'] else 'LOSS'}); monitor RSS peak "
                             f"{r['monitor_rss_peak'] / 2**20:.0f} MB (start {r['monitor_rss_start'] / 2**20:.0f}), "
                             f"CPU {100 * r['monitor_cpu']:.0f}%"))
-            rows.append(row(f"pipeline W={w}: monitor CPU per span", f"{r['monitor_cpu_ns_per_span']:.0f} ns", "",
-                            None, f"one core of monitor would take {r['monitor_capacity_one_core'] / 1e6:.1f} M spans/s "
-                            "(decode, rows, zstd recording, Metrics)"))
+            rows.append(row(f"pipeline W={w}: CPU per span, monitor + producer",
+                            f"{r['monitor_cpu_ns_per_span']:.0f} + {r['producer_cpu_ns_per_span']:.0f} ns", "", None,
+                            f"one monitor core takes {r['monitor_capacity_one_core'] / 1e6:.1f} M spans/s; all cores "
+                            f"on this alone: {r['idle_machine_capacity'] / 1e6:.1f} M spans/s (load-independent)"))
         r = run_pipeline(2, duration, Path(tmp) / "w2-rec.arrow", metrics=False)
         out["recorder_only_w2"] = r
         rows.append(row("pipeline W=2, recorder only (no Metrics)", f"{r['rate'] / 1e6:.2f} M", "", None,
