@@ -88,6 +88,9 @@ class ToM2CConfig(BaseConfig):
     """Weight of the value loss."""
     grad_clip: float = 1.0
     """Gradient norm clip."""
+    reward_scale: float = 0.1
+    """Rewards are multiplied by this for learning: the critic's targets stay near 1 (with 1.0,
+    3 agents reached -63 instead of -61 after 400 iterations, 4 agents -110 instead of -101 in 3 min)."""
     gumbel_tau: float = 1.0
     """Temperature of the edge Gumbel-softmax."""
     prop_steps: int = 2
@@ -360,7 +363,7 @@ class ToM2CLearner:
                 last_values = self.critic(b["last_obs"])  # [E, N]
 
         with span("update/gae"):
-            rew = bootstrap_truncated(b["rew"], b["done"], b["terminal"], last_values, cfg.gamma)
+            rew = bootstrap_truncated(b["rew"] * cfg.reward_scale, b["done"], b["terminal"], last_values, cfg.gamma)
             adv, ret = compute_gae(
                 rew.transpose(0, 1), values.detach().transpose(0, 1), b["done"].transpose(0, 1)[..., None],
                 torch.zeros(e_count, n), cfg.gamma, cfg.gae_lambda,
