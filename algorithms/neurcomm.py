@@ -87,6 +87,13 @@ class NeurCommConfig(BaseConfig):
     """Run agents one by one, as the original's Python loops do; False runs every agent in
     batched tensor ops (identical maths, far less per-agent overhead): compare the two profiles."""
 
+    def validate(self) -> None:
+        if not hasattr(make_env(self.env, self.agents, self.max_cycles), "neighbours"):
+            raise ValueError(f"neurcomm needs an env with a neighbour graph (env.neighbours), such as cacc; "
+                             f"{self.env} has none")
+        if self.optimizer not in ("adam", "rmsprop"):
+            raise ValueError(f"neurcomm: optimizer must be adam or rmsprop, got {self.optimizer!r}")
+
 
 # --- Networks -------------------------------------------------------------------------------
 

@@ -97,3 +97,12 @@ def test_real_run_has_comm_phases(tmp_path, agents: int, no_leftovers) -> None:
     assert snap.iterations == 4 and snap.info.env == "cacc"
     assert 0 < snap.comm_share < 1 and 0 < snap.comm_share_update < 1
     assert snap.counters.get("episodes", 0) >= 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--env", "simple_spread"], "neighbour graph"),
+    (["--set", "optimizer=sgd"], "adam or rmsprop"),
+])
+def test_bad_settings_are_usage_errors(argv, message) -> None:
+    proc = marlwatch("run", "--headless", "--algo", "neurcomm", "--iterations", "1", *argv, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
