@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     for algo in algos:
         settings = {}
         for s in args.settings:
-            scope, _, kv = s.rpartition(":") if ":" in s.split("=", 1)[0] else ("", "", s)
+            scope, _, kv = s.partition(":") if ":" in s.split("=", 1)[0] else ("", "", s)
             if scope in ("", algo):
                 k, _, v = kv.partition("=")
                 settings[k.strip()] = v.strip()
