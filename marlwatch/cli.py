@@ -12,7 +12,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -39,15 +39,30 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _positive(name: str):
+def positive_int(flag: str) -> Callable[[str], int]:
+    """argparse type: a whole number >= 1, with a message naming `flag`."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"{flag} must be a whole number, got {text!r}") from None
         if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}")
+            raise argparse.ArgumentTypeError(f"{flag} must be at least 1, got {value}")
         return value
+
+    return parse
+
+
+def positive_int_list(flag: str) -> Callable[[str], list[int]]:
+    """argparse type: a comma-separated list of whole numbers >= 1 (sorted, without repeats)."""
+    one = positive_int(flag)
+
+    def parse(text: str) -> list[int]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"{flag} takes a comma-separated list of whole numbers, got {text!r}")
+        return sorted({one(t) for t in items})
 
     return parse
 
@@ -82,10 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="start a training run and watch it (default: MADDPG, 3 agents)")
     run.add_argument("--algo", default="maddpg", help="algorithm (see `marlwatch algorithms`)")
     run.add_argument("--env", default="", help="environment (default: the algorithm's)")
-    run.add_argument("--agents", type=_positive("--agents"), default=3)
-    run.add_argument("--workers", type=_positive("--workers"), default=None,
+    run.add_argument("--agents", type=positive_int("--agents"), default=3)
+    run.add_argument("--workers", type=positive_int("--workers"), default=None,
                      help="rollout worker processes (default: one per core)")
-    run.add_argument("--iterations", type=_positive("--iterations"), default=None,
+    run.add_argument("--iterations", type=positive_int("--iterations"), default=None,
                      help="stop after this many learner iterations (default: 500 headless, until q live)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--record", default=None, help="recording path (default: runs/ALGO-TIME.arrow)")
@@ -106,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "samples are stored in the recording (see `marlwatch flame`)")
     run.add_argument("--auto-flame", action="store_true",
                      help="run py-spy once, when a phase becomes the hottest or its p95 jumps")
-    run.add_argument("--flame-rate", type=_positive("--flame-rate"), default=100, metavar="HZ",
+    run.add_argument("--flame-rate", type=positive_int("--flame-rate"), default=100, metavar="HZ",
                      help="py-spy samples per second (default 100)")
 
     summ = sub.add_parser("summary", help="summarise a recording")

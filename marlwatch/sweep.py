@@ -21,45 +21,25 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from marlwatch.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError, _setting, start_run
+from marlwatch.cli import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    UsageError,
+    _setting,
+    positive_int,
+    positive_int_list,
+    start_run,
+)
 from marlwatch.runner import Run, RunConfig
-
-
-def _int_list(flag: str):
-    def parse(text: str) -> list[int]:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError(f"{flag} takes a comma-separated list of whole numbers, got {text!r}")
-        out = []
-        for t in items:
-            try:
-                v = int(t)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"{flag}: {t!r} is not a whole number") from None
-            if v < 1:
-                raise argparse.ArgumentTypeError(f"{flag}: values must be at least 1, got {v}")
-            out.append(v)
-        return sorted(set(out))
-
-    return parse
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--iterations must be a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"--iterations must be at least 1, got {v}")
-    return v
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--algo", required=True, help="algorithm (see `marlwatch algorithms`)")
     p.add_argument("--env", default="", help="environment (default: the algorithm's)")
-    p.add_argument("--agents", type=_int_list("--agents"), default=[2, 4, 8], help="e.g. 2,4,8,16")
-    p.add_argument("--workers", type=_int_list("--workers"), default=[1], help="e.g. 1,2")
-    p.add_argument("--iterations", type=_positive, default=50, help="learner iterations per cell")
+    p.add_argument("--agents", type=positive_int_list("--agents"), default=[2, 4, 8], help="e.g. 2,4,8,16")
+    p.add_argument("--workers", type=positive_int_list("--workers"), default=[1], help="e.g. 1,2")
+    p.add_argument("--iterations", type=positive_int("--iterations"), default=50, help="learner iterations per cell")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for the recordings and tables (default: runs/sweep-ALGO-TIME)")
     p.add_argument("--set", dest="settings", type=_setting, action="append", default=[], metavar="KEY=VALUE",

@@ -50,7 +50,7 @@ def test_tiny_real_sweep(tmp_path, no_leftovers) -> None:
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--algo", "neurcomm", "--agents", "2,x"], "not a whole number"),
+    (["--algo", "neurcomm", "--agents", "2,x"], "must be a whole number"),
     (["--algo", "neurcomm", "--workers", "0"], "at least 1"),
     (["--algo", "neurcomm", "--iterations", "-3"], "at least 1"),
     (["--algo", "nope"], "unknown algorithm"),
