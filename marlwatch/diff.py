@@ -61,15 +61,31 @@ class Diff:
                 "confidence": CONFIDENCE, "rows": [asdict(r) for r in self.rows]}
 
 
-def block_counts(n: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """How often each iteration is drawn in each resample (circular block bootstrap): (resamples, n)."""
-    block = max(1, round(n ** (1 / 3)))
-    blocks = math.ceil(n / block)
-    starts = rng.integers(0, n, size=(resamples, blocks))
-    idx = (starts[:, :, None] + np.arange(block)[None, None, :]).reshape(resamples, -1)[:, :n] % n
-    counts = np.zeros((resamples, n), np.float64)
-    np.add.at(counts, (np.repeat(np.arange(resamples), n), idx.ravel()), 1.0)
-    return counts
+class BlockBootstrap:
+    """Circular block bootstrap over n iterations, drawn once and applied to any series.
+
+    A replicate of a series' total is the sum of its window sums at the drawn block starts;
+    with prefix sums each window costs two look-ups, so memory is resamples x blocks
+    (about resamples x n^(2/3)), never resamples x n.
+    """
+
+    def __init__(self, n: int, resamples: int, rng: np.random.Generator) -> None:
+        self.n = n
+        self.block = max(1, round(n ** (1 / 3)))
+        blocks = math.ceil(n / self.block) if n else 0
+        self.starts = rng.integers(0, max(n, 1), size=(resamples, blocks))
+        # Every block is `block` long but the last, which makes the replicate n iterations in all.
+        self.lengths = np.full(blocks, self.block)
+        if blocks:
+            self.lengths[-1] = n - (blocks - 1) * self.block
+
+    def sums(self, x: np.ndarray) -> np.ndarray:
+        """The bootstrap replicates of `x.sum()` (one per resample)."""
+        if self.n == 0:
+            return np.zeros(len(self.starts))
+        wrapped = np.concatenate([x, x[: self.block]])
+        prefix = np.concatenate([[0.0], np.cumsum(wrapped, dtype=np.float64)])
+        return (prefix[self.starts + self.lengths] - prefix[self.starts]).sum(axis=1)
 
 
 def _interval(samples: np.ndarray) -> tuple[float, float]:
@@ -82,15 +98,15 @@ def _interval(samples: np.ndarray) -> tuple[float, float]:
 
 
 class _Side:
-    """One recording's per-iteration table plus its bootstrap resampling counts."""
+    """One recording's per-iteration table plus its bootstrap resampling."""
 
     def __init__(self, table: IterationTable, rng: np.random.Generator, resamples: int) -> None:
         self.t = table
-        self.counts = block_counts(table.iterations, resamples, rng)
+        self.boot = BlockBootstrap(table.iterations, resamples, rng)
 
     def sums(self, x: np.ndarray) -> tuple[float, np.ndarray]:
         """The total of a per-iteration series, and its bootstrap replicates."""
-        return float(x.sum()), self.counts @ x
+        return float(x.sum()), self.boot.sums(x)
 
 
 def _pct_change(a: float, b: float) -> float:
