@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.base import BaseConfig, Payload, Weights
+from algorithms.base import Payload, Weights
 from algorithms.common import (
+    ActorCriticConfig,
     ParallelEnvRunner,
     a2c_loss,
     compute_gae,
@@ -56,7 +57,7 @@ span = instrument.span
 
 
 @dataclass
-class NeurCommConfig(BaseConfig):
+class NeurCommConfig(ActorCriticConfig):
     env: str = "cacc"
     max_cycles: int = 60
     """Episode length (the original CACC batch is one 60-step episode)."""
@@ -77,10 +78,6 @@ class NeurCommConfig(BaseConfig):
     markedly slower on cacc in a few minutes: more of each agent's signal is others' noise)."""
     reward_scale: float = 0.01
     """Rewards are multiplied by this before learning (the original normalises CACC rewards too)."""
-    value_coef: float = 0.5
-    """Weight of the critic loss."""
-    entropy_coef: float = 0.01
-    """Weight of the entropy bonus."""
     grad_clip: float = 40.0
     """Gradient norm clip (the original's max_grad_norm)."""
     per_agent_loop: bool = True

@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.base import BaseConfig, Payload, Weights
+from algorithms.base import Payload, Weights
 from algorithms.common import (
+    ActorCriticConfig,
     ParallelEnvRunner,
     a2c_loss,
     attention,
@@ -55,12 +56,7 @@ span = instrument.span
 
 
 @dataclass
-class TarMACConfig(BaseConfig):
-    env: str = "simple_spread"
-    max_cycles: int = 25
-    """Episode length."""
-    episodes_per_iteration: int = 8
-    """Whole episodes played per iteration, split among the workers (each plays its share, rounded up)."""
+class TarMACConfig(ActorCriticConfig):
     hidden: int = 64
     """Width of each agent's encoder, actor and critic."""
     key_dim: int = 16
@@ -69,19 +65,6 @@ class TarMACConfig(BaseConfig):
     """Size of message values."""
     lr: float = 2e-3
     """Adam learning rate of every agent's optimiser (3e-3 let the per-agent policies collapse)."""
-    gamma: float = 0.95
-    """Discount factor."""
-    gae_lambda: float = 0.95
-    """GAE lambda."""
-    entropy_coef: float = 0.01
-    """Entropy bonus."""
-    value_coef: float = 0.5
-    """Weight of the value loss."""
-    grad_clip: float = 1.0
-    """Gradient norm clip (per agent)."""
-    reward_scale: float = 0.1
-    """Rewards are multiplied by this for learning: the critic shares the encoder with the actor,
-    and returns of -30 would let the value loss's gradients drown the policy's."""
     backprop_messages: bool = True
     """Receivers' losses train the senders' message networks (DIAL-style); False detaches them."""
 

@@ -42,8 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.base import BaseConfig, Payload, Weights
+from algorithms.base import Payload, Weights
 from algorithms.common import (
+    ActorCriticConfig,
     ParallelEnvRunner,
     a2c_loss,
     attention,
@@ -64,33 +65,13 @@ span = instrument.span
 
 
 @dataclass
-class ToM2CConfig(BaseConfig):
-    env: str = "simple_spread"
-    max_cycles: int = 25
-    """Episode length."""
-    episodes_per_iteration: int = 8
-    """Whole episodes played per iteration, split among the workers (each plays its share, rounded up)."""
+class ToM2CConfig(ActorCriticConfig):
     hidden: int = 32
     """Width of the encoder, GRU, ToM and graph networks."""
-    lr: float = 3e-3
-    """Adam learning rate of the policy (encoder, GRU, graph, actor) and the critic."""
     tom_lr_scale: float = 10.0
     """The ToM network's learning rate is lr times this."""
     tom_every: int = 5
     """Train the ToM network every this many iterations."""
-    gamma: float = 0.95
-    """Discount factor."""
-    gae_lambda: float = 0.95
-    """GAE lambda."""
-    entropy_coef: float = 0.01
-    """Entropy bonus."""
-    value_coef: float = 0.5
-    """Weight of the value loss."""
-    grad_clip: float = 1.0
-    """Gradient norm clip."""
-    reward_scale: float = 0.1
-    """Rewards are multiplied by this for learning: the critic's targets stay near 1 (with 1.0,
-    3 agents reached -63 instead of -61 after 400 iterations, 4 agents -110 instead of -101 in 3 min)."""
     gumbel_tau: float = 1.0
     """Temperature of the edge Gumbel-softmax."""
     prop_steps: int = 2
