@@ -46,3 +46,14 @@ def no_leftovers():
     for p in left:
         p.kill()
     assert not left, f"processes left running: {[p.cmdline() for p in left]}"
+
+
+async def wait_for(pilot, predicate, timeout: float, what: str) -> None:
+    """In a Pilot test: let the app run until `predicate()` holds, or fail after `timeout` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.2)

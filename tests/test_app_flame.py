@@ -4,7 +4,6 @@ real run; the top-functions panel; the latency bound in the throughput panel."""
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
@@ -14,14 +13,7 @@ from marlwatch.app.live import LiveApp
 from marlwatch.app.widgets import PhaseTable, ThroughputPanel
 from marlwatch.cli import build_parser, make_run, start_run
 from marlwatch.recording import open_recording
-
-
-async def wait_for(pilot, predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.2)
+from tests.conftest import wait_for
 
 
 @pytest.mark.timeout(170)

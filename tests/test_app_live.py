@@ -18,29 +18,9 @@ from marlwatch.app.live import LiveApp
 from marlwatch.app.widgets import CoresPanel, PhaseTable, RunHeader, WorkerRow
 from marlwatch.cli import build_parser, make_run, start_run
 from marlwatch.recording import open_recording
+from tests.conftest import descendants_alive, wait_for
 
 QUICK = ["--set", "warmup=512", "--set", "batch_size=128"]
-
-
-def run_children() -> list[psutil.Process]:
-    """Our live descendants, minus multiprocessing's resource tracker (it is not part of a run)."""
-    out = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE \
-                    and "resource_tracker" not in " ".join(p.cmdline()):
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
-async def wait_for(pilot, predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.2)
 
 
 def start(tmp_path: Path, *extra: str):
@@ -88,7 +68,7 @@ def test_live_run_fills_panels_and_q_stops_it(tmp_path):
     batches = list(rec.batches())
     assert rec.complete and len(batches) > 1
     assert not run.alive
-    assert run_children() == []
+    assert descendants_alive() == []
 
 
 @pytest.mark.timeout(150)
@@ -109,7 +89,7 @@ def test_live_run_that_finishes_stays_on_screen(tmp_path):
     asyncio.run(scenario())
     rec = open_recording(run.record_path)
     assert rec.read_all().num_rows > 0 and rec.complete
-    assert run_children() == []
+    assert descendants_alive() == []
 
 
 @pytest.mark.timeout(150)
@@ -133,7 +113,7 @@ def test_killed_worker_shows_crash_and_exits_1(tmp_path):
     asyncio.run(scenario())
     assert run.failure and "SIGKILL" in run.failure
     assert open_recording(run.record_path).read_all().num_rows > 0
-    assert run_children() == []
+    assert descendants_alive() == []
 
 
 @pytest.mark.timeout(150)
