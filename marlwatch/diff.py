@@ -6,7 +6,10 @@ of a false verdict. The bootstrap is a circular block bootstrap (blocks of about
 consecutive iterations), because neighbouring iterations are correlated (warm-up, replay buffer
 filling, a neighbour process hogging a core for a second): resampling single iterations would
 make the intervals too narrow. A verdict ("slower", "faster", "higher", "lower") is given only
-where the 95% interval excludes zero; everything else is "within noise".
+where the 95% interval excludes zero AND the change is at least `--min-change` percent of the
+baseline value (default 10%, as asv's default factor of 1.1): the bootstrap sees only the noise
+within each run, while two runs of one config also differ as a whole by a few percent (core,
+memory layout, what else the machine did), so smaller changes are "within noise".
 
 Exit codes: 0 done; 1 `--fail-if-slower PCT` and B's IPS is slower than A's by more than PCT
 percent with confidence (the upper end of the interval of the IPS change is below -PCT);
@@ -28,6 +31,7 @@ from marlwatch.metrics import IterationTable, Snapshot, read_iterations
 EXIT_OK, EXIT_SLOWER, EXIT_USAGE = 0, 1, 2
 RESAMPLES = 2000
 CONFIDENCE = 0.95
+MIN_CHANGE_PCT = 10.0
 
 
 @dataclass
@@ -113,8 +117,11 @@ def _pct_change(a: float, b: float) -> float:
     return (b / a - 1) * 100 if a > 0 else math.inf
 
 
-def _verdict(lo: float, hi: float, up: str, down: str) -> str:
-    if math.isnan(lo) or math.isnan(hi):
+def _verdict(lo: float, hi: float, up: str, down: str, relative_pct: float = math.inf,
+             min_change: float = 0.0) -> str:
+    """`up`/`down` when the interval excludes zero and the change is at least `min_change`
+    percent of the baseline; else "within noise"."""
+    if math.isnan(lo) or math.isnan(hi) or abs(relative_pct) < min_change:
         return "within noise"
     if lo > 0:
         return up
@@ -128,7 +135,8 @@ def _skip(t: IterationTable, k: int) -> IterationTable:
                           {n: v[k:] for n, v in t.top.items()}, t.comm[k:], t.comm_update[k:])
 
 
-def compare(a_path: str, b_path: str, *, resamples: int = RESAMPLES, seed: int = 0, skip: int = 1) -> Diff:
+def compare(a_path: str, b_path: str, *, resamples: int = RESAMPLES, seed: int = 0, skip: int = 1,
+            min_change: float = MIN_CHANGE_PCT) -> Diff:
     """Compare two recordings; raises UsageError for unreadable or empty ones."""
     from marlwatch.cli import UsageError, open_or_fail
 
@@ -158,8 +166,9 @@ def compare(a_path: str, b_path: str, *, resamples: int = RESAMPLES, seed: int =
     with np.errstate(divide="ignore", invalid="ignore"):
         rep = (la_r / na) / (lb_r / nb) * 100 - 100
     lo, hi = _interval(rep)
-    rows.append(Row("IPS", ips_a, ips_b, "IPS", _pct_change(ips_a, ips_b), lo, hi, "%",
-                    _verdict(lo, hi, "faster", "slower")))
+    change = _pct_change(ips_a, ips_b)
+    rows.append(Row("IPS", ips_a, ips_b, "IPS", change, lo, hi, "%",
+                    _verdict(lo, hi, "faster", "slower", change, min_change)))
 
     # Shares: ratio of two per-iteration series; change in percentage points.
     def share(figure: str, num_a, den_a, num_b, den_b) -> None:
@@ -171,7 +180,9 @@ def compare(a_path: str, b_path: str, *, resamples: int = RESAMPLES, seed: int =
             sa_ = va / wa * 100 if wa > 0 else math.nan
             sb_ = vb / wb * 100 if wb > 0 else math.nan
             lo, hi = _interval(rb / qb * 100 - ra / qa * 100)
-        rows.append(Row(figure, sa_, sb_, "%", sb_ - sa_, lo, hi, "pp", _verdict(lo, hi, "higher", "lower")))
+        rel = (sb_ - sa_) / sa_ * 100 if sa_ > 0 else math.inf  # the change as a share of the baseline share
+        rows.append(Row(figure, sa_, sb_, "%", sb_ - sa_, lo, hi, "pp",
+                        _verdict(lo, hi, "higher", "lower", rel, min_change)))
 
     share("comm share of execution", ta.comm, ta.exec, tb.comm, tb.exec)
     share("comm share of update", ta.comm_update, ta.top["update"], tb.comm_update, tb.top["update"])
@@ -190,8 +201,9 @@ def compare(a_path: str, b_path: str, *, resamples: int = RESAMPLES, seed: int =
             continue
         with np.errstate(divide="ignore", invalid="ignore"):
             lo, hi = _interval(((rb / nb) / (ra / na) - 1) * 100)
-        rows.append(Row(name, ma, mb, "ms/it", _pct_change(ma, mb), lo, hi, "%",
-                        _verdict(lo, hi, "slower", "faster")))
+        change = _pct_change(ma, mb)
+        rows.append(Row(name, ma, mb, "ms/it", change, lo, hi, "%",
+                        _verdict(lo, hi, "slower", "faster", change, min_change)))
 
     header, notes = _header(sa, sb, na, nb)
     return Diff(a_path, b_path, header, notes, rows)
@@ -279,6 +291,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="exit 1 when B's IPS is lower than A's by more than PCT percent with confidence")
     parser.add_argument("--skip", type=int, default=1, metavar="N",
                         help="leave out the first N iterations (default 1: the first one includes process start-up)")
+    parser.add_argument("--min-change", type=float, default=MIN_CHANGE_PCT, metavar="PCT",
+                        help="smallest change (percent of A's value) given a verdict (default 10)")
     parser.add_argument("--resamples", type=int, default=RESAMPLES, help="bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (results are reproducible)")
 
@@ -292,7 +306,10 @@ def cli(args: argparse.Namespace) -> int:
         raise UsageError(f"--resamples must be at least 100, got {args.resamples}")
     if args.skip < 0:
         raise UsageError(f"--skip must be >= 0, got {args.skip}")
-    d = compare(args.a, args.b, resamples=args.resamples, seed=args.seed, skip=args.skip)
+    if not args.min_change >= 0:
+        raise UsageError(f"--min-change takes a percentage >= 0, got {args.min_change}")
+    d = compare(args.a, args.b, resamples=args.resamples, seed=args.seed, skip=args.skip,
+                min_change=args.min_change)
     if args.json:
         print(json.dumps(_finite(d.to_json()), indent=2))
     else:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,21 +20,18 @@ QUICK = ["--set", "warmup=512", "--set", "batch_size=256"]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """Two runs of one config and one with twice the agents, run at the same time so that the
-    machine's load (other tests, other users) weighs on all three alike."""
+    """One config twice (a3, b3) and twice the agents (c6), one run after the other so each has
+    the machine to itself. (Started together, the pair's start-up jitter let one run part of its
+    iterations alone, and two identical configs differed by 40% with confidence: true of those
+    runs, but not what this test is about.)"""
     d = tmp_path_factory.mktemp("diff")
-    configs = {"a3": 3, "b3": 3, "c6": 6}
-    procs = {
-        name: subprocess.Popen(
-            [sys.executable, "-m", "marlwatch", "run", "--headless", "--algo", "maddpg", "--agents", str(agents),
-             "--workers", "1", "--iterations", "12", *QUICK, "--record", str(d / f"{name}.arrow")],
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for name, agents in configs.items()
-    }
-    for name, p in procs.items():
-        _, err = p.communicate(timeout=150)
-        assert p.returncode == 0, f"{name}: {err[-500:]}"
-    return {name: d / f"{name}.arrow" for name in configs}
+    out: dict[str, Path] = {}
+    for name, agents in {"a3": 3, "b3": 3, "c6": 6}.items():
+        out[name] = d / f"{name}.arrow"
+        r = marlwatch("run", "--headless", "--algo", "maddpg", "--agents", str(agents), "--workers", "1",
+                      "--iterations", "16", *QUICK, "--record", str(out[name]), timeout=150)
+        assert r.returncode == 0, f"{name}: {r.stderr[-500:]}"
+    return out
 
 
 def diff_json(capsys, a: Path, b: Path, *extra: str) -> tuple[int, dict]:
@@ -50,6 +45,11 @@ def rows(out: dict) -> dict[str, dict]:
     return {r["figure"]: r for r in out["rows"]}
 
 
+def relative_change(row: dict) -> float:
+    """A row's change as a percentage of A's value (shares change in percentage points)."""
+    return row["change"] / row["a"] * 100 if row["change_unit"] == "pp" else row["change"]
+
+
 def test_same_config_is_within_noise(runs, capsys):
     code, out = diff_json(capsys, runs["a3"], runs["b3"], "--fail-if-slower", "10")
     r = rows(out)
@@ -57,7 +57,8 @@ def test_same_config_is_within_noise(runs, capsys):
     # The top-level phases and the throughput of two identical runs do not differ significantly.
     for figure in ("IPS", "sample", "update", "sample share", "update share", "comm share of execution"):
         assert r[figure]["verdict"] == "within noise", r[figure]
-        assert r[figure]["lo"] <= 0 <= r[figure]["hi"]
+        # Within noise: the interval holds zero, or the change is below --min-change (10% of A's value).
+        assert r[figure]["lo"] <= 0 <= r[figure]["hi"] or abs(relative_change(r[figure])) < 10, r[figure]
     assert code == 0  # the regression gate stays open
     assert main(["diff", str(runs["a3"]), str(runs["b3"])]) == 0
     text = capsys.readouterr().out
@@ -96,7 +97,7 @@ def test_fail_if_slower_is_a_regression_gate(runs, capsys):
 def test_intervals_come_from_the_per_iteration_table(runs):
     rec = open_recording(runs["a3"])
     snap, table = read_iterations(rec)
-    assert table.iterations == snap.iterations == 12
+    assert table.iterations == snap.iterations == 16
     # Per-iteration phase times add up to the phase totals of the Snapshot (spans of complete iterations).
     for p in snap.phases:
         assert table.phases[p.name].sum() / 1e9 <= p.total_s + 1e-9
