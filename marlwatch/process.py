@@ -32,6 +32,7 @@ class ChildSpec:
     config: Any
     iterations: int | None
     spans: bool
+    spans_ab: int = 0  # > 0: spans on and off in alternating blocks of this many iterations
     keep_going: bool = False
 
 
@@ -78,8 +79,13 @@ def learner_main(spec: ChildSpec, telemetry_conn: Connection, worker_conns: list
         span = instrument.span
         done = 0
         while (spec.iterations is None or done < spec.iterations) and not stop.poll():
+            spans_on = None
+            if spec.spans_ab and spec.spans:
+                # Overhead A/B inside one run: both halves see the same machine, moment by moment.
+                spans_on = (done // spec.spans_ab) % 2 == 0
+                instrument.telemetry().spans_enabled = spans_on
             with span("sync/broadcast"):
-                pool.broadcast(learner.weights())
+                pool.broadcast(learner.weights(), spans=spans_on)
             with span("sync/gather"):
                 payloads = pool.gather()
             with span("update"):

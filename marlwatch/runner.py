@@ -46,6 +46,7 @@ class RunConfig:
     spans: bool = True
     record: str | None = None
     keep_going: bool = False
+    spans_ab: int = 0  # > 0: spans on/off in alternating blocks of this many iterations (overhead A/B)
     sample_hz: float = 10.0
     settings: dict[str, str] = field(default_factory=dict)
 
@@ -126,7 +127,8 @@ class Run:
             pinning={str(k): v for k, v in self.pinning.items()},
             procs={str(k): p.role for k, p in self.procs.items()},
             extra={"settings": cfg.settings, "config": {k: v for k, v in vars(self.algo_config).items()
-                                                        if isinstance(v, int | float | str | bool)}},
+                                                        if isinstance(v, int | float | str | bool)},
+                   **({"spans_ab": cfg.spans_ab} if cfg.spans_ab else {})},
         )
         self.writer: RecordingWriter | None = None
         self.t0_ns = time.perf_counter_ns()
@@ -182,7 +184,8 @@ class Run:
 
     def _child_spec(self, role: str, slot: int) -> ChildSpec:
         return ChildSpec(role=role, slot=slot, core=self.pinning[slot], algorithm=self.spec, config=self.algo_config,
-                         iterations=self.cfg.iterations, spans=self.cfg.spans, keep_going=self.cfg.keep_going)
+                         iterations=self.cfg.iterations, spans=self.cfg.spans, keep_going=self.cfg.keep_going,
+                         spans_ab=self.cfg.spans_ab)
 
     def _spawn(self, slot: int, p: mp.process.BaseProcess, tel: Connection) -> None:
         # A spawned child spends seconds importing (unpickling its spec imports the algorithm) before

@@ -20,7 +20,9 @@ class WorkerLost(RuntimeError):
 
 
 class WorkerPool(Protocol):
-    def broadcast(self, weights: Any) -> None: ...
+    def broadcast(self, weights: Any, *, spans: bool | None = None) -> None:
+        """Send the latest weights; `spans` (when not None) switches the workers' spans on or off."""
+        ...
 
     def gather(self) -> list[Any]: ...
 
@@ -41,10 +43,10 @@ class PipeWorkerPool:
         if not self.keep_going or not self.alive:
             raise WorkerLost(f"worker {index + 1} {why}")
 
-    def broadcast(self, weights: Any) -> None:
+    def broadcast(self, weights: Any, *, spans: bool | None = None) -> None:
         for i in list(self.alive):
             try:
-                self.conns[i].send(("weights", weights))
+                self.conns[i].send(("weights", weights, spans))
             except (BrokenPipeError, EOFError, OSError):
                 self._lose(i, "is gone (pipe closed)")
 
@@ -85,6 +87,8 @@ def serve_rollout(rollout: Any, conn: Connection) -> int:
                 return rounds  # the learner is gone: nothing left to do
         if msg[0] == "stop":
             return rounds
+        if msg[2] is not None:  # the learner's spans A/B switch (benchmarking the overhead)
+            instrument.telemetry().spans_enabled = msg[2]
         with span("sync/load_weights"):
             rollout.load_weights(msg[1])
         with span("sample"):
