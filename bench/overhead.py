@@ -34,18 +34,14 @@ def real_run(algo: str, spans: bool, iterations: int, record: Path, workers: int
     """One headless run, driven like `marlwatch run --headless`; its figures from Metrics."""
     from marlwatch.metrics import Metrics
     from marlwatch.runner import Run, RunConfig
+    from marlwatch.sweep import execute
 
     run = Run(RunConfig(algo=algo, agents=agents, workers=workers, iterations=iterations, spans=spans,
                         record=str(record), settings=dict(settings or SETTINGS.get(algo, {}))))
     m = Metrics(run.info)
     run.listeners.append(m.add)
-    run.start()
     t0 = time.monotonic()
-    try:
-        while run.alive:
-            run.pump(0.2)
-    finally:
-        run.finish()
+    execute(run)
     if run.failure:
         raise RuntimeError(f"benchmark run failed: {run.failure}")
     ticks = m.iteration_times_ns()
@@ -110,15 +106,11 @@ def ab_run(algo: str, iterations: int, record: Path, block: int = AB_BLOCK, resa
     from marlwatch.metrics import Metrics
     from marlwatch.recording import open_recording
     from marlwatch.runner import Run, RunConfig
+    from marlwatch.sweep import execute
 
     run = Run(RunConfig(algo=algo, agents=3, workers=2, iterations=iterations, spans=True, spans_ab=block,
                         record=str(record), settings=dict(SETTINGS.get(algo, {}))))
-    run.start()
-    try:
-        while run.alive:
-            run.pump(0.2)
-    finally:
-        run.finish()
+    execute(run)
     if run.failure:
         raise RuntimeError(f"benchmark run failed: {run.failure}")
     rec = open_recording(record)
