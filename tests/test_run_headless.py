@@ -134,3 +134,20 @@ def test_worker_crash_stops_the_run_naming_the_worker(tmp_path, no_leftovers):
     crashed = [p for p in snap.procs if p.state == "crashed"]
     assert [p.role for p in crashed] == ["worker 1"] and "injected failure" in crashed[0].error
     assert not descendants_alive()
+
+
+@pytest.mark.parametrize("algo, agents", [("maddpg", 2), ("maddpg", 4), ("independent", 2), ("independent", 4)])
+def test_maddpg_communicates_and_the_independent_baseline_does_not(tmp_path, algo, agents):
+    from marlwatch.metrics import summarize
+
+    path = tmp_path / f"{algo}.arrow"
+    proc = marlwatch("run", "--headless", "--algo", algo, "--agents", str(agents), "--workers", "1",
+                     "--iterations", "8", "--record", str(path), *FAST)
+    assert proc.returncode == 0, proc.stderr
+    snap = summarize(open_recording(path))
+    comm = [p.name for p in snap.phases if p.comm]
+    assert "update/critic" in {p.name for p in snap.phases}  # past the warm-up: it really updated
+    if algo == "maddpg":
+        assert comm == ["update/comm/joint_inputs"] and snap.comm_share_update > 0
+    else:
+        assert comm == [] and snap.comm_share == 0.0
