@@ -104,17 +104,17 @@ def ab_run(algo: str, iterations: int, record: Path, block: int = AB_BLOCK, resa
     load moment by moment. Figure: time per iteration on / off - 1 over (on, off) block pairs
     after the first 20%, with a 95% bootstrap interval over pairs."""
     from marlwatch.metrics import Metrics
-    from marlwatch.recording import open_recording
     from marlwatch.runner import Run, RunConfig
     from marlwatch.sweep import execute
 
     run = Run(RunConfig(algo=algo, agents=3, workers=2, iterations=iterations, spans=True, spans_ab=block,
                         record=str(record), settings=dict(SETTINGS.get(algo, {}))))
+    m = Metrics(run.info)
+    run.listeners.append(m.add)
     execute(run)
     if run.failure:
         raise RuntimeError(f"benchmark run failed: {run.failure}")
-    rec = open_recording(record)
-    lat = Metrics(rec.info).add_all(rec.batches()).iteration_latencies_ns().astype(np.float64)
+    lat = m.iteration_latencies_ns().astype(np.float64)
     n_pairs = len(lat) // (2 * block)
     blocks = lat[: n_pairs * 2 * block].reshape(n_pairs, 2, block).sum(axis=2)  # [pair, on/off]
     blocks = blocks[n_pairs // 5:]
