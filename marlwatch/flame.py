@@ -49,6 +49,10 @@ from marlwatch.recording import ITER, SCHEMA, SPAN, STACK, Recording
 
 DEFAULT_SECONDS = 5.0
 DEFAULT_RATE = 100
+# --auto-flame: the length of the windows it compares, and how much a phase's p95 must grow
+# (and by at least 1 ms) over the first window's to count as a jump.
+AUTO_WINDOW_S = 2.0
+AUTO_P95_JUMP = 1.5
 # A capture keeps the sampled processes' spans of its window in memory until the samples are
 # attributed: a minute of even fine-grained spans stays in the tens of MB.
 MAX_SECONDS = 60
@@ -353,12 +357,18 @@ class FlameController:
         self.done: list[dict[str, Any]] = []  # one summary per finished capture
         self.phase_slots: dict[str, set[int]] = defaultdict(set)
         self._auto_fired = False
+        # --auto-flame compares short windows of the run (a fresh Metrics each) with the first
+        # window after start-up, so that a jump shows as soon as it happens, even hours into a
+        # run, where whole-run figures would hardly move.
         self._auto_metrics: Metrics | None = None
+        self._auto_windows = 0
         self._auto_baseline: dict[str, float] | None = None
         self._auto_hottest: str | None = None
+        self._auto_candidate: str | None = None
         self._next_auto_check = 0.0
         if auto:
             self._auto_metrics = Metrics(run.info)
+            self._next_auto_check = time.monotonic() + AUTO_WINDOW_S
         run.listeners.append(self.on_batch)
         run.hooks.append(self.poll)
 
@@ -430,7 +440,7 @@ class FlameController:
                 self.pending.clear()
             return
         if self.capture is None and self.auto and not self._auto_fired and time.monotonic() >= self._next_auto_check:
-            self._next_auto_check = time.monotonic() + 1.0
+            self._next_auto_check = time.monotonic() + AUTO_WINDOW_S
             self._check_auto()
         if self.capture is None and self.pending:
             req = self.pending[0]
@@ -440,26 +450,31 @@ class FlameController:
                 self._start(req, slots)
 
     def _check_auto(self) -> None:
+        """Close the current window and compare it with the baseline window."""
         m = self._auto_metrics
         if m is None:
             return
         snap = m.snapshot()
-        if snap.iterations < 5 or snap.wall_s < 2.0:
-            return  # warm-up: start-up costs would look like jumps
+        self._auto_metrics = Metrics(self.run.info)
+        self._auto_windows += 1
+        if self._auto_windows == 1 or snap.iterations < 5:
+            return  # start-up (imports, first iterations) would look like jumps
         hottest = snap.hottest.name if snap.hottest else None
         p95 = {p.name: p.p95_ms for p in snap.phases if p.count >= 10 and not math.isnan(p.p95_ms)}
         if self._auto_baseline is None:
             self._auto_baseline, self._auto_hottest = p95, hottest
             return
         reason, phase = None, None
-        if hottest is not None and hottest != self._auto_hottest:
+        # A new hottest phase counts once it holds for two windows in a row (not one noisy window).
+        if hottest is not None and hottest != self._auto_hottest and hottest == self._auto_candidate:
             reason, phase = f"'{hottest}' became the hottest phase (was '{self._auto_hottest}')", hottest
-        else:
+        self._auto_candidate = hottest if hottest != self._auto_hottest else None
+        if phase is None:
             for name, now in sorted(p95.items(), key=lambda kv: -kv[1]):
                 before = self._auto_baseline.get(name)
                 if before is None:
-                    self._auto_baseline[name] = now
-                elif now > 1.5 * before and now - before > 1.0:
+                    self._auto_baseline[name] = now  # a phase that started later: its first window
+                elif now > AUTO_P95_JUMP * before and now - before > 1.0:
                     reason, phase = f"p95 of '{name}' jumped from {before:.1f} to {now:.1f} ms", name
                     break
         if phase is not None:

@@ -48,12 +48,13 @@ def no_leftovers():
     assert not left, f"processes left running: {[p.cmdline() for p in left]}"
 
 
-async def wait_for(pilot, predicate, timeout: float, what: str) -> None:
-    """In a Pilot test: let the app run until `predicate()` holds, or fail after `timeout` s."""
+async def wait_for(pilot, predicate, timeout: float, what: str, detail=None) -> None:
+    """In a Pilot test: let the app run until `predicate()` holds, or fail after `timeout` s
+    (with `detail()`, if given, in the message: what the app had seen by then)."""
     import time
 
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what}" + (f": {detail()}" if detail else ""))
         await pilot.pause(0.2)

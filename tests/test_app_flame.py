@@ -18,10 +18,12 @@ from tests.conftest import wait_for
 
 @pytest.mark.timeout(170)
 def test_auto_flame_then_f_on_the_selected_phase(tmp_path: Path, no_leftovers):
-    # Updates start after a long warm-up: the p95 of `update` jumps and --auto-flame profiles it.
+    # Updates start after MADDPG's warm-up (25,600 transitions: 10 s or more here), well after
+    # --auto-flame took its baseline window; then the workers wait for weights while the learner
+    # updates: the p95 of their `sync/wait` jumps and --auto-flame profiles it.
     args = build_parser().parse_args(
         ["run", "--workers", "1", "--agents", "3", "--record", str(tmp_path / "live.arrow"), "--auto-flame",
-         "--latency-bound", "500", "--set", "warmup=2000", "--set", "batch_size=256"])
+         "--latency-bound", "500", "--set", "batch_size=256"])
     run = make_run(args, default_iterations=None)
     start_run(run)
     app = LiveApp(run)
@@ -37,7 +39,8 @@ def test_auto_flame_then_f_on_the_selected_phase(tmp_path: Path, no_leftovers):
             ips = app.query_one(ThroughputPanel).query_one("#ips").content
             ips_text = " ".join(t.plain for t in ips.renderables)
             assert "≤500 ms" in ips_text, ips_text
-            await wait_for(pilot, lambda: bool(run.flame.done), 120, "auto-flame to profile a phase")
+            await wait_for(pilot, lambda: bool(run.flame.done), 120, "auto-flame to profile a phase",
+                           lambda: f"{app.snapshot.iterations} iterations, messages {run.flame.messages}")
             auto = [m for m in run.flame.messages if m.startswith("flame: auto: ")]
             assert len(auto) == 1, run.flame.messages
             await wait_for(pilot, lambda: panel.has_class("-has-samples"), 10, "the top-functions panel")
