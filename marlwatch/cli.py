@@ -150,6 +150,15 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C before a command installed its own handler (`run` does, before it starts any
+        # process): still importing torch or reading a file, nothing started, nothing to keep.
+        return _fail("interrupted", EXIT_INTERRUPTED)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    try:
         args = build_parser().parse_args(argv)
     except UsageError as e:
         return _fail(str(e))

@@ -47,6 +47,9 @@ def _die_with_parent() -> None:
 def _bootstrap(spec: ChildSpec, telemetry_conn: Connection) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Started with SIGINT blocked (Run._spawn): unblock it now that it is ignored, so that a
+    # Ctrl-C pending from the spawn is dropped rather than kept pending for the process's life.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if spec.core is not None and hasattr(os, "sched_setaffinity"):
         try:

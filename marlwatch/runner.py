@@ -12,6 +12,7 @@ import os
 import platform
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -194,15 +195,20 @@ class Run:
         # its bootstrap ignores SIGINT; a Ctrl-C to the terminal's process group then killed it with
         # KeyboardInterrupt and the run reported a crash. Python keeps SIGINT ignored when it starts
         # with it ignored, so the child is started with SIGINT ignored from its first instruction.
-        try:
+        # SIGINT is also blocked meanwhile: a Ctrl-C that comes while it is ignored here would be
+        # lost (a run started and stopped at once went on to its last iteration); blocked, Linux
+        # keeps it pending and our own handler gets it once restored. The child inherits the mask
+        # and unblocks it after its bootstrap.
+        main = threading.current_thread() is threading.main_thread()
+        if main:  # the live app spawns from its worker thread: it cannot touch signals, nor needs to
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        except ValueError:  # not the main thread (the live app's worker): cannot touch signals
-            old = None
         try:
             p.start()
         finally:
-            if old is not None:
+            if main:
                 signal.signal(signal.SIGINT, old)
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self._children[slot] = p
         self._conns[tel] = slot
         st = self.procs[slot]

@@ -259,6 +259,23 @@ def test_ctrl_c_once_stops_cleanly_with_a_complete_recording(tmp_path, when):
     assert not alive
 
 
+@pytest.mark.timeout(60)
+def test_ctrl_c_while_importing_exits_130_without_a_traceback(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "marlwatch", "run", "--headless", "--workers", "1",
+                             "--iterations", "100000", "--record", str(tmp_path / "early.arrow"), *FAST], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # Wait until it is importing torch (inside main(), before `run` has a signal handler).
+    deadline = time.monotonic() + 20
+    while not any("libtorch" in m.path for m in psutil.Process(proc.pid).memory_maps()):
+        assert time.monotonic() < deadline and proc.poll() is None, "never got to import torch"
+        time.sleep(0.01)
+    assert not psutil.Process(proc.pid).children()
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "marlwatch: interrupted" and "Traceback" not in err, err
+
+
 @pytest.mark.timeout(150)
 def test_ctrl_c_twice_forces_exit_and_leaves_no_process(tmp_path):
     path = tmp_path / "int2.arrow"
