@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import pyarrow.compute as pc
 import pytest
 
@@ -101,7 +102,9 @@ def test_flame_run_stores_samples_attributed_to_open_spans(flamed):
     assert [d["phase"] for d in done] == ["update", "sample"]
     # Agreement of py-spy's own phase guess with the spans after the clock shift: ~0.8-0.95 here,
     # lower on a loaded machine (sampling jitter); the stack-vs-code checks above are the strict ones.
-    assert done[0]["alignment"]["0"]["agreement"] > 0.7 and done[1]["alignment"]["1"]["agreement"] > 0.7, done
+    # The worker's capture is 2 s of short steps (act ~0.1 ms, env_step ~0.2 ms), the hardest case:
+    # 0.68 was seen with the suite running beside other work.
+    assert done[0]["alignment"]["0"]["agreement"] > 0.7 and done[1]["alignment"]["1"]["agreement"] > 0.6, done
 
 
 def test_flame_text_lists_update_code_not_rollout(flamed, capsys):
@@ -195,13 +198,15 @@ def test_denied_attach_and_gone_process_keep_the_run_going(tmp_path, monkeypatch
                           "allowed; run as root or set kernel.yama.ptrace_scope=0); the run goes on"], ctl.messages
         # A process that is gone: the worker's pid no longer exists.
         monkeypatch.delenv("MARLWATCH_PYSPY")
-        gone = subprocess.Popen([sys.executable, "-c", "pass"])
-        gone.wait()
-        run.procs[1].pid = gone.pid
+        # (Not the pid of a process that just ended: in a busy test session that pid can be
+        # handed out again before py-spy looks. The top of the pid range is free.)
+        pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+        gone_pid = next(p for p in range(pid_max - 1, 1, -1) if not psutil.pid_exists(p))
+        run.procs[1].pid = gone_pid
         n = len(ctl.done)
         ctl.request("sample", 1)
         drive(run, lambda: len(ctl.done) > n)
-        gone_msgs = [m for m in ctl.messages if f"(pid {gone.pid})" in m]
+        gone_msgs = [m for m in ctl.messages if f"(pid {gone_pid})" in m]
         assert len(gone_msgs) == 1 and "the run goes on" in gone_msgs[0], ctl.messages
         assert run.failure is None
     finally:
