@@ -184,7 +184,8 @@ def drive(run: Run, until, timeout: float = 120) -> None:
 def test_denied_attach_and_gone_process_keep_the_run_going(tmp_path, monkeypatch, no_leftovers):
     # A real denied attach: py-spy run as user `nobody` may not ptrace our (root-owned) processes.
     monkeypatch.setenv("MARLWATCH_PYSPY", f"runuser -u nobody -- {Path(sys.executable).parent / 'py-spy'}")
-    run = Run(RunConfig(agents=2, workers=1, iterations=12, record=str(tmp_path / "d.arrow"), settings=QUICK))
+    # No iteration limit: the run must outlive both captures (finish() stops it).
+    run = Run(RunConfig(agents=2, workers=1, iterations=100_000, record=str(tmp_path / "d.arrow"), settings=QUICK))
     ctl = FlameController(run)
     ctl.request("sample", 1)
     run.start()
