@@ -348,14 +348,18 @@ class Run:
         """Hand the rows that came in since the last call to the listeners and the writer as ONE
         batch. Their cost is mostly per call (a dozen Arrow kernels, ~0.1 ms each, in Metrics and
         in the writer), so one call per pump instead of one per telemetry frame and per system
-        sample cut the monitor's CPU time by half: time the run's own processes would have lost."""
+        sample (with the 0.25 s flush) cut the monitor's busy time by about 40%: time the run's
+        own processes would have lost on a machine they fill (docs/benchmarks.md)."""
         if not self._pending:
             return
         pending, self._pending = self._pending, []
         if len(pending) == 1:
             batch = pending[0]
         else:
-            batch = pa.Table.from_batches(pending, schema=SCHEMA).combine_chunks().to_batches()[0]
+            combined = pa.Table.from_batches(pending, schema=SCHEMA).combine_chunks().to_batches()
+            if not combined:  # only empty batches
+                return
+            batch = combined[0]
         self._out.append(batch)
         for fn in self.listeners:
             fn(batch)
