@@ -49,6 +49,11 @@ def test_live_run_fills_panels_and_q_stops_it(tmp_path):
             assert app.query_one(PhaseTable).row_count == len(s.phases)
             cores_text = "\n".join(t.plain for t in app.query_one(CoresPanel).render().renderables)
             assert "cpu0" in cores_text and "learner" in cores_text
+            # And the panel is tall enough to show them all (it once stayed one line tall, the
+            # height of "sampling…", and hid every core but the first).
+            panel = app.query_one(CoresPanel)
+            await pilot.pause(0.3)
+            assert panel.content_size.height >= len(s.cores_now) + len(s.procs), panel.content_size
             rows = list(app.query(WorkerRow))
             assert len(rows) == 3 and any(r.has_class("-running") for r in rows)
 

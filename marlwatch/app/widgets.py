@@ -303,6 +303,15 @@ class CoresPanel(Static):
 
     def on_mount(self) -> None:
         self.border_title = "Cores"
+        self._lines = 0
+
+    def watch_snapshot(self, s: Snapshot | None) -> None:
+        # Its height is `auto`: when the number of lines changes ("sampling…" -> one per core and
+        # process) the layout must be redone, or the panel stays one line tall and hides cores.
+        lines = len(s.cores_now) + len(s.procs) if s is not None else 0
+        if lines != self._lines:
+            self._lines = lines
+            self.refresh(layout=True)
 
     def render(self) -> Group | Text:
         s = self.snapshot
