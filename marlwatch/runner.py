@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,11 @@ class Run:
     def start(self) -> None:
         self.writer = RecordingWriter(self.record_path, self.info)  # fails before any process starts
         ctx = mp.get_context("spawn")
+        # Spawning starts multiprocessing's resource tracker on first use, and that code unblocks
+        # SIGINT on its way out: inside _spawn's window, where SIGINT is ignored, a Ctrl-C was then
+        # dropped (CI saw a run that never stopped). Started here, out of the window, it is not
+        # started again in there.
+        resource_tracker.ensure_running()
         # A pipe, not an Event: no semaphore, no resource-tracker process, and the learner also
         # stops when the monitor dies (the pipe reads EOF).
         stop_r, self._stop = ctx.Pipe(duplex=False)
