@@ -66,6 +66,16 @@ def print_table(rows: list[dict[str, Any]], file=sys.stdout) -> None:
         print("  ".join(str(r[c]).ljust(widths[c]) for c in cols), file=file)
 
 
+def drain(conn) -> None:
+    """Read and drop a pipe's frames until it closes: the monitor's side, when only the
+    producer's cost is measured."""
+    try:
+        while True:
+            conn.recv_bytes()
+    except (EOFError, OSError):
+        pass
+
+
 def rss_bytes(pid: int | None = None) -> int:
     return psutil.Process(pid or os.getpid()).memory_info().rss
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from _common import main_for, median, row, spread
+from _common import drain, main_for, median, row, spread
 
 TARGET = 0.01
 # Short runs that reach the steady state quickly (MADDPG: updates start after 1024 transitions).
@@ -141,14 +141,6 @@ def ab_run(algo: str, iterations: int, record: Path, block: int = AB_BLOCK, resa
             "pairs": int(len(blocks)), "block": block, "iterations": int(len(lat))}
 
 
-def _drain(conn) -> None:
-    try:
-        while True:
-            conn.recv_bytes()
-    except (EOFError, OSError):
-        pass
-
-
 def _in_situ_child(result, rounds: int) -> None:
     import os
 
@@ -164,7 +156,7 @@ def _in_situ_child(result, rounds: int) -> None:
     cfg = make_config(spec, env="", agents=3, workers=2, seed=0, settings={})
     ctx = mp.get_context("spawn")
     r, w = ctx.Pipe(duplex=False)
-    drainer = ctx.Process(target=_drain, args=(r,), daemon=True)
+    drainer = ctx.Process(target=drain, args=(r,), daemon=True)
     drainer.start()
     r.close()
     tel = instrument.connect(w, role="bench", slot=1)

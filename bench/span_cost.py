@@ -13,17 +13,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import time
 
-from _common import main_for, median, row, spread
+from _common import drain, main_for, median, row, spread
 
 TARGET_NS = 500
-
-
-def _drain(conn) -> None:
-    try:
-        while True:
-            conn.recv_bytes()
-    except (EOFError, OSError):
-        pass
 
 
 def _timeit(fn, n: int) -> float:
@@ -39,7 +31,7 @@ def measure(quick: bool = False) -> dict:
     repeats = 5 if quick else 9
     ctx = mp.get_context("spawn")
     r, w = ctx.Pipe(duplex=False)
-    drainer = ctx.Process(target=_drain, args=(r,), daemon=True)
+    drainer = ctx.Process(target=drain, args=(r,), daemon=True)
     drainer.start()
     r.close()
     tel = instrument.connect(w, role="bench", slot=0)
