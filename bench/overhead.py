@@ -165,7 +165,7 @@ def _in_situ_child(result, rounds: int) -> None:
         rollout.collect()
         instrument.tick()
     cpu: dict[bool, list[int]] = {True: [], False: []}
-    spans0 = tel.spans_sent + tel._n
+    spans0 = tel.spans_sent + tel.spans_buffered
     for i in range(rounds):
         on = (i // 5) % 2 == 0
         tel.spans_enabled = on
@@ -173,7 +173,7 @@ def _in_situ_child(result, rounds: int) -> None:
         rollout.collect()
         instrument.tick()
         cpu[on].append(time.process_time_ns() - t)
-    spans = tel.spans_sent + tel._n - spans0
+    spans = tel.spans_sent + tel.spans_buffered - spans0
     instrument.disconnect()
     result.send({"on": cpu[True], "off": cpu[False], "spans_per_collect": spans / len(cpu[True])})
 

@@ -16,7 +16,8 @@ Phase names are paths: the first segment is `sample`, `update` or `sync`; any pa
 `comm` segment counts as communication. Spans nest; a span's parent is the span open around it.
 
 Cost: a span is two clock reads plus four stores into preallocated `array.array`s (no object
-is created per span); spans are shipped in batches when the buffer fills or, at a tick, when
+is created per span), done in C by `marlwatch._fastspan` where it was built at install time
+(Linux with a C compiler) and by the identical Python `PySpan` elsewhere; spans are shipped in batches when the buffer fills or, at a tick, when
 the last flush is older than `flush_interval_s` (0.25 s: the live app redraws at 4 Hz, and every
 frame costs the monitor a fixed ~0.3 ms whatever its size). `bench/` measures the cost per span.
 
@@ -36,6 +37,7 @@ import threading
 import time
 from array import array
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 from marlwatch.wire import Sink, encode_batch, encode_control
@@ -59,69 +61,92 @@ DEFAULT_CAPACITY = 4096
 ROOT = -1  # parent id of a top-level span
 
 
-class Span:
-    """A named phase; reusable and nestable (one instance per name per process)."""
+class PySpanBuffer:
+    """The Python twin of `_fastspan.SpanBuffer`: the caller's preallocated buffers, the count
+    of spans in them, and the stack of open spans as flat (phase id, start ns) pairs."""
 
-    __slots__ = ("_tel", "id", "name", "_starts", "_ids", "_parents", "_t0", "_t1", "_stack")
+    __slots__ = ("ids", "parents", "t0", "t1", "n", "capacity", "stack", "on_full")
 
-    def __init__(self, tel: Telemetry, phase_id: int, name: str) -> None:
-        self._tel = tel
+    def __init__(self, ids: array, parents: array, t0: array, t1: array, on_full: Callable[[], None]) -> None:
+        if not (len(ids) == len(parents) == len(t0) == len(t1) > 0):
+            raise ValueError("span buffers must be non-empty and of one length")
+        self.ids, self.parents, self.t0, self.t1 = ids, parents, t0, t1
+        self.capacity = len(ids)
+        self.n = 0
+        self.stack: list[int] = []
+        self.on_full = on_full
+
+    @property
+    def depth(self) -> int:
+        return len(self.stack) // 2
+
+
+class PySpan:
+    """The Python twin of `_fastspan.Span`: a named phase, reusable and nestable."""
+
+    __slots__ = ("_buf", "id", "name", "_stack")
+
+    def __init__(self, buffer: PySpanBuffer, phase_id: int, name: str) -> None:
+        self._buf = buffer
         self.id = phase_id
         self.name = name
-        self._starts: list[int] = []
-        self._bind()
+        self._stack = buffer.stack  # a local reference keeps one attribute look-up off the hot path
 
-    def _bind(self) -> None:
-        # Local references to the buffers keep attribute look-ups off the hot path.
-        tel = self._tel
-        self._ids, self._parents, self._t0, self._t1 = tel._ids, tel._parents, tel._t0, tel._t1
-        self._stack = tel._stack
-
-    def __enter__(self) -> Span:
-        self._stack.append(self.id)
-        self._starts.append(_now())
+    def __enter__(self) -> PySpan:
+        self._stack += (self.id, _now())
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         t1 = _now()
-        tel = self._tel
         stack = self._stack
-        stack.pop()
-        i = tel._n
-        self._ids[i] = self.id
-        self._parents[i] = stack[-1]
-        self._t0[i] = self._starts.pop()
-        self._t1[i] = t1
+        if not stack:
+            raise RuntimeError("span ended that was never started")
+        b = self._buf
+        t0 = stack.pop()
+        i = b.n
+        b.ids[i] = stack.pop()
+        b.parents[i] = stack[-2] if stack else ROOT
+        b.t0[i] = t0
+        b.t1[i] = t1
         i += 1
-        tel._n = i
-        if i == tel._capacity:
-            tel.flush()
-
-    def __call__(self, fn: _F) -> _F:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            with self:
-                return fn(*args, **kwargs)
-
-        return wrapper  # type: ignore[return-value]
+        b.n = i
+        if i >= b.capacity:
+            b.on_full()
+            if b.n >= b.capacity:  # on_full did not empty the buffers: drop, never overrun
+                b.n = 0
 
 
-class _NullSpan:
-    """What `span()` returns when spans are switched off: does nothing, costs a call."""
+class PyNullSpan:
+    """What `span()` returns when spans are switched off: does nothing."""
 
     __slots__ = ()
 
-    def __enter__(self) -> _NullSpan:
+    def __enter__(self) -> PyNullSpan:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         return None
 
-    def __call__(self, fn: _F) -> _F:
-        return fn
+
+def _c_spans() -> tuple[type, type, type] | None:
+    """The C span types, if they were built here and stamp with the same clock as `_now`."""
+    try:
+        from marlwatch import _fastspan
+    except ImportError:
+        return None
+    a, c, b = _now(), _fastspan.now_ns(), _now()
+    if not a <= c <= b:
+        return None
+    return _fastspan.SpanBuffer, _fastspan.Span, _fastspan.NullSpan
 
 
-_NULL_SPAN = _NullSpan()
+# Which implementation spans use: "c" where `marlwatch._fastspan` was built (Linux with a C
+# compiler at install time), "python" elsewhere. Both record exactly the same; tests run both.
+_C = _c_spans()
+IMPLEMENTATIONS: dict[str, tuple[type, type, type]] = {"python": (PySpanBuffer, PySpan, PyNullSpan)}
+if _C is not None:
+    IMPLEMENTATIONS["c"] = _C
+DEFAULT_IMPLEMENTATION = "c" if _C is not None else "python"
 
 
 class Telemetry:
@@ -134,18 +159,20 @@ class Telemetry:
         spans_enabled: bool = True,
         capacity: int = DEFAULT_CAPACITY,
         flush_interval_s: float = 0.25,
+        implementation: str = DEFAULT_IMPLEMENTATION,
     ) -> None:
         self.sink = sink
         self.spans_enabled = spans_enabled and sink is not None
-        self._capacity = capacity
         self._flush_interval_ns = int(flush_interval_s * 1e9)
+        buffer_type, self._span_type, null_type = IMPLEMENTATIONS[implementation]
+        self.implementation = implementation
         self._ids = array("i", bytes(4 * capacity))
         self._parents = array("i", bytes(4 * capacity))
         self._t0 = array("q", bytes(8 * capacity))
         self._t1 = array("q", bytes(8 * capacity))
-        self._n = 0
-        self._stack: list[int] = [ROOT]
-        self._spans: dict[str, Span] = {}
+        self._buf = buffer_type(self._ids, self._parents, self._t0, self._t1, self.flush)
+        self._null_span = null_type()
+        self._spans: dict[str, Any] = {}
         self._new_names: list[str] = []
         self.iteration = 0
         self._ticks: list[int] = []
@@ -154,13 +181,18 @@ class Telemetry:
         self._lock = threading.Lock()  # flush may come from the hot path or from close()
         self.spans_sent = 0
 
+    @property
+    def spans_buffered(self) -> int:
+        """Spans recorded and not yet shipped."""
+        return self._buf.n
+
     # -- the API -------------------------------------------------------------------------
-    def span(self, name: str) -> Span | _NullSpan:
+    def span(self, name: str) -> AbstractContextManager[Any]:
         if not self.spans_enabled:
-            return _NULL_SPAN
+            return self._null_span
         s = self._spans.get(name)
         if s is None:
-            s = self._spans[name] = Span(self, len(self._spans), name)
+            s = self._spans[name] = self._span_type(self._buf, len(self._spans), name)
             self._new_names.append(name)
         return s
 
@@ -187,12 +219,12 @@ class Telemetry:
     # -- shipping ------------------------------------------------------------------------
     def flush(self) -> None:
         if self.sink is None:
-            self._n = 0
+            self._buf.n = 0
             self._ticks.clear()
             self._counters.clear()
             return
         with self._lock:
-            n = self._n
+            n = self._buf.n
             if not (n or self._ticks or self._counters or self._new_names):
                 self._last_flush = _now()
                 return
@@ -208,7 +240,7 @@ class Telemetry:
                 counters=self._counters,
             )
             self._new_names = []
-            self._n = 0
+            self._buf.n = 0
             self._ticks = []
             self._counters = []
             self.spans_sent += n
@@ -240,11 +272,12 @@ def telemetry() -> Telemetry:
     return _telemetry
 
 
-def connect(sink: Sink, *, spans_enabled: bool = True, **hello: Any) -> Telemetry:
+def connect(sink: Sink, *, spans_enabled: bool = True, implementation: str = DEFAULT_IMPLEMENTATION,
+            **hello: Any) -> Telemetry:
     """Ship this process's telemetry to `sink` (a multiprocessing Connection or alike)."""
     global _telemetry
     _telemetry.close()
-    _telemetry = Telemetry(sink, spans_enabled=spans_enabled)
+    _telemetry = Telemetry(sink, spans_enabled=spans_enabled, implementation=implementation)
     sink.send_bytes(encode_control({"type": "hello", "t_ns": _now(), **hello}))
     atexit.register(_telemetry.close)
     return _telemetry
@@ -256,7 +289,7 @@ def disconnect() -> None:
     _telemetry = Telemetry(None)
 
 
-def span(name: str) -> Span | _NullSpan:
+def span(name: str) -> AbstractContextManager[Any]:
     """A context manager timing the phase `name` (e.g. ``"update/comm/gnn"``)."""
     return _telemetry.span(name)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import shutil
+import sys
 import time
 
 import pytest
@@ -10,10 +12,17 @@ import pytest
 from marlwatch import instrument, wire
 
 
+# Every test of the API runs on each span implementation built here (C and Python on Linux).
+@pytest.fixture(params=sorted(instrument.IMPLEMENTATIONS))
+def implementation(request) -> str:
+    return request.param
+
+
 @pytest.fixture
-def pipe_telemetry():
+def pipe_telemetry(implementation):
     r, w = mp.Pipe(duplex=False)
-    tel = instrument.connect(w, role="test", slot=0)
+    tel = instrument.connect(w, implementation=implementation, role="test", slot=0)
+    assert tel.implementation == implementation
     hello = wire.decode(r.recv_bytes())
     assert isinstance(hello, wire.Control) and hello.message["type"] == "hello"
     yield tel, r
@@ -104,9 +113,9 @@ def test_counters_gauges_and_ticks_travel(pipe_telemetry):
     assert len(batch.ticks) == 2 and tel.iteration == 2
 
 
-def test_spans_off_still_counts_iterations():
+def test_spans_off_still_counts_iterations(implementation):
     r, w = mp.Pipe(duplex=False)
-    tel = instrument.connect(w, spans_enabled=False)
+    tel = instrument.connect(w, spans_enabled=False, implementation=implementation)
     r.recv_bytes()
     try:
         with instrument.span("update"):
@@ -124,6 +133,52 @@ def test_without_a_monitor_spans_do_nothing():
     with instrument.span("update"):
         pass
     instrument.tick()  # no error, no output
+
+
+def test_the_c_spans_are_built_where_a_compiler_was_there():
+    # Without this the install could fall back to the Python spans unnoticed (setup.py marks
+    # the extension optional) and every process would pay ~4x more per span in situ.
+    if sys.platform != "linux" or shutil.which("cc") is None:
+        pytest.skip("the C spans are built on Linux with a C compiler only")
+    assert instrument.DEFAULT_IMPLEMENTATION == "c"
+
+
+def test_both_implementations_record_the_same_spans():
+    # One script of nested spans, a span ended twice over the buffer's end, and an exception
+    # leaving a span: identical ids, parents and order from each implementation.
+    def script(tel: instrument.Telemetry) -> None:
+        a, b, c = tel.span("update"), tel.span("update/comm/gnn"), tel.span("update/critic")
+        for k in range(7):
+            with a:
+                with b:
+                    with b:
+                        pass
+                if k % 2:
+                    with c:
+                        pass
+        with pytest.raises(ValueError), c:
+            raise ValueError
+        assert tel._buf.depth == 0
+
+    got = {}
+    for impl in sorted(instrument.IMPLEMENTATIONS):
+        r, w = mp.Pipe(duplex=False)
+        tel = instrument.Telemetry(w, implementation=impl, capacity=5)
+        script(tel)
+        tel.flush()
+        out = [f for f in frames(r) if isinstance(f, wire.Batch)]
+        got[impl] = ([list(f.ids) for f in out], [list(f.parents) for f in out],
+                     [bool((f.t1 >= f.t0).all()) for f in out])
+    assert len(set(map(repr, got.values()))) == 1, got
+    ids, parents, ordered = got["python"]
+    assert [len(x) for x in ids] == [5] * 5 and all(ordered)  # 7 x 3 + 3 + 1 spans
+    assert parents[0][:3] == [1, 0, -1]  # inner gnn in outer gnn, outer gnn in update, update at the top
+
+
+def test_ending_a_span_that_was_never_started_is_an_error(implementation):
+    tel = instrument.Telemetry(mp.Pipe(duplex=False)[1], implementation=implementation)
+    with pytest.raises(RuntimeError, match="never started"):
+        tel.span("update").__exit__(None, None, None)
 
 
 @pytest.mark.parametrize("frame", [b"", b"X123", b"J{not json", b"B\x05\x00\x00\x00{}", b"J[1, 2]"])
