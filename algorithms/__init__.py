@@ -10,6 +10,8 @@ from typing import Any
 
 from algorithms.base import AlgorithmSpec, BaseConfig
 
+CONFIGS = "algorithms.configs"
+
 ALGORITHMS: dict[str, AlgorithmSpec] = {
     spec.name: spec
     for spec in [
@@ -17,31 +19,31 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
             name="maddpg", training="CTDE", communication="none (implicit)",
             description="centralised critics read every agent's observation and target action (N^2 actor passes)",
             default_env="simple_spread", module="algorithms.maddpg",
-            config="MADDPGConfig", rollout="MADDPGRollout", learner="MADDPGLearner",
+            config="MADDPGConfig", rollout="MADDPGRollout", learner="MADDPGLearner", config_module=CONFIGS,
         ),
         AlgorithmSpec(
             name="independent", training="decentralised", communication="none",
             description="independent DDPG learners: each critic sees only its own agent (the baseline)",
             default_env="simple_spread", module="algorithms.maddpg",
-            config="IndependentConfig", rollout="MADDPGRollout", learner="MADDPGLearner",
+            config="IndependentConfig", rollout="MADDPGRollout", learner="MADDPGLearner", config_module=CONFIGS,
         ),
         AlgorithmSpec(
             name="neurcomm", training="decentralised", communication="pre-defined graph",
             description="neighbours' observations, policy fingerprints and LSTM states along a fixed graph",
             default_env="cacc", module="algorithms.neurcomm",
-            config="NeurCommConfig", rollout="NeurCommRollout", learner="NeurCommLearner",
+            config="NeurCommConfig", rollout="NeurCommRollout", learner="NeurCommLearner", config_module=CONFIGS,
         ),
         AlgorithmSpec(
             name="tom2c", training="CTDE", communication="learned",
             description="theory-of-mind over N x N pairs + Gumbel graph choosing whom to message; attention critic",
             default_env="simple_spread", module="algorithms.tom2c",
-            config="ToM2CConfig", rollout="ToM2CRollout", learner="ToM2CLearner",
+            config="ToM2CConfig", rollout="ToM2CRollout", learner="ToM2CLearner", config_module=CONFIGS,
         ),
         AlgorithmSpec(
             name="tarmac", training="decentralised", communication="learned",
             description="per-agent learners; targeted attention messages (signature, value) read by query",
             default_env="simple_spread", module="algorithms.tarmac",
-            config="TarMACConfig", rollout="TarMACRollout", learner="TarMACLearner",
+            config="TarMACConfig", rollout="TarMACRollout", learner="TarMACLearner", config_module=CONFIGS,
         ),
     ]
 }

@@ -75,15 +75,18 @@ class AlgorithmSpec:
     config: str
     rollout: str
     learner: str
+    config_module: str = ""
+    """Where `config` lives, if not in `module`: a module that does not import torch keeps the
+    monitor, which only builds and checks the config, light (the built-ins use algorithms.configs)."""
 
-    def _load(self, attr: str) -> type:
+    def _load(self, attr: str, module: str = "") -> type:
         import importlib
 
-        return getattr(importlib.import_module(self.module), attr)
+        return getattr(importlib.import_module(module or self.module), attr)
 
     @property
     def config_cls(self) -> type:
-        return self._load(self.config)
+        return self._load(self.config, self.config_module)
 
     @property
     def rollout_cls(self) -> type:

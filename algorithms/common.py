@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,34 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.base import BaseConfig
 from marlwatch import instrument
-
-
-@dataclass
-class ActorCriticConfig(BaseConfig):
-    """Settings of the on-policy actor-critic algorithms (tom2c, tarmac, neurcomm)."""
-
-    env: str = "simple_spread"
-    max_cycles: int = 25
-    """Episode length."""
-    episodes_per_iteration: int = 8
-    """Whole episodes played per iteration, split among the workers (each plays its share, rounded up)."""
-    lr: float = 3e-3
-    """Adam learning rate."""
-    gamma: float = 0.95
-    """Discount factor."""
-    gae_lambda: float = 0.95
-    """GAE lambda."""
-    entropy_coef: float = 0.01
-    """Entropy bonus."""
-    value_coef: float = 0.5
-    """Weight of the value loss."""
-    grad_clip: float = 1.0
-    """Gradient norm clip."""
-    reward_scale: float = 0.1
-    """Rewards are multiplied by this for learning, so the critic's targets stay near 1 and its
-    gradients do not drown the policy's."""
 
 
 def seed_everything(seed: int) -> None:

@@ -14,14 +14,13 @@ learners (each critic sees its own observation and action: no communication at a
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.base import BaseConfig, Payload, Weights
+from algorithms.base import Payload, Weights
 from algorithms.common import (
     ParallelEnvRunner,
     ReplayBuffer,
@@ -32,42 +31,11 @@ from algorithms.common import (
     soft_update,
     to_numpy_state,
 )
+from algorithms.configs import MADDPGConfig
 from algorithms.envs import make_env
 from marlwatch import instrument
 
 span = instrument.span
-
-
-@dataclass
-class MADDPGConfig(BaseConfig):
-    env: str = "simple_spread"
-    lr: float = 1e-2
-    """Adam learning rate of actors and critics."""
-    gamma: float = 0.95
-    """Discount factor."""
-    batch_size: int = 1024
-    """Transitions per gradient step."""
-    buffer_size: int = 1_000_000
-    """Replay buffer capacity (transitions)."""
-    max_cycles: int = 25
-    """Episode length."""
-    steps_per_iteration: int = 100
-    """Env steps collected per iteration over all workers: one update per 100 steps."""
-    warmup: int = 1024 * 25
-    """Transitions stored before the first update."""
-    tau: float = 0.01
-    """Soft target update rate."""
-    grad_clip: float = 0.5
-    """Gradient norm clip."""
-    hidden: int = 64
-    """Width of the two hidden layers."""
-    centralised_critic: bool = True
-    """False turns MADDPG into independent DDPG learners (no communication)."""
-
-
-@dataclass
-class IndependentConfig(MADDPGConfig):
-    centralised_critic: bool = False
 
 
 def _actors(n: int, obs_dim: int, n_actions: int, hidden: int) -> nn.ModuleList:

@@ -32,8 +32,6 @@ one batched matmul instead: the same maths (the tests check both agree), a diffe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -41,7 +39,6 @@ from torch import nn
 
 from algorithms.base import Payload, Weights
 from algorithms.common import (
-    ActorCriticConfig,
     ParallelEnvRunner,
     a2c_loss,
     compute_gae,
@@ -50,46 +47,11 @@ from algorithms.common import (
     seed_everything,
     to_numpy_state,
 )
+from algorithms.configs import NeurCommConfig
 from algorithms.envs import make_env
 from marlwatch import instrument
 
 span = instrument.span
-
-
-@dataclass
-class NeurCommConfig(ActorCriticConfig):
-    env: str = "cacc"
-    max_cycles: int = 60
-    """Episode length (the original CACC batch is one 60-step episode)."""
-    episodes_per_iteration: int = 2
-    """Whole episodes collected per iteration over all workers (split among them)."""
-    hidden: int = 64
-    """Width of each encoder and of the LSTM, as in the original."""
-    lr: float = 3e-3
-    """Learning rate (tuned on cacc: the learning check trains for minutes, not hours)."""
-    optimizer: str = "adam"
-    """`adam`, or `rmsprop` as in the original (lr 5e-4 there)."""
-    gamma: float = 0.99
-    """Discount factor."""
-    gae_lambda: float = 1.0
-    """GAE lambda; 1 gives the original's n-step returns (whole episodes here)."""
-    alpha: float = 0.5
-    """Spatial discount: a neighbour d hops away weighs alpha^d in an agent's reward (0.9 learnt
-    markedly slower on cacc in a few minutes: more of each agent's signal is others' noise)."""
-    reward_scale: float = 0.01
-    """Rewards are multiplied by this before learning (the original normalises CACC rewards too)."""
-    grad_clip: float = 40.0
-    """Gradient norm clip (the original's max_grad_norm)."""
-    per_agent_loop: bool = True
-    """Run agents one by one, as the original's Python loops do; False runs every agent in
-    batched tensor ops (identical maths, far less per-agent overhead): compare the two profiles."""
-
-    def validate(self) -> None:
-        if not hasattr(make_env(self.env, self.agents, self.max_cycles), "neighbours"):
-            raise ValueError(f"neurcomm needs an env with a neighbour graph (env.neighbours), such as cacc; "
-                             f"{self.env} has none")
-        if self.optimizer not in ("adam", "rmsprop"):
-            raise ValueError(f"neurcomm: optimizer must be adam or rmsprop, got {self.optimizer!r}")
 
 
 # --- Networks -------------------------------------------------------------------------------

@@ -27,8 +27,6 @@ Phases: acting `sample/encode`, `sample/comm/signature`, `sample/comm/attention`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -36,7 +34,6 @@ from torch import nn
 
 from algorithms.base import Payload, Weights
 from algorithms.common import (
-    ActorCriticConfig,
     ParallelEnvRunner,
     a2c_loss,
     attention,
@@ -49,24 +46,11 @@ from algorithms.common import (
     seed_everything,
     to_numpy_state,
 )
+from algorithms.configs import TarMACConfig
 from algorithms.envs import make_env
 from marlwatch import instrument
 
 span = instrument.span
-
-
-@dataclass
-class TarMACConfig(ActorCriticConfig):
-    hidden: int = 64
-    """Width of each agent's encoder, actor and critic."""
-    key_dim: int = 16
-    """Size of message signatures and queries."""
-    value_dim: int = 32
-    """Size of message values."""
-    lr: float = 2e-3
-    """Adam learning rate of every agent's optimiser (3e-3 let the per-agent policies collapse)."""
-    backprop_messages: bool = True
-    """Receivers' losses train the senders' message networks (DIAL-style); False detaches them."""
 
 
 class AgentNet(nn.Module):

@@ -35,8 +35,6 @@ evaluated each step, so the time profile does not change with it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -44,7 +42,6 @@ from torch import nn
 
 from algorithms.base import Payload, Weights
 from algorithms.common import (
-    ActorCriticConfig,
     ParallelEnvRunner,
     a2c_loss,
     attention,
@@ -58,31 +55,11 @@ from algorithms.common import (
     seed_everything,
     to_numpy_state,
 )
+from algorithms.configs import ToM2CConfig
 from algorithms.envs import make_env
 from marlwatch import instrument
 
 span = instrument.span
-
-
-@dataclass
-class ToM2CConfig(ActorCriticConfig):
-    hidden: int = 32
-    """Width of the encoder, GRU, ToM and graph networks."""
-    tom_lr_scale: float = 10.0
-    """The ToM network's learning rate is lr times this."""
-    tom_every: int = 5
-    """Train the ToM network every this many iterations."""
-    gumbel_tau: float = 1.0
-    """Temperature of the edge Gumbel-softmax."""
-    prop_steps: int = 2
-    """Propagation steps of the graph network."""
-
-    def validate(self) -> None:
-        if self.env != "simple_spread":  # the encoder and ToM read simple_spread's observation layout
-            raise ValueError(f"tom2c runs on simple_spread only, not {self.env} "
-                             "(its encoder and ToM network read that observation layout)")
-        if self.agents < 2:
-            raise ValueError("tom2c needs at least 2 agents (each agent models the others)")
 
 
 # --- Observation layout of simple_spread ------------------------------------------------

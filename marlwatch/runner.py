@@ -159,9 +159,8 @@ class Run:
         self.writer = RecordingWriter(self.record_path, self.info)  # fails before any process starts
         ctx = mp.get_context("spawn")
         # Spawning starts multiprocessing's resource tracker on first use, and that code unblocks
-        # SIGINT on its way out: inside _spawn's window, where SIGINT is ignored, a Ctrl-C was then
-        # dropped (CI saw a run that never stopped). Started here, out of the window, it is not
-        # started again in there.
+        # SIGINT on its way out: inside _spawn's window, the child would then start unprotected.
+        # Started here, out of the window, it is not started again in there.
         resource_tracker.ensure_running()
         # A pipe, not an Event: no semaphore, no resource-tracker process, and the learner also
         # stops when the monitor dies (the pipe reads EOF).
@@ -190,6 +189,10 @@ class Run:
         self.started = True
         self._emit(event_row(self.now_ns(), None, "run_started", workers=self.workers, algo=self.cfg.algo))
         self._deliver()
+        if self.stop_reason is not None:
+            # A stop asked for before the stop pipe existed (a Ctrl-C delivered when starting the
+            # resource tracker unblocked SIGINT, say) had nothing to send on: send it now.
+            self.request_stop(self.stop_reason)
 
     def _child_spec(self, role: str, slot: int) -> ChildSpec:
         return ChildSpec(role=role, slot=slot, core=self.pinning[slot], algorithm=self.spec, config=self.algo_config,
@@ -197,23 +200,21 @@ class Run:
                          spans_ab=self.cfg.spans_ab)
 
     def _spawn(self, slot: int, p: mp.process.BaseProcess, tel: Connection) -> None:
-        # A spawned child spends seconds importing (unpickling its spec imports the algorithm) before
-        # its bootstrap ignores SIGINT; a Ctrl-C to the terminal's process group then killed it with
-        # KeyboardInterrupt and the run reported a crash. Python keeps SIGINT ignored when it starts
-        # with it ignored, so the child is started with SIGINT ignored from its first instruction.
-        # SIGINT is also blocked meanwhile: a Ctrl-C that comes while it is ignored here would be
-        # lost (a run started and stopped at once went on to its last iteration); blocked, Linux
-        # keeps it pending and our own handler gets it once restored. The child inherits the mask
-        # and unblocks it after its bootstrap.
+        # A spawned child spends a while importing before its bootstrap ignores SIGINT; a Ctrl-C to
+        # the terminal's process group then killed it with KeyboardInterrupt and the run reported a
+        # crash. So the child starts with SIGINT blocked: the signal mask survives fork and exec,
+        # a blocked SIGINT stays pending, and the child's bootstrap ignores it before unblocking.
+        # The monitor only blocks it in this thread, and keeps its own handler meanwhile: a Ctrl-C
+        # in the window goes to another of its threads (pyarrow's) or waits for the unblock, and is
+        # handled either way. (It used to be ignored here as well, and a Ctrl-C that the kernel
+        # gave to another thread was then dropped: the run went on to its last iteration.)
         main = threading.current_thread() is threading.main_thread()
         if main:  # the live app spawns from its worker thread: it cannot touch signals, nor needs to
             mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-            old = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             p.start()
         finally:
             if main:
-                signal.signal(signal.SIGINT, old)
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self._children[slot] = p
         self._conns[tel] = slot

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from algorithms.base import AlgorithmSpec
-from algorithms.maddpg import MADDPGConfig, MADDPGLearner, MADDPGRollout
+from algorithms.configs import MADDPGConfig
+from algorithms.maddpg import MADDPGLearner, MADDPGRollout
 
 
 @dataclass

@@ -242,7 +242,7 @@ def test_malformed_settings_are_rejected(capsys, setting):
 def _known_settings() -> set[str]:
     from dataclasses import fields
 
-    from algorithms.maddpg import MADDPGConfig
+    from algorithms.configs import MADDPGConfig
 
     return {f.name for f in fields(MADDPGConfig)}
 
