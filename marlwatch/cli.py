@@ -282,7 +282,7 @@ def run_headless(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(snap.to_json(), indent=2, default=str))
     else:
-        print(summary_text(snap, str(run.record_path), "complete"))
+        print(summary_text(snap, str(run.record_path), "complete" if snap.complete else "truncated"))
     if run.failure:
         return _fail(f"run failed: {run.failure} (recording kept: {run.record_path})", EXIT_FAILED)
     if interrupted:

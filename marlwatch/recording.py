@@ -163,10 +163,13 @@ class RecordingWriter:
             raise RecordingError(self.failed) from None
         self.rows_written += table.num_rows
 
-    def close(self, *, complete: bool = True, t_ns: int = 0, detail: dict[str, Any] | None = None) -> None:
-        """Flush, write the end-of-run marker (when `complete`) and close the stream."""
+    def close(self, *, complete: bool = True, t_ns: int = 0,
+              detail: dict[str, Any] | None = None) -> pa.RecordBatch | None:
+        """Flush, write the end-of-run marker (when `complete`) and close the stream. Returns the
+        marker's row once it is on disk (so a live view can tell the recording is complete), else None."""
         if self.closed:
-            return
+            return None
+        written = None
         try:
             if complete and self.failed is None:
                 end = empty_columns()
@@ -174,10 +177,13 @@ class RecordingWriter:
                     end[name].append(None)
                 end["kind"][0], end["t_ns"][0] = END, t_ns
                 end["text"][0] = json.dumps({"rows": self.rows_written + self._pending_rows, **(detail or {})})
-                self._pending.append(pa.RecordBatch.from_pydict(end, schema=SCHEMA))
+                marker = pa.RecordBatch.from_pydict(end, schema=SCHEMA)
+                self._pending.append(marker)
             if self.failed is None:
                 self.flush()
                 self._writer.close()
+                if complete and self.failed is None:
+                    written = marker
         except (OSError, RecordingError, pa.ArrowException):
             pass  # what was flushed before stays readable; the caller already knows of `failed`
         finally:
@@ -186,6 +192,7 @@ class RecordingWriter:
                 self._file.close()
             except OSError:
                 pass
+        return written
 
 
 @dataclass

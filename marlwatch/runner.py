@@ -401,7 +401,11 @@ class Run:
             hook(True)
         self._deliver()
         if self.writer is not None:
-            self.writer.close(t_ns=self.now_ns(), detail={"stop_reason": self.stop_reason, "failure": self.failure})
+            end = self.writer.close(t_ns=self.now_ns(), detail={"stop_reason": self.stop_reason, "failure": self.failure})
+            if end is not None:  # listeners (Metrics) see the recording complete, as a reader of the file would
+                for listener in self.listeners:
+                    listener(end)
+                out.append(end)
         return out
 
     def kill_children(self) -> list[pa.RecordBatch]:

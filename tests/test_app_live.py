@@ -87,6 +87,8 @@ def test_live_run_that_finishes_stays_on_screen(tmp_path):
             await pilot.pause(0.3)
             assert "FINISHED" in app.query_one(RunHeader).render().plain
             assert app.snapshot.iterations == 3
+            # The end-of-run marker reached the view through the same Metrics as every other row.
+            assert app.snapshot.complete
             assert all(r.has_class("-finished") for r in app.query(WorkerRow))
             await pilot.press("ctrl+c")  # same as q
         assert app.return_value == 130

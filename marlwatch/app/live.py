@@ -111,8 +111,11 @@ class LiveApp(WatchApp):
         self.show(message.snapshot, self._status(message.recording_bytes))
         if message.failure:
             self.notify(message.failure, title="run failed", severity="error", timeout=30)
-        else:
+        elif message.snapshot.complete:
             self.notify("run finished; the recording is complete. q to leave.", timeout=10)
+        else:
+            self.notify("run finished, but the recording has no end marker. q to leave.", severity="warning",
+                        timeout=30)
 
     def exit_code_for(self, ended: RunEnded) -> int:
         if ended.failure:
@@ -195,7 +198,9 @@ def run_live(args: argparse.Namespace) -> int:
     snap: Snapshot = app.snapshot or app.metrics.snapshot()
     if app.ended is not None:
         snap = app.ended.snapshot
-    print(summary_text(snap, str(run.record_path), "complete" if run.writer and run.writer.failed is None else ""))
+    # The status is the file's: the run's thread may not have finished it (the fallback above).
+    complete = run.writer is not None and run.writer.closed and run.writer.failed is None
+    print(summary_text(snap, str(run.record_path), "complete" if complete else "truncated"))
     print(f"marlwatch: recording {run.record_path} ({human_bytes(run.recording_bytes)})", file=sys.stderr)
     if run.failure:
         print(f"marlwatch: run failed: {run.failure}", file=sys.stderr)
