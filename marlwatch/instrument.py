@@ -63,9 +63,10 @@ ROOT = -1  # parent id of a top-level span
 
 class PySpanBuffer:
     """The Python twin of `_fastspan.SpanBuffer`: the caller's preallocated buffers, the count
-    of spans in them, and the stack of open spans as flat (phase id, start ns) pairs."""
+    of spans in them, and the stack of open spans (their phase ids over a ROOT sentinel, and
+    their start times)."""
 
-    __slots__ = ("ids", "parents", "t0", "t1", "n", "capacity", "stack", "on_full")
+    __slots__ = ("ids", "parents", "t0", "t1", "n", "capacity", "open_ids", "open_t0", "on_full")
 
     def __init__(self, ids: array, parents: array, t0: array, t1: array, on_full: Callable[[], None]) -> None:
         if not (len(ids) == len(parents) == len(t0) == len(t1) > 0):
@@ -73,40 +74,43 @@ class PySpanBuffer:
         self.ids, self.parents, self.t0, self.t1 = ids, parents, t0, t1
         self.capacity = len(ids)
         self.n = 0
-        self.stack: list[int] = []
+        self.open_ids: list[int] = [ROOT]  # the sentinel makes "the parent" a plain [-1]
+        self.open_t0: list[int] = []
         self.on_full = on_full
 
     @property
     def depth(self) -> int:
-        return len(self.stack) // 2
+        return len(self.open_t0)
 
 
 class PySpan:
     """The Python twin of `_fastspan.Span`: a named phase, reusable and nestable."""
 
-    __slots__ = ("_buf", "id", "name", "_stack")
+    __slots__ = ("_buf", "id", "name", "_open_ids", "_open_t0")
 
     def __init__(self, buffer: PySpanBuffer, phase_id: int, name: str) -> None:
         self._buf = buffer
         self.id = phase_id
         self.name = name
-        self._stack = buffer.stack  # a local reference keeps one attribute look-up off the hot path
+        # Local references keep attribute look-ups off the hot path.
+        self._open_ids, self._open_t0 = buffer.open_ids, buffer.open_t0
 
     def __enter__(self) -> PySpan:
-        self._stack += (self.id, _now())
+        self._open_ids.append(self.id)
+        self._open_t0.append(_now())
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         t1 = _now()
-        stack = self._stack
-        if not stack:
+        open_t0 = self._open_t0
+        if not open_t0:
             raise RuntimeError("span ended that was never started")
         b = self._buf
-        t0 = stack.pop()
+        open_ids = self._open_ids
         i = b.n
-        b.ids[i] = stack.pop()
-        b.parents[i] = stack[-2] if stack else ROOT
-        b.t0[i] = t0
+        b.ids[i] = open_ids.pop()
+        b.parents[i] = open_ids[-1]
+        b.t0[i] = open_t0.pop()
         b.t1[i] = t1
         i += 1
         b.n = i
