@@ -104,9 +104,21 @@ print(json.dumps({"code": code, "in_process_s": time.perf_counter() - t0, "cpu_s
 """
 
 
-def time_command(*argv: str) -> dict:
+# What `marlwatch replay` does under its UI: open, seek to the middle, play to the end.
+_REPLAY_CHILD = _CHILD.replace("""from marlwatch.cli import main
+code = main(sys.argv[1:])
+""", """from marlwatch.playback import Playback
+from marlwatch.recording import open_recording
+pb = Playback.from_recording(open_recording(sys.argv[1]))
+pb.seek_s(pb.duration_s / 2)
+pb.to_end()
+code = 0 if pb.at_end and pb.snapshot().complete else 1
+""")
+
+
+def time_command(*argv: str, child: str = _CHILD) -> dict:
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", _CHILD, *argv], capture_output=True, text=True, cwd=REPO,
+    p = subprocess.run([sys.executable, "-c", child, *argv], capture_output=True, text=True, cwd=REPO,
                        timeout=600)
     wall = time.perf_counter() - t0
     last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "{}"
@@ -140,6 +152,13 @@ def measure(quick: bool = False, spans: int | None = None) -> dict:
                 f"file {size / 2**20:.0f} MB; {counted:,} spans summarised"),
             row(f"summary on {spans / 1e6:.0f}M spans: peak RSS", f"{s.get('maxrss', 0) / 2**20:.0f} MB", "< 1 GB",
                 s.get("maxrss", 1 << 40) < TARGET_BYTES)]
+    r = time_command(str(cache), child=_REPLAY_CHILD)
+    r.pop("stdout")
+    out["replay"] = r
+    rows.append(row(f"replay of {spans / 1e6:.0f}M spans to the middle, then the end: wall / peak RSS",
+                    f"{r['wall_s']:.2f} s / {r.get('maxrss', 0) / 2**20:.0f} MB", "< 1 GB",
+                    r.get("code") == 0 and r.get("maxrss", 1 << 40) < TARGET_BYTES,
+                    "the playhead reads the file as it plays and keeps only the batches around it"))
     try:
         import marlwatch.diff  # noqa: F401
 

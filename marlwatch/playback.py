@@ -4,60 +4,94 @@ No UI here: the replay app drives a `Playback` from a timer and shows its snapsh
 the live app shows the snapshots of a running run. Moving forward feeds only the rows between
 the old and the new playhead; moving back rebuilds the metrics from the start, because
 `Metrics` (like the run it describes) only goes forward.
+
+Memory stays bounded by a few batches whatever the recording's length: opening reads the file
+once for each batch's time range (an index of three numbers a batch), and playing reads it
+again in order, holding only the batches that straddle the playhead. Batches are written in
+time order except for spans, which are written when they end: a batch can hold rows older than
+the one before it, so a batch is read once the playhead reaches its earliest row and dropped
+once every row in it is fed.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from marlwatch.metrics import Metrics, Snapshot
-from marlwatch.recording import SCHEMA, Recording, RunInfo
+from marlwatch.recording import Recording, RunInfo
 
 SPEEDS: tuple[float, ...] = (1.0, 4.0, 16.0, math.inf)
-# At "as fast as possible" each advance feeds this many rows, so one step stays a bounded
-# amount of work for the caller (the UI thread) however large the recording is.
-MAX_SPEED_ROWS = 20_000
 
 
 def speed_label(speed: float) -> str:
     return "max" if math.isinf(speed) else f"{speed:g}x"
 
 
-class Playback:
-    """A playhead over one recording's rows, sorted by time."""
+@dataclass
+class _BatchRange:
+    """Where one batch of the file lies in time, and how many rows it has."""
 
-    def __init__(self, info: RunInfo | None, batches: Iterable[pa.RecordBatch]) -> None:
+    first_ns: int
+    last_ns: int
+    rows: int
+
+
+@dataclass
+class _OpenBatch:
+    """A batch read from the file, its rows in time order, fed up to `fed`."""
+
+    rows: pa.RecordBatch
+    t: np.ndarray
+    fed: int = 0
+
+
+class Playback:
+    """A playhead over one recording's rows, in time order."""
+
+    def __init__(self, info: RunInfo | None,
+                 batches: Callable[[], Iterable[pa.RecordBatch]] | Iterable[pa.RecordBatch]) -> None:
+        """`batches`: a function that reads the recording's batches from the start (called once to
+        index them and again at every rewind), or the batches themselves (kept in memory)."""
         self.info = info
-        table = pa.Table.from_batches(list(batches), schema=SCHEMA)
-        # Rows arrive in write order (per process, batched); replay goes by their time instead.
-        # A stable sort keeps the write order of rows with equal times (the end marker stays last).
-        order = np.argsort(table.column("t_ns").to_numpy(), kind="stable")
-        self.table = table.take(pa.array(order)).combine_chunks()
-        self.t = self.table.column("t_ns").to_numpy()
-        self.start_ns = int(self.t[0]) if len(self.t) else 0
-        self.end_ns = int(self.t[-1]) if len(self.t) else 0
+        if callable(batches):
+            self._read: Callable[[], Iterable[pa.RecordBatch]] = batches
+        else:
+            kept = list(batches)
+            self._read = lambda: kept
+        self._index: list[_BatchRange] = []
+        for b in self._read():
+            t = pc.min_max(b.column("t_ns"))
+            if b.num_rows:
+                self._index.append(_BatchRange(t["min"].as_py(), t["max"].as_py(), b.num_rows))
+        self.rows = sum(r.rows for r in self._index)
+        self.start_ns = min((r.first_ns for r in self._index), default=0)
+        self.end_ns = max((r.last_ns for r in self._index), default=0)
         self.position_ns = self.start_ns
         self.speed = SPEEDS[0]
         self.playing = False
-        self._fed = 0  # rows [0, _fed) are in self.metrics
-        self.metrics = Metrics(info)
+        self._rewind()
 
     @classmethod
     def from_recording(cls, rec: Recording) -> Playback:
-        return cls(rec.info, rec.batches())
+        return cls(rec.info, rec.batches)
+
+    def _rewind(self) -> None:
+        self.metrics = Metrics(self.info)
+        self._reader: Iterator[pa.RecordBatch] = (b for b in self._read() if b.num_rows)
+        self._next = 0  # index of the next batch to read from the file
+        self._open: list[_OpenBatch] = []
+        self._fed = 0  # rows fed to self.metrics
 
     # -- state ------------------------------------------------------------------------------
     @property
-    def rows(self) -> int:
-        return len(self.t)
-
-    @property
     def at_end(self) -> bool:
-        return self._fed >= len(self.t)
+        return self._fed >= self.rows
 
     @property
     def position_s(self) -> float:
@@ -111,11 +145,9 @@ class Playback:
 
     def seek_ns(self, t_ns: int) -> None:
         t_ns = min(max(int(t_ns), self.start_ns), self.end_ns)
-        target = int(np.searchsorted(self.t, t_ns, side="right"))
-        if target < self._fed:
-            self.metrics = Metrics(self.info)
-            self._fed = 0
-        self._feed_to(target)
+        if t_ns < self.position_ns:
+            self._rewind()
+        self._feed_to(t_ns)
         self.position_ns = t_ns
 
     def advance(self, wall_s: float) -> bool:
@@ -125,9 +157,10 @@ class Playback:
                 self.playing = False
             return False
         if math.isinf(self.speed):
-            target = min(self._fed + MAX_SPEED_ROWS, len(self.t))
-            self._feed_to(target)
-            self.position_ns = int(self.t[target - 1]) if target else self.start_ns
+            # As fast as possible: one batch of the file per step (at most ~64k rows: the writer's
+            # batch size), so a step stays a bounded amount of work for the UI thread.
+            upto = self._index[self._next].last_ns if self._next < len(self._index) else self.end_ns
+            self.seek_ns(max(upto, self.position_ns))
         else:
             self.seek_ns(self.position_ns + int(wall_s * self.speed * 1e9))
         if self.at_end:
@@ -135,8 +168,28 @@ class Playback:
             self.playing = False
         return True
 
-    def _feed_to(self, target: int) -> None:
-        if target > self._fed:
-            for batch in self.table.slice(self._fed, target - self._fed).to_batches():
-                self.metrics.add(batch)
-            self._fed = target
+    def _feed_to(self, t_ns: int) -> None:
+        """Feed every row with t <= t_ns not fed yet. Batches are read one at a time and fed at
+        once, so a long jump (to the end, say) never holds more than the batches around t_ns."""
+        self._feed_open(t_ns)
+        while self._next < len(self._index) and self._index[self._next].first_ns <= t_ns:
+            b = next(self._reader, None)
+            if b is None:  # the file changed since it was indexed: play what was there
+                self._index = self._index[: self._next]
+                self.rows = sum(r.rows for r in self._index)
+                break
+            self._next += 1
+            # A stable sort keeps the write order of rows with equal times (the end marker stays last).
+            order = np.argsort(b.column("t_ns").to_numpy(), kind="stable")
+            rows = b.take(pa.array(order))
+            self._open.append(_OpenBatch(rows, rows.column("t_ns").to_numpy()))
+            self._feed_open(t_ns)
+
+    def _feed_open(self, t_ns: int) -> None:
+        for ob in self._open:
+            upto = int(np.searchsorted(ob.t, t_ns, side="right"))
+            if upto > ob.fed:
+                self.metrics.add(ob.rows.slice(ob.fed, upto - ob.fed))
+                self._fed += upto - ob.fed
+                ob.fed = upto
+        self._open = [ob for ob in self._open if ob.fed < len(ob.t)]
