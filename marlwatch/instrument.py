@@ -33,6 +33,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import os
 import threading
 import time
 from array import array
@@ -150,7 +151,11 @@ _C = _c_spans()
 IMPLEMENTATIONS: dict[str, tuple[type, type, type]] = {"python": (PySpanBuffer, PySpan, PyNullSpan)}
 if _C is not None:
     IMPLEMENTATIONS["c"] = _C
-DEFAULT_IMPLEMENTATION = "c" if _C is not None else "python"
+# MARLWATCH_SPANS=python picks the Python spans where the C ones exist (to compare the two, or
+# to rule the C spans out); children inherit it with the rest of the environment.
+DEFAULT_IMPLEMENTATION = os.environ.get("MARLWATCH_SPANS", "c" if _C is not None else "python")
+if DEFAULT_IMPLEMENTATION not in IMPLEMENTATIONS:
+    DEFAULT_IMPLEMENTATION = "python"  # "c" asked for where it was not built: spans still work
 
 
 class Telemetry:
@@ -282,7 +287,7 @@ def connect(sink: Sink, *, spans_enabled: bool = True, implementation: str = DEF
     global _telemetry
     _telemetry.close()
     _telemetry = Telemetry(sink, spans_enabled=spans_enabled, implementation=implementation)
-    sink.send_bytes(encode_control({"type": "hello", "t_ns": _now(), **hello}))
+    sink.send_bytes(encode_control({"type": "hello", "t_ns": _now(), "spans_impl": implementation, **hello}))
     atexit.register(_telemetry.close)
     return _telemetry
 

@@ -288,7 +288,8 @@ class Run:
         t = int(m.get("t_ns", self.t0_ns)) - self.t0_ns
         if m["type"] == "hello":
             st.state = "running"
-            self._emit(event_row(t, slot, "started", role=st.role, pid=m.get("pid"), core=m.get("core")))
+            self._emit(event_row(t, slot, "started", role=st.role, pid=m.get("pid"), core=m.get("core"),
+                                 spans_impl=m.get("spans_impl")))
         elif m["type"] == "event":
             name = m.get("name", "event")
             detail = {k: v for k, v in m.items() if k not in ("type", "name", "t_ns")}

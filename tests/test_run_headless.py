@@ -151,3 +151,34 @@ def test_maddpg_communicates_and_the_independent_baseline_does_not(tmp_path, alg
         assert comm == ["update/comm/joint_inputs"] and snap.comm_share_update > 0
     else:
         assert comm == [] and snap.comm_share == 0.0
+
+
+def _started_spans_impl(path) -> dict[int, str]:
+    table = open_recording(path).read_all()
+    started = table.filter(pc.and_(pc.equal(table["kind"], "event"), pc.equal(table["name"], "started")))
+    return {p: json.loads(t)["spans_impl"] for p, t in zip(started["proc"].to_pylist(), started["text"].to_pylist(),
+                                                            strict=True)}
+
+
+def test_every_process_says_which_spans_it_ran(headless_recording):
+    path, _ = headless_recording
+    from marlwatch import instrument
+
+    assert _started_spans_impl(path) == {0: instrument.DEFAULT_IMPLEMENTATION, 1: instrument.DEFAULT_IMPLEMENTATION,
+                                         2: instrument.DEFAULT_IMPLEMENTATION}
+
+
+def test_a_run_on_the_python_spans_records_the_same_phases(tmp_path, headless_recording):
+    # What a machine without the C spans runs, end to end: MARLWATCH_SPANS=python.
+    path = tmp_path / "py.arrow"
+    proc = marlwatch("run", "--headless", "--algo", "maddpg", "--agents", "3", "--workers", "2",
+                     "--iterations", "40", "--record", str(path), *FAST, env={**os.environ, "MARLWATCH_SPANS": "python"})
+    assert proc.returncode == 0, proc.stderr
+    assert set(_started_spans_impl(path).values()) == {"python"}
+
+    def phases(p) -> set[tuple[int, str]]:
+        t = open_recording(p).read_all()
+        s = t.filter(pc.equal(t["kind"], "span"))
+        return set(zip(s["proc"].to_pylist(), s["name"].to_pylist(), strict=True))
+
+    assert phases(path) == phases(headless_recording[0])
