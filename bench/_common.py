@@ -76,6 +76,18 @@ def drain(conn) -> None:
         pass
 
 
+def drained_pipe():
+    """A pipe's write end, and the process that drains its read end (a daemon: it ends with us)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    r, w = ctx.Pipe(duplex=False)
+    drainer = ctx.Process(target=drain, args=(r,), daemon=True)
+    drainer.start()
+    r.close()
+    return w, drainer
+
+
 def rss_bytes(pid: int | None = None) -> int:
     return psutil.Process(pid or os.getpid()).memory_info().rss
 

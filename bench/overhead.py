@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from _common import drain, main_for, median, row, spread
+from _common import drained_pipe, main_for, median, row, spread
 
 TARGET = 0.01
 # Short runs that reach the steady state quickly (MADDPG: updates start after 1024 transitions).
@@ -154,11 +154,7 @@ def _in_situ_child(result, rounds: int) -> None:
         os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
     spec = get_algorithm("maddpg")
     cfg = make_config(spec, env="", agents=3, workers=2, seed=0, settings={})
-    ctx = mp.get_context("spawn")
-    r, w = ctx.Pipe(duplex=False)
-    drainer = ctx.Process(target=drain, args=(r,), daemon=True)
-    drainer.start()
-    r.close()
+    w, _drainer = drained_pipe()
     tel = instrument.connect(w, role="bench", slot=1)
     rollout = spec.rollout_cls(cfg, 1)
     for _ in range(20):  # warm up: first calls, allocator, env resets

@@ -11,10 +11,9 @@ spans switched off (`--no-spans`), and the floor: two `perf_counter_ns` reads.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import time
 
-from _common import drain, main_for, median, row, spread
+from _common import drained_pipe, main_for, median, row, spread
 
 TARGET_NS = 500
 
@@ -29,11 +28,7 @@ def _cases(implementation: str, n: int, repeats: int) -> tuple[dict[str, list[fl
     """Every case, `repeats` times, with spans of one implementation; ns per span (loop subtracted)."""
     from marlwatch import instrument
 
-    ctx = mp.get_context("spawn")
-    r, w = ctx.Pipe(duplex=False)
-    drainer = ctx.Process(target=drain, args=(r,), daemon=True)
-    drainer.start()
-    r.close()
+    w, drainer = drained_pipe()
     tel = instrument.connect(w, implementation=implementation, role="bench", slot=0)
     try:
         sp = tel.span("sample/env_step")

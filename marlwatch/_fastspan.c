@@ -65,29 +65,25 @@ SpanBuffer_init(SpanBuffer *self, PyObject *args, PyObject *kwds)
     static const char *formats[4] = {"i", "i", "q", "q"};
     static const Py_ssize_t itemsizes[4] = {4, 4, 8, 8};
     Py_ssize_t capacity = -1;
-    for (int k = 0; k < 4; k++) {
-        if (PyObject_GetBuffer(arrays[k], &self->views[k], PyBUF_WRITABLE | PyBUF_FORMAT) < 0) {
-            for (int j = 0; j < k; j++)
-                PyBuffer_Release(&self->views[j]);
-            return -1;
-        }
+    int acquired = 0; /* views to release if this fails */
+    for (; acquired < 4; acquired++) {
+        int k = acquired;
+        if (PyObject_GetBuffer(arrays[k], &self->views[k], PyBUF_WRITABLE | PyBUF_FORMAT) < 0)
+            goto fail;
         Py_buffer *v = &self->views[k];
         Py_ssize_t len = v->len / itemsizes[k];
         if (v->itemsize != itemsizes[k] || strcmp(v->format, formats[k]) != 0 ||
             (capacity >= 0 && len != capacity)) {
-            for (int j = 0; j <= k; j++)
-                PyBuffer_Release(&self->views[j]);
+            acquired++;
             PyErr_SetString(PyExc_TypeError,
                             "SpanBuffer wants array('i') ids and parents, array('q') t0 and t1, of one length");
-            return -1;
+            goto fail;
         }
         capacity = len;
     }
     if (capacity < 1 || !PyCallable_Check(on_full)) {
-        for (int j = 0; j < 4; j++)
-            PyBuffer_Release(&self->views[j]);
         PyErr_SetString(PyExc_ValueError, "SpanBuffer wants non-empty arrays and a callable on_full");
-        return -1;
+        goto fail;
     }
     self->ids = self->views[0].buf;
     self->parents = self->views[1].buf;
@@ -98,15 +94,18 @@ SpanBuffer_init(SpanBuffer *self, PyObject *args, PyObject *kwds)
     self->stack_capacity = 32;
     self->stack = PyMem_Malloc(sizeof(Frame) * self->stack_capacity);
     if (self->stack == NULL) {
-        for (int j = 0; j < 4; j++)
-            PyBuffer_Release(&self->views[j]);
         PyErr_NoMemory();
-        return -1;
+        goto fail;
     }
     self->depth = 0;
     Py_INCREF(on_full);
     self->on_full = on_full;
     return 0;
+
+fail:
+    for (int j = 0; j < acquired; j++)
+        PyBuffer_Release(&self->views[j]);
+    return -1;
 }
 
 static int

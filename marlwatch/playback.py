@@ -66,8 +66,8 @@ class Playback:
             self._read = lambda: kept
         self._index: list[_BatchRange] = []
         for b in self._read():
-            t = pc.min_max(b.column("t_ns"))
             if b.num_rows:
+                t = pc.min_max(b.column("t_ns"))
                 self._index.append(_BatchRange(t["min"].as_py(), t["max"].as_py(), b.num_rows))
         self.rows = sum(r.rows for r in self._index)
         self.start_ns = min((r.first_ns for r in self._index), default=0)

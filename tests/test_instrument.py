@@ -185,3 +185,21 @@ def test_ending_a_span_that_was_never_started_is_an_error(implementation):
 def test_malformed_frames_are_protocol_errors(frame):
     with pytest.raises(wire.ProtocolError):
         wire.decode(frame)
+
+
+@pytest.mark.parametrize("bad", ["lengths", "types", "empty", "on_full"])
+def test_a_span_buffer_refuses_bad_buffers(implementation, bad):
+    from array import array
+
+    buffer_type = instrument.IMPLEMENTATIONS[implementation][0]
+    ints, longs = (lambda n: array("i", bytes(4 * n))), (lambda n: array("q", bytes(8 * n)))
+    args = {"lengths": (ints(4), ints(4), longs(4), longs(3), print),
+            "types": (ints(4), ints(4), ints(4), longs(4), print),
+            "empty": (ints(0), ints(0), longs(0), longs(0), print),
+            "on_full": (ints(4), ints(4), longs(4), longs(4), None)}[bad]
+    if implementation == "python" and bad in ("types", "on_full"):
+        pytest.skip("the Python buffers take any sequences; the C ones check what they write into")
+    with pytest.raises((TypeError, ValueError)):
+        buffer_type(*args)
+    ids = args[0]
+    ids.append(1)  # an array whose buffer is still exported cannot grow: released after the failure
