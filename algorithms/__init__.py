@@ -75,7 +75,5 @@ def make_config(name: str | AlgorithmSpec, *, env: str = "", agents: int = 3, wo
 
     if cfg.env not in ENVS:
         raise KeyError(f"unknown env {cfg.env!r} (known: {', '.join(sorted(ENVS))})")
-    validate = getattr(cfg, "validate", None)  # an algorithm may refuse settings it cannot run
-    if validate is not None:
-        validate()  # raises ValueError with a one-line message
+    cfg.check()  # every value within its rule, then the algorithm's own checks: ValueError, one line
     return cfg

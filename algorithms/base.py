@@ -10,39 +10,15 @@ plain dicts of numpy arrays, so they cross a pipe today and a Ray object store l
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any, Protocol
+
+# Every setting and the values it takes live in algorithms.configs (no torch there); an algorithm's
+# config subclasses BaseConfig from here or from there.
+from algorithms.configs import BaseConfig, setting  # noqa: F401 - re-exported
 
 Payload = dict[str, Any]
 Weights = dict[str, Any]
-
-
-@dataclass
-class BaseConfig:
-    """Settings every algorithm has; each algorithm's config adds its hyperparameters."""
-
-    env: str = ""
-    """Environment name (see algorithms.envs); empty means the algorithm's default."""
-    agents: int = 3
-    """Number of agents."""
-    workers: int = 1
-    """Number of rollout worker processes (experience per iteration is split among them)."""
-    seed: int = 0
-    """Seed of random, numpy and torch in every process (worker i adds i)."""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def override(self, values: dict[str, str]) -> None:
-        """Apply `--set key=value` overrides, converting to each field's type."""
-        known = {f.name: f for f in fields(self)}
-        for key, raw in values.items():
-            if key not in known or key == "extra":
-                raise ValueError(f"unknown setting {key!r} for this algorithm")
-            current = getattr(self, key)
-            try:
-                value: Any = type(current)(raw) if not isinstance(current, bool) else raw.lower() in ("1", "true", "yes")
-            except ValueError:
-                raise ValueError(f"setting {key}={raw!r}: expected {type(current).__name__}") from None
-            setattr(self, key, value)
 
 
 class Rollout(Protocol):

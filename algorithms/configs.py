@@ -1,14 +1,147 @@
-"""Every built-in algorithm's settings: what `--set key=value` can change, with defaults.
+"""Every built-in algorithm's settings: what `--set key=value` can change, with defaults, and
+what values each one takes.
 
 They live apart from the algorithms' code because the monitor builds and validates a run's
 config before it spawns the processes that train: importing this module costs no torch.
+
+Each setting is declared with `setting(default, ...)`, which states the values that make sense
+for it (a range, finite numbers, a choice); `BaseConfig.override` parses `--set` text against
+it and `BaseConfig.check` refuses a config that breaks any rule, so a bad value fails with one
+line before anything starts instead of crashing a learner later. A subclass that only changes a
+default (`lr: float = 2e-3`) keeps its parent's rule.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import Field, dataclass, field, fields
+from typing import Any
 
-from algorithms.base import BaseConfig
+TRUE, FALSE = ("true", "yes", "1"), ("false", "no", "0")
+KINDS: dict[str, type] = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The values a setting takes. Numbers are always finite; `above` excludes its bound."""
+
+    at_least: float | None = None
+    above: float | None = None
+    at_most: float | None = None
+    choices: tuple[str, ...] = ()
+    flag: str = ""
+    """Set by this command-line flag, not by `--set` (the run sizes its processes from the flag)."""
+
+    def describe(self, kind: type) -> str:
+        if kind is bool:
+            return "true or false (yes/no, 1/0)"
+        if self.choices:
+            return " or ".join(self.choices)
+        if kind is str:
+            return "text"
+        what = "a whole number" if kind is int else "a finite number"
+        if self.at_least is not None and self.at_most is not None:
+            return f"{what} from {_num(self.at_least)} to {_num(self.at_most)}"
+        lo = f">= {_num(self.at_least)}" if self.at_least is not None else \
+            f"> {_num(self.above)}" if self.above is not None else ""
+        hi = f"<= {_num(self.at_most)}" if self.at_most is not None else ""
+        return " ".join(filter(None, [what, lo, "and" if lo and hi else "", hi]))
+
+    def parse(self, kind: type, text: str) -> Any:
+        """`--set` text to a value of `kind`; ValueError if it is not one (range is `check`'s job)."""
+        if kind is bool:
+            if text.lower() in TRUE + FALSE:
+                return text.lower() in TRUE
+            raise ValueError(text)
+        return kind(text)
+
+    def ok(self, kind: type, value: Any) -> bool:
+        if kind is bool or kind is str:
+            return isinstance(value, kind) and (not self.choices or value in self.choices)
+        if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not isinstance(value, int)):
+            return False
+        if not math.isfinite(value):
+            return False
+        return ((self.at_least is None or value >= self.at_least) and (self.above is None or value > self.above)
+                and (self.at_most is None or value <= self.at_most))
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def setting(default: Any, *, at_least: float | None = None, above: float | None = None, at_most: float | None = None,
+            choices: tuple[str, ...] = (), flag: str = "") -> Any:
+    """A config field with the rule its values must follow (see `Rule`)."""
+    return field(default=default, metadata={"rule": Rule(at_least, above, at_most, choices, flag)})
+
+
+def _rule(cls: type, name: str) -> Rule | None:
+    # The nearest class that declared this field with a rule: a subclass that only changes the
+    # default inherits it.
+    for klass in cls.__mro__:
+        f: Field | None = vars(klass).get("__dataclass_fields__", {}).get(name)
+        if f is not None and "rule" in f.metadata:
+            return f.metadata["rule"]
+    return None
+
+
+def _kind(f: Field) -> type:
+    return KINDS[f.type] if isinstance(f.type, str) else f.type  # annotations are strings here
+
+
+@dataclass
+class BaseConfig:
+    """Settings every algorithm has; each algorithm's config adds its hyperparameters."""
+
+    env: str = setting("", flag="--env")
+    """Environment name (see algorithms.envs); empty means the algorithm's default."""
+    agents: int = setting(3, at_least=1, flag="--agents")
+    """Number of agents."""
+    workers: int = setting(1, at_least=1, flag="--workers")
+    """Number of rollout worker processes (experience per iteration is split among them)."""
+    seed: int = setting(0, at_least=0, at_most=2**32 - 1, flag="--seed")
+    """Seed of random, numpy and torch in every process (worker i adds i); numpy takes 0..2^32-1."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def settings(self) -> dict[str, tuple[type, Rule]]:
+        """Every setting of this config, by name: its type and its rule."""
+        out = {}
+        for f in fields(self):
+            rule = _rule(type(self), f.name)
+            if rule is not None:
+                out[f.name] = (_kind(f), rule)
+        return out
+
+    def override(self, values: dict[str, str]) -> None:
+        """Apply `--set key=value` overrides, parsed as each setting's type and checked against its rule."""
+        known = self.settings()
+        for key, raw in values.items():
+            if key not in known:
+                names = ", ".join(k for k, (_, r) in known.items() if not r.flag)
+                raise ValueError(f"unknown setting {key!r} for this algorithm (settings: {names})")
+            kind, rule = known[key]
+            if rule.flag:
+                raise ValueError(f"{key} is set with {rule.flag}, not --set")
+            try:
+                value = rule.parse(kind, raw)
+            except ValueError:
+                value = None
+            if value is None or not rule.ok(kind, value):
+                raise ValueError(f"--set {key}={raw}: {key} must be {rule.describe(kind)}")
+            setattr(self, key, value)
+
+    def check(self) -> None:
+        """Refuse a config with any value outside its rule (set by a flag or by code), then the
+        algorithm's own checks across settings (`validate`). ValueError with one line."""
+        for name, (kind, rule) in self.settings().items():
+            value = getattr(self, name)
+            if not rule.ok(kind, value):
+                raise ValueError(f"{rule.flag or name} must be {rule.describe(kind)}, got {value!r}")
+        self.validate()
+
+    def validate(self) -> None:
+        """An algorithm's checks that involve several settings; raise ValueError."""
 
 
 @dataclass
@@ -16,23 +149,23 @@ class ActorCriticConfig(BaseConfig):
     """Settings of the on-policy actor-critic algorithms (tom2c, tarmac, neurcomm)."""
 
     env: str = "simple_spread"
-    max_cycles: int = 25
+    max_cycles: int = setting(25, at_least=1)
     """Episode length."""
-    episodes_per_iteration: int = 8
+    episodes_per_iteration: int = setting(8, at_least=1)
     """Whole episodes played per iteration, split among the workers (each plays its share, rounded up)."""
-    lr: float = 3e-3
+    lr: float = setting(3e-3, above=0)
     """Adam learning rate."""
-    gamma: float = 0.95
+    gamma: float = setting(0.95, at_least=0, at_most=1)
     """Discount factor."""
-    gae_lambda: float = 0.95
+    gae_lambda: float = setting(0.95, at_least=0, at_most=1)
     """GAE lambda."""
-    entropy_coef: float = 0.01
+    entropy_coef: float = setting(0.01, at_least=0)
     """Entropy bonus."""
-    value_coef: float = 0.5
+    value_coef: float = setting(0.5, at_least=0)
     """Weight of the value loss."""
-    grad_clip: float = 1.0
+    grad_clip: float = setting(1.0, above=0)
     """Gradient norm clip."""
-    reward_scale: float = 0.1
+    reward_scale: float = setting(0.1, above=0)
     """Rewards are multiplied by this for learning, so the critic's targets stay near 1 and its
     gradients do not drown the policy's."""
 
@@ -40,28 +173,35 @@ class ActorCriticConfig(BaseConfig):
 @dataclass
 class MADDPGConfig(BaseConfig):
     env: str = "simple_spread"
-    lr: float = 1e-2
+    lr: float = setting(1e-2, above=0)
     """Adam learning rate of actors and critics."""
-    gamma: float = 0.95
+    gamma: float = setting(0.95, at_least=0, at_most=1)
     """Discount factor."""
-    batch_size: int = 1024
+    batch_size: int = setting(1024, at_least=1)
     """Transitions per gradient step."""
-    buffer_size: int = 1_000_000
+    buffer_size: int = setting(1_000_000, at_least=1)
     """Replay buffer capacity (transitions)."""
-    max_cycles: int = 25
+    max_cycles: int = setting(25, at_least=1)
     """Episode length."""
-    steps_per_iteration: int = 100
+    steps_per_iteration: int = setting(100, at_least=1)
     """Env steps collected per iteration over all workers: one update per 100 steps."""
-    warmup: int = 1024 * 25
+    warmup: int = setting(1024 * 25, at_least=0)
     """Transitions stored before the first update."""
-    tau: float = 0.01
+    tau: float = setting(0.01, above=0, at_most=1)
     """Soft target update rate."""
-    grad_clip: float = 0.5
+    grad_clip: float = setting(0.5, above=0)
     """Gradient norm clip."""
-    hidden: int = 64
+    hidden: int = setting(64, at_least=1)
     """Width of the two hidden layers."""
-    centralised_critic: bool = True
+    centralised_critic: bool = setting(True)
     """False turns MADDPG into independent DDPG learners (no communication)."""
+
+    def validate(self) -> None:
+        # A buffer never holds more than buffer_size transitions: a larger warm-up would never end
+        # (the run would only collect), and a larger batch would resample the same few.
+        for name in ("warmup", "batch_size"):
+            if getattr(self, name) > self.buffer_size:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be at most buffer_size ({self.buffer_size})")
 
 
 @dataclass
@@ -71,16 +211,16 @@ class IndependentConfig(MADDPGConfig):
 
 @dataclass
 class ToM2CConfig(ActorCriticConfig):
-    hidden: int = 32
+    hidden: int = setting(32, at_least=1)
     """Width of the encoder, GRU, ToM and graph networks."""
-    tom_lr_scale: float = 10.0
+    tom_lr_scale: float = setting(10.0, above=0)
     """The ToM network's learning rate is lr times this."""
-    tom_every: int = 5
+    tom_every: int = setting(5, at_least=1)
     """Train the ToM network every this many iterations."""
-    gumbel_tau: float = 1.0
+    gumbel_tau: float = setting(1.0, above=0)
     """Temperature of the edge Gumbel-softmax."""
-    prop_steps: int = 2
-    """Propagation steps of the graph network."""
+    prop_steps: int = setting(2, at_least=0)
+    """Propagation steps of the graph network (0: edges from the encodings alone)."""
 
     def validate(self) -> None:
         if self.env != "simple_spread":  # the encoder and ToM read simple_spread's observation layout
@@ -92,15 +232,15 @@ class ToM2CConfig(ActorCriticConfig):
 
 @dataclass
 class TarMACConfig(ActorCriticConfig):
-    hidden: int = 64
+    hidden: int = setting(64, at_least=1)
     """Width of each agent's encoder, actor and critic."""
-    key_dim: int = 16
+    key_dim: int = setting(16, at_least=1)
     """Size of message signatures and queries."""
-    value_dim: int = 32
+    value_dim: int = setting(32, at_least=1)
     """Size of message values."""
     lr: float = 2e-3
     """Adam learning rate of every agent's optimiser (3e-3 let the per-agent policies collapse)."""
-    backprop_messages: bool = True
+    backprop_messages: bool = setting(True)
     """Receivers' losses train the senders' message networks (DIAL-style); False detaches them."""
 
 
@@ -111,24 +251,24 @@ class NeurCommConfig(ActorCriticConfig):
     """Episode length (the original CACC batch is one 60-step episode)."""
     episodes_per_iteration: int = 2
     """Whole episodes collected per iteration over all workers (split among them)."""
-    hidden: int = 64
+    hidden: int = setting(64, at_least=1)
     """Width of each encoder and of the LSTM, as in the original."""
     lr: float = 3e-3
     """Learning rate (tuned on cacc: the learning check trains for minutes, not hours)."""
-    optimizer: str = "adam"
+    optimizer: str = setting("adam", choices=("adam", "rmsprop"))
     """`adam`, or `rmsprop` as in the original (lr 5e-4 there)."""
     gamma: float = 0.99
     """Discount factor."""
     gae_lambda: float = 1.0
     """GAE lambda; 1 gives the original's n-step returns (whole episodes here)."""
-    alpha: float = 0.5
+    alpha: float = setting(0.5, at_least=0, at_most=1)
     """Spatial discount: a neighbour d hops away weighs alpha^d in an agent's reward (0.9 learnt
     markedly slower on cacc in a few minutes: more of each agent's signal is others' noise)."""
     reward_scale: float = 0.01
     """Rewards are multiplied by this before learning (the original normalises CACC rewards too)."""
     grad_clip: float = 40.0
     """Gradient norm clip (the original's max_grad_norm)."""
-    per_agent_loop: bool = True
+    per_agent_loop: bool = setting(True)
     """Run agents one by one, as the original's Python loops do; False runs every agent in
     batched tensor ops (identical maths, far less per-agent overhead): compare the two profiles."""
 
@@ -138,5 +278,3 @@ class NeurCommConfig(ActorCriticConfig):
         if not hasattr(make_env(self.env, self.agents, self.max_cycles), "neighbours"):
             raise ValueError(f"neurcomm needs an env with a neighbour graph (env.neighbours), such as cacc; "
                              f"{self.env} has none")
-        if self.optimizer not in ("adam", "rmsprop"):
-            raise ValueError(f"neurcomm: optimizer must be adam or rmsprop, got {self.optimizer!r}")

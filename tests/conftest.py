@@ -38,6 +38,19 @@ def descendants_alive(pid: int | None = None) -> list[psutil.Process]:
         return []
 
 
+def group_members(pgid: int) -> list[psutil.Process]:
+    """Live processes of a process group: a command started with `start_new_session=True` and
+    everything it spawned (children stay in their parent's group)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return found
+
+
 @pytest.fixture
 def no_leftovers():
     before = {p.pid for p in descendants_alive()}

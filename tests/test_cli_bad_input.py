@@ -29,7 +29,7 @@ def one_line_error(capsys, argv: list[str]) -> str:
         (["run", "--headless", "--agents", "two"], "--agents must be a whole number"),
         (["run", "--headless", "--set", "nonsense"], "--set takes KEY=VALUE"),
         (["run", "--headless", "--set", "no_such=1"], "unknown setting 'no_such'"),
-        (["run", "--headless", "--set", "batch_size=big"], "expected int"),
+        (["run", "--headless", "--set", "batch_size=big"], "batch_size must be a whole number >= 1"),
         (["run", "--headless", "--record", "/proc/nope/x.arrow"], "cannot write recording /proc/nope/x.arrow"),
         (["run", "--bogus-flag"], "unrecognized arguments"),
         (["frobnicate"], "invalid choice"),

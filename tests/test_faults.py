@@ -22,7 +22,7 @@ from marlwatch import instrument, wire
 from marlwatch.collector import ProcStream
 from marlwatch.recording import RecordingWriter, RunInfo, open_recording
 from marlwatch.runner import Run, RunConfig
-from tests.conftest import FAST, REPO
+from tests.conftest import FAST, REPO, group_members
 from tests.fault_helpers import flood
 
 FAST_SETTINGS = {"warmup": "256", "batch_size": "64"}
@@ -264,20 +264,9 @@ def test_ctrl_c_once_stops_cleanly_with_a_complete_recording(tmp_path, when):
     assert not alive
     # Children spawned after `children` was read (when=spawning) are in the run's process group too.
     deadline = time.monotonic() + 10
-    while _group_members(proc.pid) and time.monotonic() < deadline:
+    while group_members(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _group_members(proc.pid)
-
-
-def _group_members(pgid: int) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-        except (ProcessLookupError, psutil.Error):
-            pass
-    return found
+    assert not group_members(proc.pid)
 
 
 @pytest.mark.timeout(60)

@@ -196,17 +196,45 @@ def not_a_rate(s: str) -> bool:
 
 
 texts = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=12)
+# Random text is almost never a number: the values a range must refuse are drawn on purpose.
+NON_FINITE = st.sampled_from(["nan", "inf", "-inf", "NaN", "Infinity", "1e400", "-1e400"])
+
+
+def numbers_outside(low: float | None, high: float | None, *, low_open: bool = False,
+                    whole: bool = True) -> st.SearchStrategy[str]:
+    """Text of numbers outside [low, high] ((low, high] with low_open), just past each bound and
+    far from it, and of what is not a number of that kind at all."""
+    out: list[st.SearchStrategy[str]] = [NON_FINITE, texts.filter(lambda s: not _is_float(s))]
+    if whole:
+        out.append(st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: not x.is_integer()).map(repr))
+        if low is not None:
+            out.append(st.integers(max_value=int(low) - (0 if low_open else 1)).map(str))
+        if high is not None:
+            out.append(st.integers(min_value=int(high) + 1).map(str))
+    else:
+        if low is not None:
+            out.append(st.floats(max_value=low).filter(lambda x: x <= low if low_open else x < low).map(repr))
+        if high is not None:
+            out.append(st.floats(min_value=high, exclude_min=True).map(repr))
+    return st.one_of(out)
+
+
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
 
 
 @FUZZ
-@given(flag=st.sampled_from(INT_FLAGS), value=texts.filter(not_a_positive_int))
+@given(flag=st.sampled_from(INT_FLAGS), value=st.one_of(texts.filter(not_a_positive_int), numbers_outside(1, None)))
 def test_malformed_counts_are_rejected(capsys, flag, value):
     assert check(capsys, ["run", *NET, f"{flag}={value}"]) == 2
 
 
 @FUZZ
-@given(value=st.one_of(texts, st.sampled_from(["nan", "inf", "-inf", "0", "-1", "1e9", "NaN", "1001"]))
-       .filter(not_a_rate))
+@given(value=st.one_of(texts.filter(not_a_rate), numbers_outside(0, 1000, low_open=True, whole=False)))
 def test_malformed_sample_rates_are_rejected(capsys, value):
     capsys.readouterr()
     assert main(["run", *NET, f"--sample-hz={value}"]) == 2
@@ -214,37 +242,109 @@ def test_malformed_sample_rates_are_rejected(capsys, value):
 
 
 @FUZZ
-@given(value=texts.filter(lambda s: not s.lstrip("-").isdigit()))
+@given(value=numbers_outside(0, 2**32 - 1))
 def test_malformed_seeds_are_rejected(capsys, value):
-    try:
-        int(value)
-        return  # int() accepts it (" 7", "٣"): a valid seed
-    except ValueError:
-        pass
-    assert check(capsys, ["run", *NET, f"--seed={value}"]) == 2
+    capsys.readouterr()
+    code = main(["run", *NET, f"--seed={value}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "cannot write recording" not in err, f"--seed {value!r} was accepted"
+
+
+# What each setting means, written out here (not read from the rules under test): the values
+# outside it must be refused. Every setting of every algorithm is listed (checked below).
+WHOLE_FROM_1 = ["batch_size", "buffer_size", "max_cycles", "steps_per_iteration", "hidden", "episodes_per_iteration",
+                "tom_every", "key_dim", "value_dim"]
+WHOLE_FROM_0 = ["warmup", "prop_steps"]
+POSITIVE = ["lr", "grad_clip", "reward_scale", "tom_lr_scale", "gumbel_tau"]
+NOT_NEGATIVE = ["entropy_coef", "value_coef"]
+FRACTIONS = ["gamma", "gae_lambda", "alpha"]  # [0, 1]
+BOOLEANS = ["centralised_critic", "backprop_messages", "per_agent_loop"]
+FLAGS = ["env", "agents", "workers", "seed"]  # set by their own flags, never by --set
+BOOL_WORDS = {"true", "false", "yes", "no", "1", "0"}
+
+
+def _bad_values(name: str) -> st.SearchStrategy[str]:
+    if name in WHOLE_FROM_1:
+        return numbers_outside(1, None)
+    if name in WHOLE_FROM_0:
+        return numbers_outside(0, None)
+    if name in POSITIVE:
+        return numbers_outside(0, None, low_open=True, whole=False)
+    if name in NOT_NEGATIVE:
+        return numbers_outside(0, None, whole=False)
+    if name in FRACTIONS:
+        return numbers_outside(0, 1, whole=False)
+    if name == "tau":
+        return numbers_outside(0, 1, low_open=True, whole=False)
+    if name in BOOLEANS:
+        return st.one_of(st.sampled_from(["maybe", "2", "-1", "y", "truee", "on", ""]),
+                         texts.filter(lambda s: s.strip().lower() not in BOOL_WORDS))
+    if name == "optimizer":
+        return texts.filter(lambda s: s.strip() not in ("adam", "rmsprop"))
+    assert name in FLAGS, f"{name}: a setting this test does not know the meaning of"
+    return texts
+
+
+def _settings() -> list[tuple[str, str]]:
+    from algorithms import ALGORITHMS, make_config
+
+    return [(algo, name) for algo in ALGORITHMS for name in make_config(algo).settings()]
+
+
+def test_every_setting_has_a_meaning_here():
+    for _, name in _settings():
+        _bad_values(name)
 
 
 @FUZZ
-@given(setting=st.one_of(
-    texts.filter(lambda s: "=" not in s),  # no KEY=VALUE at all
-    st.builds(lambda k, v: f"{k}={v}", texts.filter(lambda s: s.strip() not in _known_settings()), texts),
-    st.builds(lambda k, v: f"{k}={v}", st.sampled_from(["batch_size", "warmup", "hidden", "max_cycles"]),
-              texts.filter(not_a_positive_int)),
-))
-def test_malformed_settings_are_rejected(capsys, setting):
+@given(data=st.data())
+def test_malformed_settings_are_rejected(capsys, data):
+    algo, key = data.draw(st.sampled_from(_settings()), label="setting")
+    setting = data.draw(st.one_of(
+        texts.filter(lambda s: "=" not in s),  # no KEY=VALUE at all
+        st.builds(lambda k, v: f"{k}={v}", texts.filter(lambda s: s.strip() not in _known_settings()), texts),
+        _bad_values(key).map(lambda v: f"{key}={v}"),
+    ), label="--set")
     capsys.readouterr()
-    code = main(["run", *NET, "--set", setting])
+    code = main(["run", *NET, "--algo", algo, "--set", setting])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert "cannot write recording" not in err, f"--set {setting!r} was accepted"
 
 
+@FUZZ
+@given(data=st.data())
+def test_settings_within_their_meaning_are_accepted(capsys, data):
+    """The other side: values inside a setting's range pass the checks and reach the recording
+    (which the safety net then refuses)."""
+    from algorithms import make_config
+
+    algo, key = data.draw(st.sampled_from([s for s in _settings() if s[1] not in FLAGS]), label="setting")
+    kind = type(getattr(make_config(algo), key))
+    if key in BOOLEANS:
+        value = data.draw(st.sampled_from(sorted(BOOL_WORDS | {w.upper() for w in BOOL_WORDS})))
+    elif key == "optimizer":
+        value = data.draw(st.sampled_from(["adam", "rmsprop"]))
+    elif kind is int:
+        low = 1 if key in WHOLE_FROM_1 else 0
+        # A buffer must hold the warm-up and a batch (25,600 and 1,024 by default).
+        low, high = (25_600, 10**6) if key == "buffer_size" else (low, 1000 if key in ("warmup", "batch_size") else 64)
+        value = str(data.draw(st.integers(low, high)))
+    else:
+        top = 1 if key in FRACTIONS or key == "tau" else 1e6
+        x = data.draw(st.floats(0, top, exclude_min=key in POSITIVE or key == "tau"))
+        value = repr(x)
+    capsys.readouterr()
+    code = main(["run", *NET, "--algo", algo, "--set", f"{key}={value}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot write recording" in err, f"--set {key}={value}: {err}"
+
+
 def _known_settings() -> set[str]:
-    from dataclasses import fields
+    from algorithms import ALGORITHMS, make_config
 
-    from algorithms.configs import MADDPGConfig
-
-    return {f.name for f in fields(MADDPGConfig)}
+    return {name for algo in ALGORITHMS for name in make_config(algo).settings()}
 
 
 @FUZZ

@@ -1,0 +1,55 @@
+"""Bad flags and settings, through the real command: refused with one `marlwatch:` line and exit
+2 before anything starts (no recording created, no process spawned, none left behind)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, group_members
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def refused(tmp_path: Path, *args: str, code: int = 2) -> str:
+    """Run `python -m marlwatch ARGS` in a session of its own ("{rec}" in ARGS is a recording path
+    in an empty directory); it must exit `code` with one `marlwatch:` line on stderr, write no file
+    and leave no process of its session. Returns the line."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    argv = [a.replace("{rec}", str(out_dir / "x.arrow")) for a in args]
+    proc = subprocess.Popen([sys.executable, "-m", "marlwatch", *argv], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _, err = proc.communicate(timeout=100)
+    assert proc.returncode == code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("marlwatch: "), err
+    assert not list(out_dir.iterdir()), "a file was created"
+    assert not group_members(proc.pid), "a process was left running"
+    return lines[0]
+
+
+RUN = ["run", "--headless", "--workers", "1", "--iterations", "5", "--record", "{rec}"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--set", "batch_size=0"], "batch_size must be a whole number >= 1"),
+    (["--set", "max_cycles=0"], "max_cycles must be a whole number >= 1"),
+    (["--set", "buffer_size=0"], "buffer_size must be a whole number >= 1"),
+    (["--set", "hidden=-5"], "hidden must be a whole number >= 1"),
+    (["--set", "lr=nan"], "lr must be a finite number > 0"),
+    (["--set", "gamma=inf"], "gamma must be a finite number from 0 to 1"),
+    (["--set", "centralised_critic=maybe"], "centralised_critic must be true or false"),
+    (["--set", "warmup=2000", "--set", "buffer_size=1000"], "warmup (2000) must be at most buffer_size (1000)"),
+    (["--algo", "tom2c", "--set", "episodes_per_iteration=0"], "episodes_per_iteration must be a whole number >= 1"),
+    (["--algo", "neurcomm", "--set", "optimizer=sgd"], "optimizer must be adam or rmsprop"),
+    (["--set", "foo=1"], "unknown setting 'foo'"),
+    (["--set", "workers=4"], "workers is set with --workers, not --set"),
+    (["--seed", "-1"], "--seed must be a whole number from 0 to 4294967295, got -1"),
+    (["--seed", str(2**32)], "--seed must be a whole number from 0 to 4294967295"),
+])
+def test_bad_settings_are_refused_before_anything_starts(tmp_path, args, expected):
+    assert expected in refused(tmp_path, *RUN, *args)
