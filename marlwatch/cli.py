@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from marlwatch.terminal import finite, say
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -144,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
-    print(f"marlwatch: {message}", file=sys.stderr)
+    say(message)  # made printable: messages name files and quote what was in them
     return code
 
 
@@ -280,7 +282,7 @@ def run_headless(args: argparse.Namespace) -> int:
         print(file=sys.stderr)
     snap = metrics.snapshot()
     if args.json:
-        print(json.dumps(snap.to_json(), indent=2, default=str))
+        print(json.dumps(finite(snap.to_json()), indent=2, default=str, allow_nan=False))
     else:
         print(summary_text(snap, str(run.record_path), "complete" if snap.complete else "truncated"))
     if run.failure:
@@ -314,13 +316,13 @@ def cmd_summary(args: argparse.Namespace) -> int:
     if args.json:
         out = snap.to_json()
         out["status"] = rec.status
-        print(json.dumps(out, indent=2, default=str))
+        print(json.dumps(finite(out), indent=2, default=str, allow_nan=False))
     else:
         print(summary_text(snap, args.file, rec.status))
     if not rec.complete:
         lost = " (the last batch was cut mid-write and is lost)" if rec.truncated_mid_batch else ""
-        print(f"marlwatch: warning: {args.file} is truncated: no end-of-run marker{lost}; "
-              f"read {rec.batches_read} complete batches", file=sys.stderr)
+        say(f"{args.file} is truncated: no end-of-run marker{lost}; read {rec.batches_read} complete batches",
+            warning=True)
     return EXIT_OK
 
 

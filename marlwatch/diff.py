@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from marlwatch.metrics import IterationTable, Snapshot, read_iterations
+from marlwatch.terminal import finite, printable
 
 EXIT_OK, EXIT_SLOWER, EXIT_USAGE = 0, 1, 2
 RESAMPLES = 2000
@@ -93,11 +94,11 @@ class BlockBootstrap:
 
 
 def _interval(samples: np.ndarray) -> tuple[float, float]:
-    finite = samples[np.isfinite(samples)]
-    if len(finite) == 0:
+    kept = samples[np.isfinite(samples)]
+    if len(kept) == 0:
         return math.nan, math.nan
     alpha = (1 - CONFIDENCE) / 2
-    lo, hi = np.quantile(finite, [alpha, 1 - alpha])
+    lo, hi = np.quantile(kept, [alpha, 1 - alpha])
     return float(lo), float(hi)
 
 
@@ -269,18 +270,7 @@ def render(d: Diff) -> str:
     significant = [r.figure for r in d.rows if r.verdict not in ("within noise",)]
     lines.append("")
     lines.append("significant: " + (", ".join(significant) if significant else "nothing, all within noise"))
-    return "\n".join(lines)
-
-
-def _finite(x: Any) -> Any:
-    """NaN and infinity are not JSON: they become null."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_finite(v) for v in x]
-    return x
+    return "\n".join(printable(line) for line in lines)  # names and settings come from the files
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -311,7 +301,7 @@ def cli(args: argparse.Namespace) -> int:
     d = compare(args.a, args.b, resamples=args.resamples, seed=args.seed, skip=args.skip,
                 min_change=args.min_change)
     if args.json:
-        print(json.dumps(_finite(d.to_json()), indent=2))
+        print(json.dumps(finite(d.to_json()), indent=2, allow_nan=False))
     else:
         print(render(d))
     if args.fail_if_slower is not None:

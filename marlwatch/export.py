@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 
 from marlwatch.metrics import Metrics, is_comm, top_of
 from marlwatch.recording import CORE, COUNTER, EVENT, PROC, SPAN, STACK, Recording
+from marlwatch.terminal import say
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 SPAN_TID, STACK_TID = 1, 2
@@ -253,7 +254,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli(args: argparse.Namespace) -> int:
-    import sys
 
     from marlwatch.cli import UsageError, open_or_fail
 
@@ -284,13 +284,13 @@ def cli(args: argparse.Namespace) -> int:
             what = ", ".join(f"{k} {v} rows" for k, v in rows.items() if v or k != "stacks")
     except OSError as e:
         _remove(out, args.to, created_dir)
-        print(f"marlwatch: export to {out} failed: {e.strerror or e}", file=sys.stderr)
+        say(f"export to {out} failed: {e.strerror or e}")
         return EXIT_FAILED
     except Exception as e:  # noqa: BLE001 - a damaged file must give one line, not a traceback (as summary)
         _remove(out, args.to, created_dir)
         raise UsageError(f"{args.file}: damaged recording ({type(e).__name__}: {e})") from None
     status = "" if rec.complete else f" (recording {rec.status}: exported what it holds)"
-    print(f"marlwatch: wrote {out}: {what}{status}", file=sys.stderr)
+    say(f"wrote {out}: {what}{status}")
     return EXIT_OK
 
 

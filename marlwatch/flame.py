@@ -46,6 +46,7 @@ import pyarrow.compute as pc
 from marlwatch.collector import event_row
 from marlwatch.metrics import Metrics, function_name
 from marlwatch.recording import ITER, SCHEMA, SPAN, STACK, Recording
+from marlwatch.terminal import printable, say
 
 DEFAULT_SECONDS = 5.0
 DEFAULT_RATE = 100
@@ -693,7 +694,7 @@ def top_functions_text(stacks: Counter, phase: str, n: int = 25) -> str:
     ranked = sorted(incl, key=lambda f: (-self_c[f], -incl[f], f))[:n]
     for f in ranked:
         lines.append(f"{self_c[f]:7d} {100 * self_c[f] / total:5.1f}% {incl[f]:7d} {100 * incl[f] / total:5.1f}%  {f}")
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)  # frames come from the recording
 
 
 def speedscope(per_slot: dict[int, Counter], phase: str, roles: dict[str, str]) -> dict[str, Any]:
@@ -724,6 +725,11 @@ def speedscope(per_slot: dict[int, Counter], phase: str, roles: dict[str, str]) 
             "exporter": "marlwatch"}
 
 
+def _svg_text(text: str) -> str:
+    """Recorded text as SVG character data: control characters are not allowed in XML at all."""
+    return html.escape(printable(text))
+
+
 def flame_svg(stacks: Counter, title: str, width: int = 1200, row: int = 17) -> str:
     """A flame graph (root at the bottom) as a self-contained SVG with hover titles."""
     tree: dict[str, Any] = {"n": 0, "kids": {}}
@@ -742,7 +748,7 @@ def flame_svg(stacks: Counter, title: str, width: int = 1200, row: int = 17) -> 
     total = max(1, tree["n"])
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'font-family="monospace" font-size="11">',
-           f'<text x="4" y="{row - 4}" font-size="13">{html.escape(title)} ({total} samples)</text>']
+           f'<text x="4" y="{row - 4}" font-size="13">{_svg_text(title)} ({total} samples)</text>']
 
     def draw(name: str, node: dict[str, Any], x: float, level: int) -> None:
         w = node["n"] / total * width
@@ -751,14 +757,14 @@ def flame_svg(stacks: Counter, title: str, width: int = 1200, row: int = 17) -> 
         y = height - (level + 1) * row
         hue = 20 + (hash(name) % 40)
         pct = 100 * node["n"] / total
-        label = html.escape(name)
+        label = _svg_text(name)
         out.append(f'<g><title>{label}: {node["n"]} samples ({pct:.1f}%)</title>'
                    f'<rect x="{x:.1f}" y="{y}" width="{max(w - 0.5, 0.5):.1f}" height="{row - 1}" '
                    f'fill="hsl({hue},85%,60%)"/>')
         chars = int(w / 7)
         if chars >= 4:
             text = name if len(name) <= chars else name[:chars - 2] + ".."
-            out.append(f'<text x="{x + 3:.1f}" y="{y + row - 5}">{html.escape(text)}</text>')
+            out.append(f'<text x="{x + 3:.1f}" y="{y + row - 5}">{_svg_text(text)}</text>')
         out.append("</g>")
         cx = x
         for kid_name, kid in sorted(node["kids"].items()):
@@ -815,7 +821,7 @@ def cli(args: argparse.Namespace) -> int:
         Path(args.out).write_text(text + "\n", encoding="utf-8")
     except OSError as e:
         raise UsageError(f"cannot write {args.out}: {e.strerror or e}") from None
-    print(f"marlwatch: wrote {args.out} ({sum(stacks.values())} samples of '{phase}')", file=sys.stderr)
+    say(f"wrote {args.out} ({sum(stacks.values())} samples of '{phase}')")
     return 0
 
 

@@ -20,6 +20,10 @@ import pyarrow as pa
 
 METADATA_KEY = b"marlwatch.run"
 FORMAT_VERSION = 1
+# Each record batch carries its number in the file (0, 1, ...) in its own custom metadata, so a
+# reader can tell a batch repeated or moved (a file spliced by hand or by a broken copy) from
+# new rows. Files written before it have none; readers fall back to the iteration order.
+BATCH_SEQ_KEY = b"marlwatch.seq"
 
 # Row kinds. One schema for all of them keeps the file a single stream any Arrow reader opens.
 SPAN, ITER, COUNTER, CORE, PROC, EVENT, END = "span", "iter", "counter", "core", "proc", "event", "end"
@@ -155,7 +159,7 @@ class RecordingWriter:
         self._pending, self._pending_rows = [], 0
         try:
             for b in table.to_batches():
-                self._writer.write_batch(b)
+                self._writer.write_batch(b, custom_metadata={BATCH_SEQ_KEY: str(self.batches_written)})
                 self.batches_written += 1
             self._file.flush()
         except OSError as e:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from marlwatch.recording import _WRITE_OPTIONS, EVENT, RecordingError, open_recording
+from marlwatch.terminal import printable, say
 
 __all__ = ["add_arguments", "cli", "repair"]
 
@@ -83,13 +83,11 @@ def cli(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot write {dst}: {e.strerror or e}") from None
     except pa.ArrowException as e:
         raise UsageError(f"{src}: damaged recording ({e})") from None
-    print(f"{kept['output']}: {kept['batches']} complete batches, {kept['rows']:,} rows, {kept['spans']:,} spans")
+    print(printable(f"{kept['output']}: {kept['batches']} complete batches, {kept['rows']:,} rows, {kept['spans']:,} spans"))
     if kept["tail_lost"]:
-        print(f"marlwatch: warning: {src} was cut mid-batch; the rows after its last complete batch are lost",
-              file=sys.stderr)
+        say(f"{src} was cut mid-batch; the rows after its last complete batch are lost", warning=True)
     elif kept["complete"]:
-        print(f"marlwatch: {src} was complete; nothing was lost", file=sys.stderr)
+        say(f"{src} was complete; nothing was lost")
     else:
-        print(f"marlwatch: warning: {src} has no end-of-run marker; the run's tail was never written",
-              file=sys.stderr)
+        say(f"{src} has no end-of-run marker; the run's tail was never written", warning=True)
     return EXIT_OK

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from marlwatch.metrics import Snapshot
+from marlwatch.terminal import printable
 
 
 def human_bytes(n: float | None) -> str:
@@ -82,4 +83,6 @@ def summary_text(s: Snapshot, path: str = "", status: str = "") -> str:
         recent = s.returns[-20:]
         lines.append(f"episode return: last {s.counters['episode_return']:.2f}, mean of last {len(recent)} "
                      f"{sum(recent) / max(1, len(recent)):.2f}")
-    return "\n".join(lines)
+    # Names, roles, states and the path come from the recording: each line is made printable
+    # (a name holding a line break stays on its line).
+    return "\n".join(printable(line) for line in lines)

@@ -20,6 +20,7 @@ from marlwatch.app.widgets import (
     WorkersPanel,
 )
 from marlwatch.metrics import Snapshot
+from marlwatch.terminal import printable
 
 REFRESH_HZ = 4.0  # panels redraw at most this often; the run's own pace is untouched
 TALL_ROWS = 32  # from this terminal height on, the top panels get more room
@@ -81,6 +82,13 @@ class WatchApp(App[int]):
     def __init__(self) -> None:
         super().__init__()
         self.snapshot: Snapshot | None = None
+
+    def notify(self, message: str, *, title: str = "", severity: str = "information",  # type: ignore[override]
+               timeout: float | None = None, markup: bool = False) -> None:
+        """Textual's notify, but plain text by default: messages quote phase names, paths and
+        errors, and markup in them (`[@click=...]`, `x[/]`) must show, not act or crash."""
+        super().notify(printable(message, newlines=True), title=printable(title), severity=severity,
+                       timeout=timeout, markup=markup)
 
     def compose(self) -> ComposeResult:
         yield RunHeader(id="header")

@@ -14,6 +14,7 @@ from textual.reactive import reactive
 from textual.widgets import Static
 
 from marlwatch.metrics import Snapshot
+from marlwatch.terminal import printable
 
 ROWS = 6
 
@@ -54,21 +55,22 @@ class TopFunctionsPanel(Static):
             self.lines = []
             return
         phase = self.phase or ""
+        shown = printable(phase) or "-"
         self.lines = s.top_functions(phase, ROWS) if phase else []
         total = sum(sum(f.values()) for name, f in s.stacks.items()
                     if phase and (name == phase or name.startswith(phase + "/")))
-        self.border_title = f"py-spy: top functions in {phase or '-'}"
+        self.border_title = Text(f"py-spy: top functions in {shown}")  # Text: a str would be parsed as markup
         self.border_subtitle = f"{total} samples"
         text = Text(no_wrap=True, overflow="ellipsis")
         if not self.lines:
-            text.append(f"no py-spy samples taken while {phase or 'this phase'} ran; press f to profile it",
+            text.append(f"no py-spy samples taken while {printable(phase) or 'this phase'} ran; press f to profile it",
                         style="dim")
         for i, (func, n) in enumerate(self.lines):
             if i:
                 text.append("\n")
             text.append(f"{100 * n / total:5.1f}% ", style="bold")
             text.append(f"{n:6d}  ")
-            name, _, where = func.partition(" (")
+            name, _, where = printable(func).partition(" (")
             text.append(name, style="bold magenta" if i == 0 else "")
             if where:
                 text.append(" (" + short_path(where), style="dim")

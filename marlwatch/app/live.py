@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 import threading
 import time
 
@@ -23,6 +22,7 @@ from marlwatch.app.messages import RunEnded, SnapshotUpdate
 from marlwatch.app.widgets import Status, clock
 from marlwatch.metrics import Metrics, Snapshot
 from marlwatch.runner import STOP_GRACE_S
+from marlwatch.terminal import say
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -45,7 +45,7 @@ class LiveApp(WatchApp):
             from marlwatch.flame import FlameController
 
             run.flame = FlameController(run)
-        run.flame.on_message = lambda text: self.notify(text, timeout=8)  # notify is thread-safe
+        run.flame.on_message = lambda text: self.notify(text, timeout=8)  # notify is thread-safe, and plain text
         self.refresh_hz = refresh_hz
         self.metrics = Metrics(run.info)
         run.listeners.append(self.metrics.add)
@@ -201,9 +201,9 @@ def run_live(args: argparse.Namespace) -> int:
     # The status is the file's: the run's thread may not have finished it (the fallback above).
     complete = run.writer is not None and run.writer.closed and run.writer.failed is None
     print(summary_text(snap, str(run.record_path), "complete" if complete else "truncated"))
-    print(f"marlwatch: recording {run.record_path} ({human_bytes(run.recording_bytes)})", file=sys.stderr)
+    say(f"recording {run.record_path} ({human_bytes(run.recording_bytes)})")
     if run.failure:
-        print(f"marlwatch: run failed: {run.failure}", file=sys.stderr)
+        say(f"run failed: {run.failure}")
         return EXIT_FAILED
     if app.return_code:  # the app itself failed (Textual printed why)
         return app.return_code if code is None else code

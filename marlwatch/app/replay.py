@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable
 
 from textual.binding import Binding
 
 from marlwatch.app.base import REFRESH_HZ, WatchApp
 from marlwatch.app.widgets import Status, clock
 from marlwatch.playback import SPEEDS, Playback, speed_label
+from marlwatch.terminal import printable
 
 
 class ReplayApp(WatchApp):
@@ -49,17 +51,33 @@ class ReplayApp(WatchApp):
         if play:
             self.playback.play()
         self._last_tick = time.monotonic()
+        self.replay_error: str | None = None  # what stopped the playback, shown in the header
 
     def on_mount(self) -> None:
-        self.title = f"marlwatch replay: {self.rec_path}"
-        self.refresh_view()
+        self.title = printable(f"marlwatch replay: {self.rec_path}")
+        self.guarded(self.refresh_view)
         self.set_interval(1.0 / REFRESH_HZ, self.tick)
+
+    def guarded(self, step: Callable[[], object]) -> None:
+        """Run a step of the playback; what it did not expect (a file that reads but holds
+        something no check foresaw) pauses the replay with the error shown, instead of
+        taking the app and the terminal down. The other panels keep the last good figures."""
+        try:
+            step()
+        except Exception as e:  # noqa: BLE001 - shown to the user, who can quit or seek elsewhere
+            self.playback.pause()
+            self.replay_error = f"{type(e).__name__}: {e}"
+            self.notify(f"replay paused at {clock(self.playback.position_s)}: {self.replay_error}",
+                        title="cannot read on", severity="error", timeout=30)
+            try:
+                self.query_one("#header").status = self.status()
+            except Exception:  # noqa: BLE001 - the notice above is what matters
+                pass
 
     def tick(self) -> None:
         now = time.monotonic()
         dt, self._last_tick = now - self._last_tick, now
-        if self.playback.advance(dt):
-            self.refresh_view()
+        self.guarded(lambda: self.playback.advance(dt) and self.refresh_view())
 
     def status(self) -> Status:
         pb = self.playback
@@ -68,6 +86,8 @@ class ReplayApp(WatchApp):
             state += " end"
         if self.file_status != "complete":
             state += f" [{self.file_status}]"
+        if self.replay_error:
+            state += " [error]"
         return Status("REPLAY", state, f"{clock(pb.position_s)}/{clock(pb.duration_s)}", self.rec_path, self.rec_size)
 
     def refresh_view(self) -> None:
@@ -77,33 +97,31 @@ class ReplayApp(WatchApp):
     def action_quit(self) -> None:  # type: ignore[override]
         self.exit(0)
 
+    def _then_refresh(self, step: Callable[[], object]) -> None:
+        self.replay_error = None  # a key pressed: try again (seeking back reads a file anew)
+        self.guarded(lambda: (step(), self.refresh_view()))
+
     def action_toggle(self) -> None:
-        self.playback.toggle()
         self._last_tick = time.monotonic()
-        self.refresh_view()
+        self._then_refresh(self.playback.toggle)
 
     def action_pause(self) -> None:
         self.action_toggle()
 
     def action_faster(self) -> None:
-        self.playback.faster()
-        self.refresh_view()
+        self._then_refresh(self.playback.faster)
 
     def action_slower(self) -> None:
-        self.playback.slower()
-        self.refresh_view()
+        self._then_refresh(self.playback.slower)
 
     def action_step(self, seconds: float) -> None:
-        self.playback.step(seconds)
-        self.refresh_view()
+        self._then_refresh(lambda: self.playback.step(seconds))
 
     def action_start(self) -> None:
-        self.playback.to_start()
-        self.refresh_view()
+        self._then_refresh(self.playback.to_start)
 
     def action_end(self) -> None:
-        self.playback.to_end()
-        self.refresh_view()
+        self._then_refresh(self.playback.to_end)
 
 
 def _speed(text: str) -> float:
@@ -147,5 +165,11 @@ def cli(args: argparse.Namespace) -> int:
         raise UsageError(f"--at must be a number of seconds >= 0, got {args.at}")
     playback, status, size = load(args.file)
     app = ReplayApp(playback, args.file, size, status, at_s=args.at, play=not args.paused, speed=args.speed)
-    code = app.run()
-    return code or 0
+    return run_app(app)
+
+
+def run_app(app: ReplayApp, **run_kwargs: object) -> int:
+    """Run the app; its exit code. Textual ends an app on an exception nothing handled, restores
+    the terminal and prints the traceback, but run() then returns None: that is a failure (1)."""
+    code = app.run(**run_kwargs)  # type: ignore[arg-type]
+    return app.return_code or code or 0

@@ -15,6 +15,7 @@ from textual.widgets import Static
 from marlwatch.app.charts import column_plot, hbar, stacked_bar
 from marlwatch.metrics import PhaseRow, ProcRow, Snapshot
 from marlwatch.report import human_bytes, ms
+from marlwatch.terminal import printable
 
 TOP_STYLES = {"sample": "dodger_blue2", "update": "magenta", "sync": "yellow", "other": "grey50"}
 STATE_STYLES = {"running": "green", "stalled": "bold yellow", "finished": "cyan", "crashed": "bold red",
@@ -33,7 +34,7 @@ def pct(x: float) -> str:
 
 
 def short_role(role: str) -> str:
-    return role.replace("worker ", "w").replace("learner", "L")
+    return printable(role).replace("worker ", "w").replace("learner", "L")
 
 
 @dataclass
@@ -71,10 +72,10 @@ class RunHeader(Static):
             text.append(f" {st.elapsed}", style="bold")
         info = self.snapshot.info if self.snapshot else None
         if info:
-            text.append(f"  {info.algo} {info.env} {info.agents} agents {info.workers} workers")
+            text.append(printable(f"  {info.algo} {info.env} {info.agents} agents {info.workers} workers"))
         rec = Text(no_wrap=True, overflow="ellipsis")
         rec.append(f"  rec {human_bytes(st.size)} ", style="bold")
-        rec.append(st.path)
+        rec.append(printable(st.path))
         if text.cell_len + rec.cell_len <= self.size.width:
             return text + rec
         return Text("\n", no_wrap=True).join([text, Text(" ") + rec])
@@ -278,7 +279,7 @@ class PhaseTable(Vertical):
         chosen = self.selected_phase if self.selected is not None else None
         self.cells = []
         for p in self.displayed():
-            label = phase_label(p, names, self.sort_key == "tree") + (" ✉" if p.comm else "")
+            label = printable(phase_label(p, names, self.sort_key == "tree")) + (" ✉" if p.comm else "")
             self.cells.append([label, f"{p.total_s:.3f}", pct(p.share), str(p.count),
                                ms(p.p50_ms), ms(p.p95_ms), ms(p.p99_ms)])
         longest = max((len(c[0]) for c in self.cells), default=5)
@@ -293,7 +294,8 @@ class PhaseTable(Vertical):
             body.append(self._line(cells, name_w), style=f"{style} reverse" if p.name == chosen else style)
         self.query_one("#phase-body", Static).update(body)
         if hottest is not None:
-            self.border_subtitle = f"hottest: {hottest.name} {pct(hottest.share)}"
+            # Text, not a str: a str title is parsed as markup, and phase names come from the recording.
+            self.border_subtitle = Text(f"hottest: {printable(hottest.name)} {pct(hottest.share)}")
 
 
 class CoresPanel(Static):
@@ -343,7 +345,7 @@ class CoresPanel(Static):
             row = Text(no_wrap=True, overflow="ellipsis")
             core = f"cpu{p.core}" if p.core is not None else "-"
             cpu = f"{p.cpu_percent:.0f}%" if p.cpu_percent is not None else "-"
-            row.append(f"{p.role:<9}", style="bold")
+            row.append(f"{printable(p.role):<9}", style="bold")
             row.append(f" {core:<5} {cpu:>5} CPU {human_bytes(p.rss_bytes):>9}")
             lines.append(row)
         return Group(*lines)
@@ -365,11 +367,11 @@ class WorkerRow(Static):
         for state in STATE_STYLES:
             self.set_class(row.state == state, f"-{state}")
         text = Text(no_wrap=True, overflow="ellipsis")
-        text.append(f"{row.role:<9}", style="bold")
-        text.append(f"{row.state:<9}", style=STATE_STYLES.get(row.state, ""))
+        text.append(f"{printable(row.role):<9}", style="bold")
+        text.append(f"{printable(row.state):<9}", style=STATE_STYLES.get(row.state, ""))
         text.append(f"it {row.iterations:<6}{row.ips:5.2f} IPS")
         if row.error:
-            err = Text(f"  {row.error}", style="red", no_wrap=True, overflow="ellipsis")
+            err = Text(f"  {printable(row.error)}", style="red", no_wrap=True, overflow="ellipsis")
             self.update(Group(text, err))
         else:
             self.update(text)
