@@ -9,7 +9,14 @@
  * Layout (same as the Python one): the caller's four preallocated `array.array` buffers
  * (ids, parents: int32; t0, t1: int64) are filled in place, `n` counts the spans in them, and a
  * stack of (phase id, start time) frames gives each span its parent. When the buffers are full,
- * the `on_full` callable (Telemetry.flush) ships them and resets `n`.
+ * or a span ends past the `ship_at` deadline, `on_full(buffer)` (Telemetry._ship) ships them and
+ * resets `n`.
+ *
+ * Threads: a SpanBuffer records the spans of one thread (its `owner`). The buffer a Telemetry
+ * makes first is the root; Span objects point at it, and a span entered or ended in another
+ * thread goes to that thread's own buffer, got once from the root's `for_thread()` and cached in
+ * the root's `threads` dict (the reference that keeps it alive) and in a C thread-local (the fast
+ * path). So each thread nests on its own stack, and the owner's path costs one compare.
  *
  * Clock: CLOCK_MONOTONIC, which is what time.perf_counter_ns() reads on Linux; instrument.py
  * checks that the two agree before using this module. Other platforms use the Python path.
@@ -48,15 +55,29 @@ typedef struct {
     Frame *stack;
     Py_ssize_t depth, stack_capacity;
     PyObject *on_full;
+    int64_t ship_at;       /* a span ending at or after this time ships the buffer */
+    unsigned long owner;   /* the thread whose spans this buffer records */
+    uint64_t gen;          /* unique per buffer: keys the thread-local cache */
+    PyObject *for_thread;  /* root only: makes the calling thread's buffer */
+    PyObject *threads;     /* root only: {thread ident: SpanBuffer} of the other threads */
 } SpanBuffer;
+
+static PyTypeObject SpanBufferType;
+static uint64_t next_gen = 1; /* under the GIL */
+
+/* The buffer the calling thread used last, and the generation of the root it belongs to. The
+ * pointer is borrowed: the root's `threads` dict holds the buffer until `forget` drops it, and
+ * `forget` clears this cache in the thread that owns it. */
+static __thread uint64_t tls_gen;
+static __thread SpanBuffer *tls_buf;
 
 static int
 SpanBuffer_init(SpanBuffer *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"ids", "parents", "t0", "t1", "on_full", NULL};
-    PyObject *arrays[4], *on_full;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO", kwlist, &arrays[0], &arrays[1], &arrays[2],
-                                     &arrays[3], &on_full))
+    static char *kwlist[] = {"ids", "parents", "t0", "t1", "on_full", "for_thread", NULL};
+    PyObject *arrays[4], *on_full, *for_thread = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO|O", kwlist, &arrays[0], &arrays[1], &arrays[2],
+                                     &arrays[3], &on_full, &for_thread))
         return -1;
     if (self->on_full != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "SpanBuffer is already initialised");
@@ -81,8 +102,9 @@ SpanBuffer_init(SpanBuffer *self, PyObject *args, PyObject *kwds)
         }
         capacity = len;
     }
-    if (capacity < 1 || !PyCallable_Check(on_full)) {
-        PyErr_SetString(PyExc_ValueError, "SpanBuffer wants non-empty arrays and a callable on_full");
+    if (capacity < 1 || !PyCallable_Check(on_full) || (for_thread != Py_None && !PyCallable_Check(for_thread))) {
+        PyErr_SetString(PyExc_ValueError,
+                        "SpanBuffer wants non-empty arrays, a callable on_full and for_thread callable or None");
         goto fail;
     }
     self->ids = self->views[0].buf;
@@ -98,6 +120,19 @@ SpanBuffer_init(SpanBuffer *self, PyObject *args, PyObject *kwds)
         goto fail;
     }
     self->depth = 0;
+    if (for_thread != Py_None) {
+        self->threads = PyDict_New();
+        if (self->threads == NULL) {
+            PyMem_Free(self->stack);
+            self->stack = NULL;
+            goto fail;
+        }
+        Py_INCREF(for_thread);
+        self->for_thread = for_thread;
+    }
+    self->ship_at = INT64_MAX;
+    self->owner = PyThread_get_thread_ident();
+    self->gen = next_gen++;
     Py_INCREF(on_full);
     self->on_full = on_full;
     return 0;
@@ -112,6 +147,8 @@ static int
 SpanBuffer_traverse(SpanBuffer *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->on_full);
+    Py_VISIT(self->for_thread);
+    Py_VISIT(self->threads);
     for (int k = 0; k < 4; k++)
         Py_VISIT(self->views[k].obj);
     return 0;
@@ -121,6 +158,8 @@ static int
 SpanBuffer_clear(SpanBuffer *self)
 {
     Py_CLEAR(self->on_full);
+    Py_CLEAR(self->for_thread);
+    Py_CLEAR(self->threads);
     return 0;
 }
 
@@ -164,9 +203,141 @@ SpanBuffer_set_n(SpanBuffer *self, PyObject *value, void *closure)
     return 0;
 }
 
+static PyObject *
+SpanBuffer_get_ship_at(SpanBuffer *self, void *closure)
+{
+    return PyLong_FromLongLong(self->ship_at);
+}
+
+static int
+SpanBuffer_set_ship_at(SpanBuffer *self, PyObject *value, void *closure)
+{
+    long long t = value == NULL ? -1 : PyLong_AsLongLong(value);
+    if (t == -1 && PyErr_Occurred())
+        return -1;
+    self->ship_at = t;
+    return 0;
+}
+
+static PyObject *
+SpanBuffer_get_owner(SpanBuffer *self, void *closure)
+{
+    return PyLong_FromUnsignedLong(self->owner);
+}
+
+static PyObject *
+SpanBuffer_get_threads(SpanBuffer *self, void *closure)
+{
+    if (self->threads == NULL)
+        return PyDict_New();
+    return PyDict_Copy(self->threads);
+}
+
+static PyObject *
+SpanBuffer_get_array(SpanBuffer *self, void *closure)
+{
+    if (self->on_full == NULL && self->stack == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the SpanBuffer is not initialised");
+        return NULL;
+    }
+    return Py_NewRef(self->views[(intptr_t)closure].obj);
+}
+
 static PyGetSetDef SpanBuffer_getset[] = {
+    {"ids", (getter)SpanBuffer_get_array, NULL, "the phase id of each span (array('i'))", (void *)0},
+    {"parents", (getter)SpanBuffer_get_array, NULL, "the parent phase id of each span (array('i'))", (void *)1},
+    {"t0", (getter)SpanBuffer_get_array, NULL, "the start of each span (array('q'))", (void *)2},
+    {"t1", (getter)SpanBuffer_get_array, NULL, "the end of each span (array('q'))", (void *)3},
     {"n", (getter)SpanBuffer_get_n, (setter)SpanBuffer_set_n, "spans in the buffers, not yet shipped", NULL},
     {"depth", (getter)SpanBuffer_get_depth, NULL, "spans open now", NULL},
+    {"ship_at", (getter)SpanBuffer_get_ship_at, (setter)SpanBuffer_set_ship_at,
+     "a span ending at or after this perf_counter_ns time ships the buffer", NULL},
+    {"owner", (getter)SpanBuffer_get_owner, NULL, "ident of the thread whose spans this buffer records", NULL},
+    {"threads", (getter)SpanBuffer_get_threads, NULL, "root only: a copy of {thread ident: buffer}", NULL},
+    {NULL},
+};
+
+/* The calling thread's buffer under `root` (the root itself in its owner thread). NULL with an
+ * exception set if `for_thread` failed. */
+static SpanBuffer *
+thread_buffer_slow(SpanBuffer *root, unsigned long me)
+{
+    PyObject *key = PyLong_FromUnsignedLong(me);
+    if (key == NULL)
+        return NULL;
+    PyObject *b = PyDict_GetItemWithError(root->threads, key); /* borrowed */
+    if (b == NULL) {
+        if (PyErr_Occurred()) {
+            Py_DECREF(key);
+            return NULL;
+        }
+        b = PyObject_CallNoArgs(root->for_thread);
+        if (b == NULL) {
+            Py_DECREF(key);
+            return NULL;
+        }
+        if (!Py_IS_TYPE(b, &SpanBufferType) || ((SpanBuffer *)b)->on_full == NULL ||
+            ((SpanBuffer *)b)->owner != me) {
+            PyErr_SetString(PyExc_TypeError, "for_thread() must return a SpanBuffer made in the calling thread");
+            Py_DECREF(b);
+            Py_DECREF(key);
+            return NULL;
+        }
+        int failed = PyDict_SetItem(root->threads, key, b);
+        Py_DECREF(b); /* the dict holds it now */
+        if (failed) {
+            Py_DECREF(key);
+            return NULL;
+        }
+    }
+    Py_DECREF(key);
+    tls_gen = root->gen;
+    tls_buf = (SpanBuffer *)b;
+    return (SpanBuffer *)b;
+}
+
+static inline SpanBuffer *
+thread_buffer(SpanBuffer *root)
+{
+    if (root->for_thread == NULL)
+        return root;
+    unsigned long me = PyThread_get_thread_ident();
+    if (root->owner == me)
+        return root;
+    if (tls_gen == root->gen)
+        return tls_buf;
+    return thread_buffer_slow(root, me);
+}
+
+static PyObject *
+SpanBuffer_forget(SpanBuffer *self, PyObject *buffer)
+{
+    if (!Py_IS_TYPE(buffer, &SpanBufferType)) {
+        PyErr_SetString(PyExc_TypeError, "forget() takes a SpanBuffer");
+        return NULL;
+    }
+    SpanBuffer *b = (SpanBuffer *)buffer;
+    if (tls_gen == self->gen && tls_buf == b)
+        tls_gen = 0;
+    if (self->threads != NULL) {
+        PyObject *key = PyLong_FromUnsignedLong(b->owner);
+        if (key == NULL)
+            return NULL;
+        PyObject *held = PyDict_GetItemWithError(self->threads, key);
+        if (held == buffer && PyDict_DelItem(self->threads, key) < 0) {
+            Py_DECREF(key);
+            return NULL;
+        }
+        Py_DECREF(key);
+        if (PyErr_Occurred())
+            return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef SpanBuffer_methods[] = {
+    {"forget", (PyCFunction)SpanBuffer_forget, METH_O,
+     "Drop `buffer` (a thread's, that thread ending) from this root; call it in that thread."},
     {NULL},
 };
 
@@ -182,6 +353,7 @@ static PyTypeObject SpanBufferType = {
     .tp_traverse = (traverseproc)SpanBuffer_traverse,
     .tp_clear = (inquiry)SpanBuffer_clear,
     .tp_getset = SpanBuffer_getset,
+    .tp_methods = SpanBuffer_methods,
 };
 
 /* ------------------------------------------------------------------------------------ Span */
@@ -213,25 +385,70 @@ Span_init(Span *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
-static PyObject *
-Span_enter(Span *self, PyObject *Py_UNUSED(ignored))
+static inline int
+push(SpanBuffer *b, int32_t id)
 {
-    SpanBuffer *b = self->buf;
-    if (b == NULL) {
-        PyErr_SetString(PyExc_ValueError, "Span is not initialised");
-        return NULL;
-    }
     if (b->depth == b->stack_capacity) {
         Py_ssize_t cap = b->stack_capacity * 2;
         Frame *grown = PyMem_Realloc(b->stack, sizeof(Frame) * cap);
-        if (grown == NULL)
-            return PyErr_NoMemory();
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
         b->stack = grown;
         b->stack_capacity = cap;
     }
     Frame *f = &b->stack[b->depth++];
-    f->id = self->id;
+    f->id = id;
     f->t0 = now_ns();
+    return 0;
+}
+
+/* Ends the innermost open span of phase `id` at `t1`. Spans opened inside it and never ended
+ * (a hook whose closing half did not run because of an exception) are dropped, unrecorded. */
+static inline int
+pop(SpanBuffer *b, int32_t id, int64_t t1)
+{
+    Py_ssize_t d = b->depth;
+    while (d > 0 && b->stack[d - 1].id != id)
+        d--;
+    if (d == 0) {
+        PyErr_SetString(PyExc_RuntimeError, "span ended that was never started");
+        return -1;
+    }
+    b->depth = d - 1;
+    Frame *f = &b->stack[d - 1];
+    Py_ssize_t i = b->n;
+    b->ids[i] = f->id;
+    b->parents[i] = b->depth ? b->stack[b->depth - 1].id : -1;
+    b->t0[i] = f->t0;
+    b->t1[i] = t1;
+    b->n = ++i;
+    if (i >= b->capacity || t1 >= b->ship_at) {
+        if (b->on_full == NULL) { /* torn down by the garbage collector: nowhere to ship */
+            b->n = 0;
+            return 0;
+        }
+        PyObject *r = PyObject_CallOneArg(b->on_full, (PyObject *)b);
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+        if (b->n >= b->capacity) /* on_full did not empty the buffers: drop, never overrun */
+            b->n = 0;
+    }
+    return 0;
+}
+
+static PyObject *
+Span_enter(Span *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->buf == NULL) {
+        PyErr_SetString(PyExc_ValueError, "Span is not initialised");
+        return NULL;
+    }
+    SpanBuffer *b = thread_buffer(self->buf);
+    if (b == NULL || push(b, self->id) < 0)
+        return NULL;
     return Py_NewRef(self);
 }
 
@@ -239,30 +456,31 @@ static PyObject *
 Span_exit(Span *self, PyObject *const *args, Py_ssize_t nargs)
 {
     int64_t t1 = now_ns();
-    SpanBuffer *b = self->buf;
-    if (b == NULL || b->depth == 0) {
+    if (self->buf == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "span ended that was never started");
         return NULL;
     }
-    Frame *f = &b->stack[--b->depth];
-    Py_ssize_t i = b->n;
-    b->ids[i] = f->id;
-    b->parents[i] = b->depth ? b->stack[b->depth - 1].id : -1;
-    b->t0[i] = f->t0;
-    b->t1[i] = t1;
-    b->n = ++i;
-    if (i >= b->capacity) {
-        if (b->on_full == NULL) { /* torn down by the garbage collector: nowhere to ship */
-            b->n = 0;
-            Py_RETURN_NONE;
-        }
-        PyObject *r = PyObject_CallNoArgs(b->on_full);
-        if (r == NULL)
-            return NULL;
-        Py_DECREF(r);
-        if (b->n >= b->capacity) /* on_full did not empty the buffers: drop, never overrun */
-            b->n = 0;
-    }
+    SpanBuffer *b = thread_buffer(self->buf);
+    if (b == NULL || pop(b, self->id, t1) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* Drop the calling thread's innermost open span of this phase and any opened inside it,
+ * recording nothing: for a hook whose closing half never ran. */
+static PyObject *
+Span_abandon(Span *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->buf == NULL)
+        Py_RETURN_NONE;
+    SpanBuffer *b = thread_buffer(self->buf);
+    if (b == NULL)
+        return NULL;
+    Py_ssize_t d = b->depth;
+    while (d > 0 && b->stack[d - 1].id != self->id)
+        d--;
+    if (d > 0)
+        b->depth = d - 1;
     Py_RETURN_NONE;
 }
 
@@ -304,6 +522,8 @@ Span_get_name(Span *self, void *closure)
 static PyMethodDef Span_methods[] = {
     {"__enter__", (PyCFunction)Span_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)(void (*)(void))Span_exit, METH_FASTCALL, NULL},
+    {"abandon", (PyCFunction)Span_abandon, METH_NOARGS,
+     "Drop this thread's innermost open span of this phase (and any inside it), unrecorded."},
     {NULL},
 };
 
@@ -348,9 +568,16 @@ NullSpan_exit(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+static PyObject *
+NullSpan_abandon(PyObject *self, PyObject *Py_UNUSED(ignored))
+{
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef NullSpan_methods[] = {
     {"__enter__", (PyCFunction)NullSpan_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)(void (*)(void))NullSpan_exit, METH_FASTCALL, NULL},
+    {"abandon", (PyCFunction)NullSpan_abandon, METH_NOARGS, NULL},
     {NULL},
 };
 

@@ -18,15 +18,17 @@ Phase names are paths: the first segment is `sample`, `update` or `sync`; any pa
 Cost: a span is two clock reads plus four stores into preallocated `array.array`s (no object
 is created per span), done in C by `marlwatch._fastspan` where it was built at install time
 (Linux with a C compiler) and by the identical Python `PySpan` elsewhere. Spans are shipped in
-batches when the buffer fills or, at a tick, when the last flush is older than
-`flush_interval_s` (0.25 s: the live app redraws at 4 Hz, and every frame costs the monitor a
-fixed ~0.3 ms whatever its size). `bench/` measures the cost per span.
+batches when the buffer fills or, when a span ends or a tick comes, when the last shipment is
+older than `flush_interval_s` (0.25 s: the live app redraws at 4 Hz, and every frame costs the
+monitor a fixed ~0.3 ms whatever its size). `bench/` measures the cost per span.
 
 A process that never called `connect()` (a script run without a monitor) gets spans that
 measure nothing and cost almost nothing, so instrumented code runs fine anywhere.
 
-Threads: one `Telemetry` belongs to one thread (the training loop). Spans from other threads
-are not supported yet; they would need their own buffer.
+Threads: spans may come from any thread. Each thread records into its own buffer with its own
+stack of open spans, so each thread nests on its own (a span's parent is the span open around it
+in the same thread); a span object works in any thread. All threads ship over the process's one
+connection. The thread that connected pays one compare per span for this; the others a few ns.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import functools
 import os
 import threading
 import time
+import weakref
 from array import array
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -57,7 +60,9 @@ __all__ = [
 ]
 
 _now = time.perf_counter_ns
+_ident = threading.get_ident
 _F = TypeVar("_F", bound=Callable[..., Any])
+_NEVER = 2**63 - 1  # a ship_at no span reaches
 
 DEFAULT_CAPACITY = 4096
 ROOT = -1  # parent id of a top-level span
@@ -65,12 +70,15 @@ ROOT = -1  # parent id of a top-level span
 
 class PySpanBuffer:
     """The Python twin of `_fastspan.SpanBuffer`: the caller's preallocated buffers, the count
-    of spans in them, and the stack of open spans (their phase ids over a ROOT sentinel, and
-    their start times)."""
+    of spans in them, the stack of open spans (their phase ids over a ROOT sentinel, and their
+    start times) of the thread that owns it, and for the root buffer the way to the other
+    threads' buffers (`for_thread`)."""
 
-    __slots__ = ("ids", "parents", "t0", "t1", "n", "capacity", "open_ids", "open_t0", "on_full")
+    __slots__ = ("ids", "parents", "t0", "t1", "n", "capacity", "open_ids", "open_t0", "on_full", "ship_at",
+                 "owner", "for_thread")
 
-    def __init__(self, ids: array, parents: array, t0: array, t1: array, on_full: Callable[[], None]) -> None:
+    def __init__(self, ids: array, parents: array, t0: array, t1: array, on_full: Callable[[Any], None],
+                 for_thread: Callable[[], PySpanBuffer] | None = None) -> None:
         if not (len(ids) == len(parents) == len(t0) == len(t1) > 0):
             raise ValueError("span buffers must be non-empty and of one length")
         self.ids, self.parents, self.t0, self.t1 = ids, parents, t0, t1
@@ -79,36 +87,66 @@ class PySpanBuffer:
         self.open_ids: list[int] = [ROOT]  # the sentinel makes "the parent" a plain [-1]
         self.open_t0: list[int] = []
         self.on_full = on_full
+        self.ship_at = _NEVER
+        self.owner = _ident()
+        self.for_thread = for_thread
 
     @property
     def depth(self) -> int:
         return len(self.open_t0)
 
+    def thread_buffer(self) -> PySpanBuffer:
+        """The calling thread's buffer under this root."""
+        if self.for_thread is None or self.owner == _ident():
+            return self
+        return self.for_thread()
+
+    def forget(self, buffer: PySpanBuffer) -> None:
+        """The C root drops its reference to a thread's buffer here; the Python root holds none."""
+
+
+def _unwind(open_ids: list[int], open_t0: list[int], phase_id: int) -> bool:
+    """Drop the frames opened inside the innermost open span of `phase_id` and never ended (a
+    hook whose closing half did not run because of an exception). False if none is open."""
+    for k in range(len(open_ids) - 1, 0, -1):
+        if open_ids[k] == phase_id:
+            del open_ids[k + 1 :], open_t0[k:]
+            return True
+    return False
+
 
 class PySpan:
-    """The Python twin of `_fastspan.Span`: a named phase, reusable and nestable."""
+    """The Python twin of `_fastspan.Span`: a named phase, reusable and nestable, from any thread."""
 
-    __slots__ = ("_buf", "id", "name", "_open_ids", "_open_t0")
+    __slots__ = ("_buf", "id", "name", "_open_ids", "_open_t0", "_owner")
 
     def __init__(self, buffer: PySpanBuffer, phase_id: int, name: str) -> None:
         self._buf = buffer
         self.id = phase_id
         self.name = name
-        # Local references keep attribute look-ups off the hot path.
+        # Local references keep attribute look-ups off the owner thread's path.
         self._open_ids, self._open_t0 = buffer.open_ids, buffer.open_t0
+        self._owner = buffer.owner if buffer.for_thread is not None else None
 
     def __enter__(self) -> PySpan:
-        self._open_ids.append(self.id)
-        self._open_t0.append(_now())
+        if self._owner is None or _ident() == self._owner:
+            self._open_ids.append(self.id)
+            self._open_t0.append(_now())
+        else:
+            b = self._buf.thread_buffer()
+            b.open_ids.append(self.id)
+            b.open_t0.append(_now())
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         t1 = _now()
-        open_t0 = self._open_t0
-        if not open_t0:
+        if self._owner is None or _ident() == self._owner:
+            b, open_ids, open_t0 = self._buf, self._open_ids, self._open_t0
+        else:
+            b = self._buf.thread_buffer()
+            open_ids, open_t0 = b.open_ids, b.open_t0
+        if open_ids[-1] != self.id and not _unwind(open_ids, open_t0, self.id):
             raise RuntimeError("span ended that was never started")
-        b = self._buf
-        open_ids = self._open_ids
         i = b.n
         b.ids[i] = open_ids.pop()
         b.parents[i] = open_ids[-1]
@@ -116,10 +154,17 @@ class PySpan:
         b.t1[i] = t1
         i += 1
         b.n = i
-        if i >= b.capacity:
-            b.on_full()
+        if i >= b.capacity or t1 >= b.ship_at:
+            b.on_full(b)
             if b.n >= b.capacity:  # on_full did not empty the buffers: drop, never overrun
                 b.n = 0
+
+    def abandon(self) -> None:
+        """Drop this thread's innermost open span of this phase (and any inside it), unrecorded."""
+        b = self._buf.thread_buffer()
+        if _unwind(b.open_ids, b.open_t0, self.id):
+            b.open_ids.pop()
+            b.open_t0.pop()
 
 
 class PyNullSpan:
@@ -131,6 +176,9 @@ class PyNullSpan:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        return None
+
+    def abandon(self) -> None:
         return None
 
 
@@ -159,8 +207,32 @@ if DEFAULT_IMPLEMENTATION not in IMPLEMENTATIONS:
     DEFAULT_IMPLEMENTATION = "python"  # "c" asked for where it was not built: spans still work
 
 
+class _ThreadEnd:
+    """Held in a thread-local: dropped when its thread ends (in that thread), it ships what the
+    thread's buffer still holds and lets the root forget the buffer."""
+
+    __slots__ = ("telemetry", "buffer")
+
+    def __init__(self, telemetry: Telemetry, buffer: Any) -> None:
+        self.telemetry = weakref.ref(telemetry)  # no cycle: the local belongs to the Telemetry
+        self.buffer = buffer
+
+    def __del__(self) -> None:
+        tel = self.telemetry()
+        if tel is not None:
+            tel._retire(self.buffer)
+
+
 class Telemetry:
-    """One process's buffer of spans, iteration ticks and counters, and where it ships them."""
+    """One process's buffers of spans (one per thread that records spans), iteration ticks and
+    counters, and where it ships them.
+
+    Each thread's spans go to that thread's own buffer, so each thread nests on its own. A
+    buffer is shipped by the thread that records into it (never read from another thread: the
+    Python spans write a span in several steps): when it is full, when one of its spans ends
+    `flush_interval_s` after its last shipment, at the owner's `tick()`/`flush()`, and when its
+    thread ends. Everything goes out over the one sink, one frame at a time under a lock.
+    """
 
     def __init__(
         self,
@@ -174,13 +246,11 @@ class Telemetry:
         self.sink = sink
         self.spans_enabled = spans_enabled and sink is not None
         self._flush_interval_ns = int(flush_interval_s * 1e9)
-        buffer_type, self._span_type, null_type = IMPLEMENTATIONS[implementation]
+        self._buffer_type, self._span_type, null_type = IMPLEMENTATIONS[implementation]
         self.implementation = implementation
-        self._ids = array("i", bytes(4 * capacity))
-        self._parents = array("i", bytes(4 * capacity))
-        self._t0 = array("q", bytes(8 * capacity))
-        self._t1 = array("q", bytes(8 * capacity))
-        self._buf = buffer_type(self._ids, self._parents, self._t0, self._t1, self.flush)
+        self._capacity = capacity
+        self._local = threading.local()
+        self._buf = self._new_buffer(for_thread=self._thread_buffer)
         self._null_span = null_type()
         self._spans: dict[str, Any] = {}
         self._new_names: list[str] = []
@@ -188,13 +258,40 @@ class Telemetry:
         self._ticks: list[int] = []
         self._counters: list[tuple[str, int, float]] = []
         self._last_flush = _now()
-        self._lock = threading.Lock()  # flush may come from the hot path or from close()
+        # Held while a frame is built and sent, and while a name gets its id. Re-entrant: a
+        # garbage collection during a flush may end a thread-local (_ThreadEnd) in this thread.
+        self._lock = threading.RLock()
         self.spans_sent = 0
+
+    def _new_buffer(self, for_thread: Callable[[], Any] | None = None) -> Any:
+        n = self._capacity
+        arrays = array("i", bytes(4 * n)), array("i", bytes(4 * n)), array("q", bytes(8 * n)), array("q", bytes(8 * n))
+        buf = self._buffer_type(*arrays, self._ship, for_thread)
+        buf.ship_at = _now() + self._flush_interval_ns
+        return buf
+
+    def _thread_buffer(self) -> Any:
+        """The calling thread's buffer (made on its first span), for a thread other than the root's."""
+        try:
+            return self._local.end.buffer
+        except AttributeError:
+            buf = self._new_buffer()
+            self._local.end = _ThreadEnd(self, buf)
+            return buf
+
+    def _retire(self, buf: Any) -> None:
+        """A thread that recorded spans ends: ship what it left, and let the root drop its buffer."""
+        with contextlib.suppress(Exception):  # runs while a thread ends: nowhere to report to
+            self._ship(buf)
+            self._buf.forget(buf)
 
     @property
     def spans_buffered(self) -> int:
-        """Spans recorded and not yet shipped."""
-        return self._buf.n
+        """Spans recorded by the calling thread and not yet shipped."""
+        return self._current_buffer().n
+
+    def _current_buffer(self) -> Any:
+        return self._buf if self._buf.owner == _ident() else self._thread_buffer()
 
     # -- the API -------------------------------------------------------------------------
     def span(self, name: str) -> AbstractContextManager[Any]:
@@ -202,59 +299,71 @@ class Telemetry:
             return self._null_span
         s = self._spans.get(name)
         if s is None:
-            s = self._spans[name] = self._span_type(self._buf, len(self._spans), name)
-            self._new_names.append(name)
+            with self._lock:  # two threads naming new phases at once must not share an id
+                s = self._spans.get(name)
+                if s is None:
+                    s = self._spans[name] = self._span_type(self._buf, len(self._spans), name)
+                    self._new_names.append(name)
         return s
 
     def tick(self, n: int = 1) -> None:
-        self.iteration += n
         t = _now()
-        self._ticks.append(t)
+        with self._lock:
+            self.iteration += n
+            self._ticks.append(t)
         if t - self._last_flush >= self._flush_interval_ns:
             self.flush()
 
     def gauge(self, name: str, value: float) -> None:
-        self._counters.append((name, _now(), float(value)))
+        with self._lock:
+            self._counters.append((name, _now(), float(value)))
 
     def counter(self, name: str, inc: float = 1.0) -> None:
         # Counters are recorded as their increments; readers sum them.
-        self._counters.append((name, _now(), float(inc)))
+        with self._lock:
+            self._counters.append((name, _now(), float(inc)))
 
     def event(self, name: str, **detail: Any) -> None:
         """A control message to the monitor (worker state, errors); sent at once."""
         if self.sink is not None:
-            self.flush()
-            self._send(encode_control({"type": "event", "name": name, "t_ns": _now(), **detail}))
+            with self._lock:
+                self.flush()
+                self._send(encode_control({"type": "event", "name": name, "t_ns": _now(), **detail}))
 
     # -- shipping ------------------------------------------------------------------------
     def flush(self) -> None:
-        if self.sink is None:
-            self._buf.n = 0
-            self._ticks.clear()
-            self._counters.clear()
-            return
+        """Ship the calling thread's spans, and the ticks and counters of every thread."""
+        self._ship(self._current_buffer())
+
+    def _ship(self, buf: Any) -> None:
         with self._lock:
-            n = self._buf.n
+            n = buf.n
+            now = _now()
+            buf.ship_at = now + self._flush_interval_ns
+            self._last_flush = now
+            if self.sink is None:
+                buf.n = 0
+                self._ticks.clear()
+                self._counters.clear()
+                return
             if not (n or self._ticks or self._counters or self._new_names):
-                self._last_flush = _now()
                 return
             payload = encode_batch(
                 new_names=self._new_names,
-                ids=self._ids,
-                parents=self._parents,
-                t0=self._t0,
-                t1=self._t1,
+                ids=buf.ids,
+                parents=buf.parents,
+                t0=buf.t0,
+                t1=buf.t1,
                 n=n,
                 ticks=self._ticks,
                 first_iteration=self.iteration - len(self._ticks),
                 counters=self._counters,
             )
             self._new_names = []
-            self._buf.n = 0
+            buf.n = 0
             self._ticks = []
             self._counters = []
             self.spans_sent += n
-            self._last_flush = _now()
             self._send(payload)
 
     def _send(self, payload: bytes) -> None:
@@ -266,11 +375,14 @@ class Telemetry:
             self.spans_enabled = False
 
     def close(self) -> None:
-        if self.sink is not None:
-            self.flush()
-            with contextlib.suppress(OSError):
-                self.sink.close()
-            self.sink = None
+        """Ship what is left (the calling thread's spans; other threads ship theirs as they
+        end) and close the sink."""
+        with self._lock:
+            if self.sink is not None:
+                self.flush()
+                with contextlib.suppress(OSError):
+                    self.sink.close()  # type: ignore[union-attr]
+                self.sink = None
 
 
 # -- the process-wide instance ---------------------------------------------------------------

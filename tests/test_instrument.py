@@ -203,3 +203,116 @@ def test_a_span_buffer_refuses_bad_buffers(implementation, bad):
         buffer_type(*args)
     ids = args[0]
     ids.append(1)  # an array whose buffer is still exported cannot grow: released after the failure
+
+
+# -- threads -----------------------------------------------------------------------------------
+def _spans_by_name(batches: list) -> list[tuple[str, str | None]]:
+    """(name, parent name) of every span in the batches, the phase table rebuilt as a reader does."""
+    names: list[str] = []
+    out = []
+    for b in batches:
+        names.extend(b.new_names)
+        out += [(names[i], names[p] if p >= 0 else None) for i, p in zip(b.ids, b.parents, strict=True)]
+    return out
+
+
+def test_two_threads_nest_their_spans_each_on_their_own(pipe_telemetry):
+    import threading
+
+    tel, r = pipe_telemetry
+    # Span objects made in the main thread, used from both threads (a held span works anywhere).
+    sample, step = tel.span("sample"), tel.span("sample/env_step")
+    update, backward = tel.span("update"), tel.span("update/backward")
+    a_open, b_open = threading.Event(), threading.Event()
+    rounds = 50
+
+    def a() -> None:
+        for _ in range(rounds):
+            with sample:
+                a_open.set()
+                b_open.wait(5)  # B is inside `update` now: its spans interleave with ours
+                b_open.clear()
+                with step:
+                    a_open.set()
+                    b_open.wait(5)
+                    b_open.clear()
+
+    def b() -> None:
+        for _ in range(rounds):
+            a_open.wait(5)
+            a_open.clear()
+            with update:
+                b_open.set()
+                a_open.wait(5)
+                a_open.clear()
+                with backward:
+                    b_open.set()
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    tel.flush()
+    got = _spans_by_name([f for f in frames(r) if isinstance(f, wire.Batch)])
+    assert sorted(set(got)) == [("sample", None), ("sample/env_step", "sample"),
+                                ("update", None), ("update/backward", "update")], set(got)
+    assert len(got) == 4 * rounds  # every thread's spans shipped as its thread ended
+
+
+def test_a_thread_ships_its_spans_when_it_ends(pipe_telemetry):
+    import threading
+
+    tel, r = pipe_telemetry
+
+    def work() -> None:
+        with instrument.span("sample"):
+            with instrument.span("sample/env_step"):
+                pass
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join(10)
+    # No flush from here: the ending thread shipped its own buffer, and the root forgot it.
+    got = _spans_by_name([f for f in frames(r) if isinstance(f, wire.Batch)])
+    assert got == [("sample/env_step", "sample"), ("sample", None)]
+    if tel.implementation == "c":
+        assert tel._buf.threads == {}
+
+
+def test_spans_ship_after_the_flush_interval_without_ticks(implementation):
+    r, w = mp.Pipe(duplex=False)
+    tel = instrument.Telemetry(w, implementation=implementation, flush_interval_s=0.05)
+    try:
+        sp = tel.span("sample/env_step")
+        with sp:
+            pass
+        assert not r.poll(0.01)  # one span, no tick: buffered
+        time.sleep(0.06)
+        with sp:
+            pass  # ends past the deadline: the buffer ships
+        (batch,) = [f for f in frames(r) if isinstance(f, wire.Batch)]
+        assert len(batch.ids) == 2
+    finally:
+        tel.close()
+
+
+def test_a_span_left_open_inside_another_is_dropped_when_the_outer_one_ends(implementation):
+    # A hook whose closing half never ran (the optimizer step raised): the enclosing span still
+    # ends as itself, and the frame left open is not recorded.
+    r, w = mp.Pipe(duplex=False)
+    tel = instrument.Telemetry(w, implementation=implementation)
+    try:
+        outer, leaked, after = tel.span("update"), tel.span("update/optimizer"), tel.span("sample")
+        with outer:
+            leaked.__enter__()
+        with after:
+            pass
+        leaked.__enter__()
+        leaked.abandon()  # the next step's hook drops the leftover frame before opening its own
+        assert tel._buf.depth == 0
+        tel.flush()
+        got = _spans_by_name([f for f in frames(r) if isinstance(f, wire.Batch)])
+        assert got == [("update", None), ("sample", None)]
+    finally:
+        tel.close()
