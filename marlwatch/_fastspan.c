@@ -527,7 +527,20 @@ static PyMethodDef Span_methods[] = {
     {NULL},
 };
 
+static PyObject *
+Span_get_innermost(Span *self, void *closure)
+{
+    if (self->buf == NULL)
+        Py_RETURN_FALSE;
+    SpanBuffer *b = thread_buffer(self->buf);
+    if (b == NULL)
+        return NULL;
+    return PyBool_FromLong(b->depth > 0 && b->stack[b->depth - 1].id == self->id);
+}
+
 static PyGetSetDef Span_getset[] = {
+    {"innermost", (getter)Span_get_innermost, NULL,
+     "whether this phase is the innermost span open in the calling thread", NULL},
     {"id", (getter)Span_get_id, NULL, "the phase's id in this process", NULL},
     {"name", (getter)Span_get_name, NULL, "the phase's name", NULL},
     {NULL},
@@ -574,6 +587,17 @@ NullSpan_abandon(PyObject *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+static PyObject *
+NullSpan_get_innermost(PyObject *self, void *closure)
+{
+    Py_RETURN_FALSE;
+}
+
+static PyGetSetDef NullSpan_getset[] = {
+    {"innermost", (getter)NullSpan_get_innermost, NULL, "always False: nothing is ever open", NULL},
+    {NULL},
+};
+
 static PyMethodDef NullSpan_methods[] = {
     {"__enter__", (PyCFunction)NullSpan_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)(void (*)(void))NullSpan_exit, METH_FASTCALL, NULL},
@@ -589,6 +613,7 @@ static PyTypeObject NullSpanType = {
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
     .tp_new = PyType_GenericNew,
     .tp_methods = NullSpan_methods,
+    .tp_getset = NullSpan_getset,
 };
 
 /* ---------------------------------------------------------------------------------- module */

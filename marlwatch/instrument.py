@@ -37,6 +37,9 @@ import atexit
 import contextlib
 import functools
 import os
+import socket
+import struct
+import sys
 import threading
 import time
 import weakref
@@ -159,6 +162,11 @@ class PySpan:
             if b.n >= b.capacity:  # on_full did not empty the buffers: drop, never overrun
                 b.n = 0
 
+    @property
+    def innermost(self) -> bool:
+        """Whether this phase is the innermost span open in the calling thread."""
+        return self._buf.thread_buffer().open_ids[-1] == self.id
+
     def abandon(self) -> None:
         """Drop this thread's innermost open span of this phase (and any inside it), unrecorded."""
         b = self._buf.thread_buffer()
@@ -177,6 +185,8 @@ class PyNullSpan:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         return None
+
+    innermost = False
 
     def abandon(self) -> None:
         return None
@@ -262,6 +272,13 @@ class Telemetry:
         # garbage collection during a flush may end a thread-local (_ThreadEnd) in this thread.
         self._lock = threading.RLock()
         self.spans_sent = 0
+        self._pid = os.getpid()
+        # Set on the process-wide instance when MARLWATCH_ADDRESS names a monitor: the first
+        # span, tick, gauge or counter connects (see `_connect_from_env`).
+        self._autoconnect = False
+        self._closes_at_exit = False
+        self._user_ticks = False  # tick() was called: the auto phases tick no more
+        self._armed = False  # an update auto phase ended since the last auto tick
 
     def _new_buffer(self, for_thread: Callable[[], Any] | None = None) -> Any:
         n = self._capacity
@@ -281,6 +298,8 @@ class Telemetry:
 
     def _retire(self, buf: Any) -> None:
         """A thread that recorded spans ends: ship what it left, and let the root drop its buffer."""
+        if os.getpid() != self._pid:
+            return  # a forked child dropping its parent's threads: `_forked` resets it all
         with contextlib.suppress(Exception):  # runs while a thread ends: nowhere to report to
             self._ship(buf)
             self._buf.forget(buf)
@@ -296,7 +315,11 @@ class Telemetry:
     # -- the API -------------------------------------------------------------------------
     def span(self, name: str) -> AbstractContextManager[Any]:
         if not self.spans_enabled:
-            return self._null_span
+            if not self._autoconnect:
+                return self._null_span
+            self._connect_from_env()
+            if not self.spans_enabled:
+                return self._null_span
         s = self._spans.get(name)
         if s is None:
             with self._lock:  # two threads naming new phases at once must not share an id
@@ -307,6 +330,21 @@ class Telemetry:
         return s
 
     def tick(self, n: int = 1) -> None:
+        if self._autoconnect:
+            self._connect_from_env()
+        self._user_ticks = True  # the program counts its own iterations: no more auto ticks
+        self._tick(n)
+
+    def _auto_tick(self) -> None:
+        """An iteration by the auto phases' rule (marlwatch.autophases): a sample phase starts
+        after an update phase ended."""
+        self._armed = False
+        if not self._user_ticks:
+            if self._autoconnect:
+                self._connect_from_env()
+            self._tick(1)
+
+    def _tick(self, n: int) -> None:
         t = _now()
         with self._lock:
             self.iteration += n
@@ -315,11 +353,15 @@ class Telemetry:
             self.flush()
 
     def gauge(self, name: str, value: float) -> None:
+        if self._autoconnect:
+            self._connect_from_env()
         with self._lock:
             self._counters.append((name, _now(), float(value)))
 
     def counter(self, name: str, inc: float = 1.0) -> None:
         # Counters are recorded as their increments; readers sum them.
+        if self._autoconnect:
+            self._connect_from_env()
         with self._lock:
             self._counters.append((name, _now(), float(inc)))
 
@@ -330,6 +372,61 @@ class Telemetry:
                 self.flush()
                 self._send(encode_control({"type": "event", "name": name, "t_ns": _now(), **detail}))
 
+    # -- connecting ----------------------------------------------------------------------
+    def attach(self, sink: Sink, *, spans_enabled: bool = True, **hello: Any) -> None:
+        """Ship to `sink` from now on, starting with a hello frame carrying `hello`."""
+        with self._lock:
+            self.sink = sink
+            self.spans_enabled = spans_enabled
+            self._send(encode_control({"type": "hello", "t_ns": _now(), "spans_impl": self.implementation,
+                                       "threads": True, **hello}))
+            if not self._closes_at_exit:
+                self._closes_at_exit = True
+                _close_at_exit(self)
+
+    def _connect_from_env(self) -> None:
+        """Connect to the monitor named by MARLWATCH_ADDRESS/MARLWATCH_AUTHKEY. If it cannot be
+        reached, one warning line on stderr and spans stay off: the program runs on."""
+        with self._lock:
+            if not self._autoconnect:
+                return  # another thread got here first
+            self._autoconnect = False
+            text = os.environ.get(ADDRESS_ENV, "")
+            try:
+                address = parse_address(text)
+                sink = dial(address, bytes.fromhex(os.environ.get(AUTHKEY_ENV, "")))
+            except Exception as e:  # noqa: BLE001 - whatever it is, training must go on
+                _warn_unreachable(text, e)
+                return
+            self.attach(sink, **_hello())
+
+    def _forked(self) -> None:
+        """In a child made by fork: forget the parent's connection and spans (never write to the
+        parent's socket), keep the span objects and phase names, and connect again on first use."""
+        self._lock = threading.RLock()  # another thread may have held it at the fork
+        self._pid = os.getpid()
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            with contextlib.suppress(OSError):
+                sink.close()  # closes this process's copy of the descriptor; nothing is sent
+        me = _ident()
+        for buf in getattr(self._buf, "threads", {}).values():
+            if buf.owner != me:  # those threads do not exist here
+                self._buf.forget(buf)
+        now = _now()
+        for buf in {self._buf, self._current_buffer()}:
+            buf.n = 0
+            buf.ship_at = now + self._flush_interval_ns
+        self._ticks, self._counters = [], []
+        self._armed = False
+        self.iteration = 0
+        self.spans_sent = 0
+        self._last_flush = now
+        self._new_names = list(self._spans)  # a new connection: the monitor learns every name again
+        self.spans_enabled = False
+        self._closes_at_exit = False  # multiprocessing's child finalizers were cleared at the fork
+        self._autoconnect = bool(os.environ.get(ADDRESS_ENV))
+
     # -- shipping ------------------------------------------------------------------------
     def flush(self) -> None:
         """Ship the calling thread's spans, and the ticks and counters of every thread."""
@@ -337,6 +434,11 @@ class Telemetry:
 
     def _ship(self, buf: Any) -> None:
         with self._lock:
+            if self.sink is not None and os.getpid() != self._pid:
+                # A forked child before `_forked` ran (a thread-local dropped at the fork): the
+                # sink is the parent's. Never write to it.
+                buf.n = 0
+                return
             n = buf.n
             now = _now()
             buf.ship_at = now + self._flush_interval_ns
@@ -375,22 +477,173 @@ class Telemetry:
             self.spans_enabled = False
 
     def close(self) -> None:
-        """Ship what is left (the calling thread's spans; other threads ship theirs as they
-        end) and close the sink."""
+        """Ship what is left (the calling thread's spans, and the root's if its thread has
+        ended; other threads ship theirs as they end) and close the sink."""
         with self._lock:
             if self.sink is not None:
+                if self._armed:  # the last sample-then-update cycle is complete too
+                    self._auto_tick()
                 self.flush()
+                if self._buf.owner not in {t.ident for t in threading.enumerate()}:
+                    # The root belongs to a thread that has ended (the one that imported
+                    # marlwatch first): nobody writes to it any more, so it is safe to ship here.
+                    self._ship(self._buf)
                 with contextlib.suppress(OSError):
                     self.sink.close()  # type: ignore[union-attr]
                 self.sink = None
 
 
+# -- connecting from the environment -------------------------------------------------------
+# What `marlwatch run -- COMMAND` and `marlwatch listen` hand to the processes they watch.
+ADDRESS_ENV = "MARLWATCH_ADDRESS"  # "unix:/abs/path" or "HOST:PORT"
+AUTHKEY_ENV = "MARLWATCH_AUTHKEY"  # hex; bytes.fromhex gives the connection's authkey
+AUTO_PHASES_ENV = "MARLWATCH_AUTO_PHASES"  # "1": install the auto phases (marlwatch.autophases)
+CONNECT_TIMEOUT_S = 10.0  # a monitor that accepts but never answers must not hang training
+
+
+def parse_address(text: str) -> str | tuple[str, int]:
+    """`unix:/abs/path` -> the socket path (AF_UNIX); `HOST:PORT` -> (host, port) (AF_INET)."""
+    if text.startswith("unix:"):
+        path = text[len("unix:"):]
+        if not os.path.isabs(path):
+            raise ValueError(f"{ADDRESS_ENV} wants an absolute socket path after unix:, not {path!r}")
+        return path
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{ADDRESS_ENV} is {text!r}: expected unix:/abs/path or HOST:PORT")
+    return host, int(port)
+
+
+def dial(address: str | tuple[str, int], authkey: bytes, timeout_s: float = CONNECT_TIMEOUT_S) -> Any:
+    """What `multiprocessing.connection.Client(address, authkey=authkey)` does (the same socket,
+    Connection and handshake, so the monitor's Listener sees no difference), with a time limit on
+    connecting and on the handshake; none afterwards (a full socket then blocks the sender, which
+    is the monitor's back-pressure)."""
+    from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
+
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    limit = struct.pack("ll", int(timeout_s), int(timeout_s % 1 * 1e6))
+    try:
+        # SO_*TIMEO, not settimeout(): Connection reads the descriptor, which must stay blocking.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    conn = Connection(sock.detach())
+    try:
+        answer_challenge(conn, authkey)
+        deliver_challenge(conn, authkey)
+        sock = socket.socket(fileno=conn.fileno())
+        try:
+            no_limit = struct.pack("ll", 0, 0)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, no_limit)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, no_limit)
+        finally:
+            sock.detach()
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _warn_unreachable(address: str, error: BaseException) -> None:
+    from multiprocessing import AuthenticationError
+
+    if isinstance(error, AuthenticationError):
+        why = f"it refused the key ({AUTHKEY_ENV})"
+    elif isinstance(error, EOFError):
+        why = "it closed the connection"
+    elif isinstance(error, (BlockingIOError, TimeoutError)):
+        why = f"no answer within {CONNECT_TIMEOUT_S:.0f} s"
+    else:
+        why = str(error) or type(error).__name__
+    why = " ".join(why.split())
+    try:
+        sys.stderr.write(f"marlwatch: warning: cannot connect to the monitor at {address!r}: {why}; "
+                         "running on without spans\n")
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass  # no stderr: nothing to say it on
+    # The processes this one starts would fail the same way: one line is enough.
+    os.environ.pop(ADDRESS_ENV, None)
+    os.environ.pop(AUTHKEY_ENV, None)
+
+
+_ARGV_ITEMS, _ARGV_CHARS, _ROLE_CHARS = 64, 4096, 60
+# Vector-env worker functions, by module prefix: the role shown for a process running one.
+_VECTOR_ENV_WORKERS = {
+    "gymnasium.vector": "AsyncVectorEnv worker",
+    "stable_baselines3.common.vec_env": "SubprocVecEnv worker",
+    "torchrl.envs": "TorchRL env worker",
+    "pettingzoo": "PettingZoo env worker",
+}
+
+
+def _role() -> str:
+    """A short name for this process: its multiprocessing name (with the vector-env worker it
+    runs, if recognised), or its command line."""
+    mp = sys.modules.get("multiprocessing")
+    if mp is not None and mp.parent_process() is not None:
+        proc = mp.current_process()
+        module = getattr(getattr(proc, "_target", None), "__module__", None) or ""
+        for prefix, worker in _VECTOR_ENV_WORKERS.items():
+            if module.startswith(prefix):
+                return f"{worker} ({proc.name})"
+        return proc.name
+    argv = getattr(sys, "orig_argv", None) or sys.argv or ["python"]
+    # `/usr/bin/python3 /home/me/rl/train.py --lr 3e-4` -> `python3 train.py --lr 3e-4`
+    words = [os.path.basename(argv[0])] + [os.path.basename(a) if a.endswith(".py") else a for a in argv[1:]]
+    role = " ".join(" ".join(words).split())
+    return role if len(role) <= _ROLE_CHARS else role[: _ROLE_CHARS - 3] + "..."
+
+
+def _hello() -> dict[str, Any]:
+    argv, size = [], 0
+    for a in sys.argv[:_ARGV_ITEMS]:
+        a = a[:_ARGV_CHARS - size]
+        argv.append(a)
+        size += len(a)
+        if size >= _ARGV_CHARS:
+            break
+    auto = sys.modules.get("marlwatch.autophases")
+    return {"pid": os.getpid(), "ppid": os.getppid(), "argv": argv, "role": _role(),
+            "auto_phases": bool(auto is not None and auto.installed())}
+
+
+def _close_at_exit(tel: Telemetry) -> None:
+    atexit.register(tel.close)
+    util = sys.modules.get("multiprocessing.util")
+    if util is not None:
+        # A multiprocessing child made by fork or forkserver ends with os._exit, past atexit:
+        # its finalizers are what runs last.
+        util.Finalize(None, tel.close, exitpriority=0)
+
+
 # -- the process-wide instance ---------------------------------------------------------------
 _telemetry = Telemetry(None)
+_telemetry._autoconnect = bool(os.environ.get(ADDRESS_ENV))
+
+
+def _after_fork_in_child() -> None:
+    _telemetry._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+if _telemetry._autoconnect and os.environ.get(AUTO_PHASES_ENV) == "1":
+    # A watched process that imports marlwatch without the start-up hook on its PYTHONPATH.
+    from marlwatch import autophases
+
+    autophases.install()
 
 
 def telemetry() -> Telemetry:
-    """The process's current Telemetry (a do-nothing one until `connect()`)."""
+    """The process's current Telemetry (a do-nothing one until connected: by `connect()`, or on
+    first use when MARLWATCH_ADDRESS names a monitor)."""
+    if _telemetry._autoconnect:
+        _telemetry._connect_from_env()
     return _telemetry
 
 
@@ -400,8 +653,10 @@ def connect(sink: Sink, *, spans_enabled: bool = True, implementation: str = DEF
     global _telemetry
     _telemetry.close()
     _telemetry = Telemetry(sink, spans_enabled=spans_enabled, implementation=implementation)
-    sink.send_bytes(encode_control({"type": "hello", "t_ns": _now(), "spans_impl": implementation, **hello}))
-    atexit.register(_telemetry.close)
+    sink.send_bytes(encode_control({"type": "hello", "t_ns": _now(), "spans_impl": implementation,
+                                    "threads": True, **hello}))
+    _telemetry._closes_at_exit = True
+    _close_at_exit(_telemetry)
     return _telemetry
 
 
@@ -448,9 +703,10 @@ def counter(name: str, inc: float = 1.0) -> None:
 @contextlib.contextmanager
 def spans_off() -> Iterator[None]:
     """Switch spans off for a block (iterations are still counted)."""
-    was = _telemetry.spans_enabled
-    _telemetry.spans_enabled = False
+    tel = telemetry()  # a first use: connect first, or the block would end with spans off for good
+    was = tel.spans_enabled
+    tel.spans_enabled = False
     try:
         yield
     finally:
-        _telemetry.spans_enabled = was
+        tel.spans_enabled = was
