@@ -150,3 +150,30 @@ def test_bad_input_is_one_line_exit_2(argv, message):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("marlwatch: ") and message in lines[0]
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.timeout(60)
+def test_keys_queued_behind_the_one_closing_help_do_not_crash_the_app():
+    """The help screen (the live app's too) closed on a key and closed again on the next one queued
+    before it had left the stack: that popped the app's last screen (ScreenStackError)."""
+    from textual import events
+
+    async def scenario() -> None:
+        app = replay_app(play=False)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.press("question_mark")
+            assert app.screen.__class__.__name__ == "HelpScreen"
+            # Two keys in the queue at once, as a fast typist or a paste delivers them.
+            app.post_message(events.Key("a", "a"))
+            app.post_message(events.Key("b", "b"))
+            await pilot.pause(0.5)
+            assert [s.__class__.__name__ for s in app.screen_stack] == ["Screen"]
+            assert app.return_code is None  # still running
+            await pilot.press("question_mark")  # and the help still opens and closes
+            assert app.screen.__class__.__name__ == "HelpScreen"
+            await pilot.press("x")
+            assert app.screen.__class__.__name__ != "HelpScreen"
+            await pilot.press("q")
+        assert app.return_code == 0
+
+    asyncio.run(scenario())

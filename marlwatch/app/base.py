@@ -53,13 +53,20 @@ class HelpScreen(ModalScreen[None]):
     def __init__(self, keys: str) -> None:
         super().__init__()
         self.keys = keys
+        self._dismissing = False
 
     def compose(self) -> ComposeResult:
         with VerticalScroll():
             yield Static(HELP.format(keys=self.keys))
 
-    def on_key(self) -> None:
-        self.dismiss()
+    def on_key(self, event: events.Key) -> None:
+        event.stop()
+        # The screen leaves the stack only after this handler: a second key already queued (a fast
+        # typist, a paste) reached it again, and its dismiss popped the app's last screen
+        # (ScreenStackError, the app died). Keys that arrive while it closes are dropped.
+        if not self._dismissing:
+            self._dismissing = True
+            self.dismiss()
 
 
 class WatchApp(App[int]):
