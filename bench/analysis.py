@@ -63,7 +63,7 @@ def generate(path: Path, spans: int, seed: int = 0) -> dict:
     it = 0
     written = 0
     t0 = time.perf_counter()
-    with RecordingWriter(path, info) as w:
+    with RecordingWriter(path, info, overwrite=True) as w:  # path: our own temporary name
         while written < spans:
             k = iters_per_batch
             n = k * SPANS_PER_ITER

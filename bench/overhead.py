@@ -207,6 +207,8 @@ def available_algos() -> list[str]:
 
 def measure(quick: bool = False, algos: list[str] | None = None, keep: Path | None = None,
             ns_per_span: float | None = None) -> dict:
+    from marlwatch.outputs import atomic_output
+
     pairs = 2 if quick else 4
     algos = algos or available_algos()
     if ns_per_span is None:
@@ -238,7 +240,8 @@ def measure(quick: bool = False, algos: list[str] | None = None, keep: Path | No
                     if spans and rec_on is None:
                         rec_on = r
                         if keep is not None and algo == "maddpg":  # what the size benchmark measures
-                            keep.write_bytes(path.read_bytes())
+                            with atomic_output(keep, binary=True) as f:
+                                f.write(path.read_bytes())
                 on.append(got[True])
                 off.append(got[False])
             ratios = [a / b - 1.0 for a, b in zip(on, off, strict=True)]

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from marlwatch.outputs import OutputError
 from marlwatch.terminal import finite, say
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -105,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--iterations", type=positive_int("--iterations"), default=None,
                      help="stop after this many learner iterations (default: 500 headless, until q live)")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--record", default=None, help="recording path (default: runs/ALGO-TIME.arrow)")
+    run.add_argument("--record", default=None,
+                     help="recording path (default: a new runs/ALGO-TIME.arrow); an existing file is refused")
+    run.add_argument("--force", action="store_true", help="let --record overwrite an existing file")
     run.add_argument("--headless", action="store_true", help="no terminal UI: a progress line and a summary")
     run.add_argument("--no-spans", dest="spans", action="store_false",
                      help="record no spans (iterations still counted): measure the overhead yourself")
@@ -175,10 +179,16 @@ def _main(argv: Sequence[str] | None) -> int:
             return cmd_algorithms()
         if args.command in PLUGGED:
             return importlib.import_module(PLUGGED[args.command][0]).cli(args)
-    except UsageError as e:
+    except (UsageError, OutputError) as e:
         return _fail(str(e))
     except BrokenPipeError:
-        return EXIT_OK  # output piped into `head`
+        # Output piped into `head`. What is still buffered for stdout would raise again when the
+        # interpreter flushes it on exit: stdout goes to /dev/null from here on.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_OK
     return _fail(f"unknown command {args.command!r}")
 
 
@@ -191,7 +201,7 @@ def _run_config(args: argparse.Namespace, default_iterations: int | None):
     return RunConfig(
         algo=args.algo, env=args.env, agents=args.agents, workers=args.workers or 0,
         iterations=args.iterations if args.iterations is not None else default_iterations,
-        seed=args.seed, spans=args.spans, record=args.record, keep_going=args.keep_going,
+        seed=args.seed, spans=args.spans, record=args.record, overwrite=args.force, keep_going=args.keep_going,
         sample_hz=args.sample_hz, settings=dict(args.settings),
     )
 
@@ -215,10 +225,12 @@ def make_run(args: argparse.Namespace, default_iterations: int | None):
 
 
 def start_run(run) -> None:
-    from marlwatch.recording import RecordingError
+    from marlwatch.recording import RecordingError, RecordingExists
 
     try:
         run.start()
+    except RecordingExists as e:
+        raise UsageError(f"{e} (--force overwrites it)") from None
     except RecordingError as e:
         raise UsageError(str(e)) from None
 
@@ -319,7 +331,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
         print(json.dumps(finite(out), indent=2, default=str, allow_nan=False))
     else:
         print(summary_text(snap, args.file, rec.status))
-    if not rec.complete:
+    if not rec.complete and rec.batches_read == 0 and not rec.truncated_mid_batch:
+        say(f"{args.file} is truncated: it holds the run's settings but no rows "
+            "(the monitor stopped before its first write)", warning=True)
+    elif not rec.complete:
         lost = " (the last batch was cut mid-write and is lost)" if rec.truncated_mid_batch else ""
         say(f"{args.file} is truncated: no end-of-run marker{lost}; read {rec.batches_read} complete batches",
             warning=True)

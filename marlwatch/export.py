@@ -15,17 +15,17 @@ the top-level phase still being reordered (a span is recorded when it ends, so c
 before their parent; they are sorted back into start order before being written, so every
 track's timestamps are monotonic).
 
-Exit codes: 0 written; 2 bad input (unreadable recording, OUT cannot be created or written);
-1 the export failed while writing (disk full); what was written is removed.
+Exit codes: 0 written; 2 bad input (unreadable recording, OUT cannot be created or written, OUT is
+the recording itself); 1 the export failed while writing (disk full). Outputs are written with
+`marlwatch.outputs.atomic_output`: a failed export leaves OUT as it was.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, Any
 
@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from marlwatch.metrics import Metrics, is_comm, top_of
+from marlwatch.outputs import OutputError, atomic_output
 from marlwatch.recording import CORE, COUNTER, EVENT, PROC, SPAN, STACK, Recording
 from marlwatch.terminal import say
 
@@ -199,39 +200,48 @@ def _table_schema(src: pa.Schema, cols: list[tuple[str, str]]) -> pa.Schema:
 
 
 def export_tables(rec: Recording, out_dir: Path, fmt: str) -> dict[str, int]:
-    """Write spans/counters[/stacks] tables as parquet or csv files in out_dir; returns rows per table."""
+    """Write spans/counters[/stacks] tables as parquet or csv files in out_dir; returns rows per table.
+
+    Each table goes through `atomic_output`: all of them are renamed into place once every one was
+    written, and a failure leaves the folder as it was."""
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
+    def open_table(table: str) -> Any:
+        schema = _table_schema(rec.schema, TABLES[table][1])
+        f = files.enter_context(atomic_output(out_dir / f"{table}.{fmt}", binary=True, inputs=(rec.path,)))
+        w = pq.ParquetWriter(f, schema, compression="zstd") if fmt == "parquet" else pcsv.CSVWriter(f, schema)
+        files.callback(_close_quietly, w)  # on a failure: closed before its file is removed
+        return w
+
     writers: dict[str, Any] = {}
     rows = dict.fromkeys(TABLES, 0)
-    try:
+    with ExitStack() as files:
         for batch in rec.batches():
             kind = batch.column("kind")
             for table, (kinds, cols) in TABLES.items():
                 sel = batch.filter(pc.is_in(kind, pa.array(kinds)))
                 if sel.num_rows == 0:
                     continue
-                schema = _table_schema(rec.schema, cols)
-                part = pa.RecordBatch.from_arrays([sel.column(c) for _, c in cols], schema=schema)
+                part = pa.RecordBatch.from_arrays([sel.column(c) for _, c in cols],
+                                                  schema=_table_schema(rec.schema, cols))
                 if table not in writers:
-                    path = out_dir / f"{table}.{fmt}"
-                    writers[table] = (pq.ParquetWriter(path, schema, compression="zstd") if fmt == "parquet"
-                                      else pcsv.CSVWriter(path, schema))
+                    writers[table] = open_table(table)
                 writers[table].write_batch(part)
                 rows[table] += part.num_rows
         for table in ("spans", "counters"):  # always present, even when empty
             if table not in writers:
-                schema = _table_schema(rec.schema, TABLES[table][1])
-                path = out_dir / f"{table}.{fmt}"
-                writers[table] = (pq.ParquetWriter(path, schema) if fmt == "parquet" else pcsv.CSVWriter(path, schema))
-    finally:
+                writers[table] = open_table(table)
         for w in writers.values():
-            try:
-                w.close()
-            except (OSError, pa.ArrowException):
-                pass
+            w.close()  # before the files are renamed into place (on leaving the ExitStack)
     return rows
+
+
+def _close_quietly(writer: Any) -> None:
+    try:
+        writer.close()  # a second close does nothing
+    except (OSError, ValueError, pa.ArrowException):
+        pass
 
 
 def export_perfetto(rec: Recording, out: IO[str]) -> int:
@@ -260,48 +270,44 @@ def cli(args: argparse.Namespace) -> int:
     rec = open_or_fail(args.file)
     out = Path(args.out)
     created_dir = False
-    try:
-        if args.to == "perfetto":
-            if out.is_dir():
-                raise UsageError(f"cannot write {out}: is a directory (give a .json file)")
-            f = open(out, "w", encoding="utf-8")  # noqa: SIM115 - closed below
-        else:
+    if args.to != "perfetto":
+        try:
             if out.exists() and not out.is_dir():
                 raise UsageError(f"cannot write {out}: exists and is not a directory")
             created_dir = not out.exists()
             out.mkdir(parents=True, exist_ok=True)
-            if not os.access(out, os.W_OK):
-                raise UsageError(f"cannot write {out}: permission denied")
-    except OSError as e:
-        raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
+        except OSError as e:
+            raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
     try:
         if args.to == "perfetto":
-            with f:
+            with atomic_output(out, inputs=(rec.path,)) as f:
                 n = export_perfetto(rec, f)
             what = f"{n} trace events"
         else:
             rows = export_tables(rec, out, args.to)
             what = ", ".join(f"{k} {v} rows" for k, v in rows.items() if v or k != "stacks")
+    except OutputError:
+        _remove_dir(out, created_dir)
+        raise  # the output cannot be opened: bad input, exit 2
+    except BrokenPipeError:
+        _remove_dir(out, created_dir)
+        raise  # a reader that stopped reading (`| head`): not a failure (cli.main)
     except OSError as e:
-        _remove(out, args.to, created_dir)
+        _remove_dir(out, created_dir)
         say(f"export to {out} failed: {e.strerror or e}")
         return EXIT_FAILED
     except Exception as e:  # noqa: BLE001 - a damaged file must give one line, not a traceback (as summary)
-        _remove(out, args.to, created_dir)
+        _remove_dir(out, created_dir)
         raise UsageError(f"{args.file}: damaged recording ({type(e).__name__}: {e})") from None
     status = "" if rec.complete else f" (recording {rec.status}: exported what it holds)"
     say(f"wrote {out}: {what}{status}")
     return EXIT_OK
 
 
-def _remove(out: Path, fmt: str, created_dir: bool) -> None:
-    try:
-        if fmt == "perfetto":
-            out.unlink(missing_ok=True)
-        elif created_dir:
-            shutil.rmtree(out, ignore_errors=True)
-        else:
-            for table in TABLES:
-                (out / f"{table}.{fmt}").unlink(missing_ok=True)
-    except OSError:
-        pass
+def _remove_dir(out: Path, created: bool) -> None:
+    """The tables' folder, when this export created it and nothing else was put in it since."""
+    if created:
+        try:
+            out.rmdir()
+        except OSError:
+            pass

@@ -45,6 +45,7 @@ import pyarrow.compute as pc
 
 from marlwatch.collector import event_row
 from marlwatch.metrics import Metrics, function_name
+from marlwatch.outputs import write_text
 from marlwatch.recording import ITER, SCHEMA, SPAN, STACK, Recording
 from marlwatch.terminal import printable, say
 
@@ -818,7 +819,7 @@ def cli(args: argparse.Namespace) -> int:
         print(text)
         return 0
     try:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+        write_text(args.out, text + "\n", inputs=(rec.path,))
     except OSError as e:
         raise UsageError(f"cannot write {args.out}: {e.strerror or e}") from None
     say(f"wrote {args.out} ({sum(stacks.values())} samples of '{phase}')")

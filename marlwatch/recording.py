@@ -18,6 +18,8 @@ from typing import Any, BinaryIO
 
 import pyarrow as pa
 
+from marlwatch.outputs import OutputError, OutputExists, new_file
+
 METADATA_KEY = b"marlwatch.run"
 FORMAT_VERSION = 1
 # Each record batch carries its number in the file (0, 1, ...) in its own custom metadata, so a
@@ -49,6 +51,21 @@ _WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
 
 class RecordingError(Exception):
     """A recording that cannot be written or read; the message is one line for the user."""
+
+
+class RecordingExists(RecordingError):
+    """The recording's path holds a file already, and overwriting it was not asked for."""
+
+
+RUNS_DIR = Path("runs")
+
+
+def default_record_path(prefix: str, suffix: str = ".arrow") -> Path:
+    """The default name of what a run (or a sweep, `suffix=""`) writes: runs/PREFIX-YYYYmmdd-HHMMSS.
+
+    Two runs can start in the same second: whoever creates it takes the next free one of
+    `numbered(path)` (the writer's `unique=True`, a sweep's exclusive mkdir)."""
+    return RUNS_DIR / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}{suffix}"
 
 
 @dataclass
@@ -105,14 +122,19 @@ def empty_columns() -> dict[str, list]:
 class RecordingWriter:
     """Append rows to a recording; a context manager that always leaves a readable file."""
 
-    def __init__(self, path: str | os.PathLike, info: RunInfo, *, flush_interval_s: float = 0.5) -> None:
+    def __init__(self, path: str | os.PathLike, info: RunInfo, *, flush_interval_s: float = 0.5,
+                 overwrite: bool = False, unique: bool = False) -> None:
+        """Create the recording at `path`. An existing regular file is refused (RecordingExists)
+        unless `overwrite`; with `unique` (a default name) the first free one of `path`, `path-2`,
+        ... is taken instead and `self.path` says which. The file appears with the schema in it, and
+        only on a free name (outputs.new_file): two runs never share a file, and a monitor killed at
+        any moment leaves a readable one. A device or FIFO that exists is written straight through."""
         self.path = Path(path)
         self.info = info
         self.flush_interval_s = flush_interval_s
         try:
             if self.path.parent and not self.path.parent.exists():
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed in close()
         except OSError as e:
             raise RecordingError(f"cannot write recording {self.path}: {e.strerror or e}") from None
         schema = SCHEMA.with_metadata({METADATA_KEY: info.to_json()})
@@ -124,12 +146,23 @@ class RecordingWriter:
         self.batches_written = 0
         self.closed = False
         self.failed: str | None = None
+
+        def head(f: BinaryIO) -> None:
+            self._writer = pa.ipc.new_stream(f, schema, options=_WRITE_OPTIONS)
+            # Arrow writes the schema only with the first batch; an empty one puts the schema and
+            # the run's metadata in the file before it appears, so a monitor killed at any moment
+            # leaves a readable file (0 batches, truncated), never a 0-byte one. Readers skip it.
+            self._writer.write_batch(pa.RecordBatch.from_pydict(empty_columns(), schema=SCHEMA))
+            f.flush()
+
         try:
-            self._writer = pa.ipc.new_stream(self._file, schema, options=_WRITE_OPTIONS)
-            self._file.flush()
-        except OSError as e:
-            self._file.close()
-            raise RecordingError(f"cannot write recording {self.path}: {e.strerror or e}") from None
+            self._file, self.path = new_file(self.path, head, unique=unique, overwrite=overwrite)
+        except OutputExists:
+            raise RecordingExists(f"recording {self.path} exists already; not overwritten") from None
+        except OutputError as e:
+            raise RecordingError(f"cannot write recording {self.path}: {e.reason}") from None
+        except (OSError, pa.ArrowException) as e:  # from head(): a full disk, /dev/full
+            raise RecordingError(f"cannot write recording {self.path}: {getattr(e, 'strerror', None) or e}") from None
 
     def __enter__(self) -> RecordingWriter:
         return self
@@ -229,8 +262,10 @@ class Recording:
                 except (pa.ArrowInvalid, pa.ArrowException, OSError, ValueError):
                     self.truncated_mid_batch = True
                     break
+                if batch.num_rows == 0:
+                    continue  # the writer's first batch, which only puts the schema on disk
                 self.batches_read += 1
-                if batch.num_rows and batch.column("kind")[batch.num_rows - 1].as_py() == END:
+                if batch.column("kind")[batch.num_rows - 1].as_py() == END:
                     self.complete = True
                 yield batch
 

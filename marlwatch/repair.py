@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from marlwatch.outputs import atomic_output
 from marlwatch.recording import _WRITE_OPTIONS, EVENT, RecordingError, open_recording
 from marlwatch.terminal import printable, say
 
@@ -36,35 +36,28 @@ def default_output(path: Path) -> Path:
 
 
 def repair(src: str | os.PathLike, dst: str | os.PathLike) -> dict:
-    """Copy every complete batch of `src` to `dst` (atomically), plus a `repaired` note row.
+    """Copy every complete batch of `src` to `dst` (with `atomic_output`), plus a `repaired` note row.
 
-    Returns what was kept; raises RecordingError when `src` is not a readable recording."""
+    Returns what was kept; raises RecordingError when `src` is not a readable recording and
+    OutputError when `dst` cannot be written or is `src`."""
     rec = open_recording(src)
     dst = Path(dst)
     rows = spans = 0
     last_t = 0
-    fd, tmp = tempfile.mkstemp(prefix=".repair-", suffix=".arrow", dir=dst.parent if str(dst.parent) else ".")
-    try:
-        with os.fdopen(fd, "wb") as f, pa.ipc.new_stream(f, rec.schema, options=_WRITE_OPTIONS) as w:
-            for b in rec.batches():
-                w.write_batch(b)
-                rows += b.num_rows
-                spans += pc.sum(pc.equal(b.column("kind"), "span")).as_py() or 0
-                t = pc.max(b.column("t_ns")).as_py()
-                last_t = max(last_t, t or 0)
-            note = {"source": str(rec.path), "batches": rec.batches_read, "rows": rows,
-                    "tail_lost": rec.truncated_mid_batch, "complete": bool(rec.complete)}
-            if not rec.complete:  # after an end marker nothing may follow; a complete file is just copied
-                w.write_batch(pa.RecordBatch.from_pylist(
-                    [{"kind": EVENT, "name": "repaired", "t_ns": last_t, "text": json.dumps(note)}],
-                    schema=rec.schema))
-        os.replace(tmp, dst)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_output(dst, binary=True, inputs=(rec.path,)) as f, \
+            pa.ipc.new_stream(f, rec.schema, options=_WRITE_OPTIONS) as w:
+        for b in rec.batches():
+            w.write_batch(b)
+            rows += b.num_rows
+            spans += pc.sum(pc.equal(b.column("kind"), "span")).as_py() or 0
+            t = pc.max(b.column("t_ns")).as_py()
+            last_t = max(last_t, t or 0)
+        note = {"source": str(rec.path), "batches": rec.batches_read, "rows": rows,
+                "tail_lost": rec.truncated_mid_batch, "complete": bool(rec.complete)}
+        if not rec.complete:  # after an end marker nothing may follow; a complete file is just copied
+            w.write_batch(pa.RecordBatch.from_pylist(
+                [{"kind": EVENT, "name": "repaired", "t_ns": last_t, "text": json.dumps(note)}],
+                schema=rec.schema))
     return {**note, "spans": spans, "output": str(dst)}
 
 
@@ -73,8 +66,6 @@ def cli(args: argparse.Namespace) -> int:
 
     src = Path(args.file)
     dst = Path(args.output) if args.output else default_output(src)
-    if dst.is_dir():
-        raise UsageError(f"{dst}: is a directory; give a file name with -o")
     try:
         kept = repair(src, dst)
     except RecordingError as e:

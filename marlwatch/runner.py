@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 
 from algorithms.base import AlgorithmSpec
-from marlwatch import wire
+from marlwatch import recording, wire
 from marlwatch.collector import ProcStream, core_rows, event_row, proc_rows
 from marlwatch.process import ChildSpec, learner_main, worker_main
 from marlwatch.recording import SCHEMA, RecordingError, RecordingWriter, RunInfo
@@ -46,7 +46,8 @@ class RunConfig:
     iterations: int | None = 500
     seed: int = 0
     spans: bool = True
-    record: str | None = None
+    record: str | None = None  # None: a new file under runs/ (recording.default_record_path)
+    overwrite: bool = False  # `--force`: an existing `record` file is replaced, not refused
     keep_going: bool = False
     spans_ab: int = 0  # > 0: spans on/off in alternating blocks of this many iterations (overhead A/B)
     sample_hz: float = 10.0
@@ -68,7 +69,8 @@ class ProcState:
 
 
 def default_record_path(algo: str) -> Path:
-    return Path("runs") / f"{algo}-{time.strftime('%Y%m%d-%H%M%S')}.arrow"
+    """The base of a run's default name; the writer takes the first free one of it, -2, -3, ..."""
+    return recording.default_record_path(algo)
 
 
 def _versions() -> dict[str, str]:
@@ -156,7 +158,10 @@ class Run:
 
     # -- starting --------------------------------------------------------------------------
     def start(self) -> None:
-        self.writer = RecordingWriter(self.record_path, self.info)  # fails before any process starts
+        # Fails before any process starts. A default name is made unique when the file is created.
+        self.writer = RecordingWriter(self.record_path, self.info, overwrite=self.cfg.overwrite,
+                                      unique=self.cfg.record is None)
+        self.record_path = self.writer.path
         ctx = mp.get_context("spawn")
         # Spawning starts multiprocessing's resource tracker on first use, and that code unblocks
         # SIGINT on its way out: inside _spawn's window, the child would then start unprotected.

@@ -31,6 +31,8 @@ from marlwatch.cli import (
     positive_int_list,
     start_run,
 )
+from marlwatch.outputs import atomic_output, numbered, write_text
+from marlwatch.recording import default_record_path
 from marlwatch.runner import Run, RunConfig
 
 
@@ -41,7 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=positive_int_list("--workers"), default=[1], help="e.g. 1,2")
     p.add_argument("--iterations", type=positive_int("--iterations"), default=50, help="learner iterations per cell")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="folder for the recordings and tables (default: runs/sweep-ALGO-TIME)")
+    p.add_argument("--out", default=None,
+                   help="folder for the recordings and tables (default: a new runs/sweep-ALGO-TIME)")
+    p.add_argument("--force", action="store_true", help="overwrite recordings an earlier sweep left in --out")
     p.add_argument("--set", dest="settings", type=_setting, action="append", default=[], metavar="KEY=VALUE",
                    help="algorithm setting for every cell, e.g. --set max_cycles=25")
 
@@ -182,21 +186,34 @@ def markdown(algo: str, rows: list[Row]) -> str:
 
 def save(out: Path, algo: str, rows: list[Row]) -> dict[str, Path]:
     paths = {"csv": out / "sweep.csv", "json": out / "sweep.json", "md": out / "sweep.md"}
-    with paths["csv"].open("w", newline="") as f:
+    with atomic_output(paths["csv"], newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         for r in rows:
             w.writerow(asdict(r))
-    paths["json"].write_text(json.dumps(
+    write_text(paths["json"], json.dumps(
         {"algo": algo, "rows": [asdict(r) for r in rows],
          "fitted_growth_per_doubling": {str(k): v for k, v in fits(rows).items()}}, indent=2) + "\n")
-    paths["md"].write_text(markdown(algo, rows))
+    write_text(paths["md"], markdown(algo, rows))
     return paths
+
+
+def _new_folder(base: Path) -> Path:
+    """The first of `base`, `base-2`, ... that this call creates (two sweeps started in the same
+    second get a folder each)."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for candidate in numbered(base):
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")  # numbered() never ends
 
 
 # -- command -----------------------------------------------------------------------------------
 def cli(args: argparse.Namespace) -> int:
-    out = Path(args.out) if args.out else Path("runs") / f"sweep-{args.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(args.out) if args.out else default_record_path(f"sweep-{args.algo}", suffix="")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
     settings = dict(args.settings)
@@ -205,12 +222,23 @@ def cli(args: argparse.Namespace) -> int:
     for w in args.workers:
         for a in args.agents:
             cfg = RunConfig(algo=args.algo, env=args.env, agents=a, workers=w, iterations=args.iterations,
-                            seed=args.seed, record=str(out / f"{args.algo}-a{a}-w{w}.arrow"), settings=settings)
+                            seed=args.seed, record=f"{args.algo}-a{a}-w{w}.arrow", overwrite=args.force,
+                            settings=settings)
             cells.append(build_run(cfg))
+    taken = [run.record_path.name for run in cells if (out / run.record_path.name).exists()]
+    if args.out and taken and not args.force:
+        raise UsageError(f"--out {out} holds recordings already ({', '.join(taken)}); not overwritten "
+                         "(--force overwrites them, or choose another --out)")
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        if args.out:
+            out.mkdir(parents=True, exist_ok=True)
+        else:
+            out = _new_folder(out)
     except OSError as e:
         raise UsageError(f"--out {out}: {e.strerror}") from None
+    for run in cells:  # the folder is known now
+        run.record_path = out / run.record_path.name
+        run.cfg.record = str(run.record_path)
     done: list[Path] = []
     for k, run in enumerate(cells, 1):
         print(f"marlwatch: sweep cell {k}/{len(cells)}: {args.algo}, {run.cfg.agents} agents, {run.workers} "

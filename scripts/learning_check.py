@@ -28,6 +28,7 @@ from algorithms.common import ParallelEnvRunner  # noqa: E402
 from algorithms.envs import make_env  # noqa: E402
 from marlwatch.cli import UsageError  # noqa: E402
 from marlwatch.metrics import Metrics  # noqa: E402
+from marlwatch.outputs import write_text  # noqa: E402
 from marlwatch.recording import open_recording  # noqa: E402
 from marlwatch.runner import RunConfig  # noqa: E402
 from marlwatch.sweep import build_run, execute  # noqa: E402
@@ -56,7 +57,7 @@ def check(algo: str, args: argparse.Namespace, settings: dict[str, str]) -> dict
     cfg = make_config(algo, agents=args.agents, workers=args.workers, seed=args.seed, settings=settings)
     record = Path(args.out) / f"{algo}.arrow"
     run = build_run(RunConfig(algo=algo, agents=args.agents, workers=args.workers, iterations=None, seed=args.seed,
-                              record=str(record), settings=settings))
+                              record=str(record), overwrite=args.force, settings=settings))
     print(f"learning check: {algo} on {cfg.env}, {args.agents} agents, {args.workers} worker(s), "
           f"{args.minutes:g} min -> {record}", file=sys.stderr, flush=True)
     execute(run, time_limit_s=args.minutes * 60)
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--random-episodes", type=int, default=200)
     p.add_argument("--out", default="runs/learning-check", help="folder for the recordings and results.json")
+    p.add_argument("--force", action="store_true", help="overwrite the recordings of an earlier check in --out")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="[ALGO:]KEY=VALUE",
                    help="setting for every algorithm, or only ALGO's with the prefix")
     args = p.parse_args(argv)
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(f"| {r['algo']} | {r['env']} | {r['agents']} | {r['minutes']:g} | {r['episodes']} "
               f"| {r['random']:.1f} | {r['first_10pct']:.1f} | {r['last_10pct']:.1f} ± {r['last_10pct_std']:.1f} |")
-    (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_text(Path(args.out) / "results.json", json.dumps(results, indent=2) + "\n")
     return 0
 
 
