@@ -21,7 +21,7 @@ from _common import BENCH, machine, print_table, row
 
 # The pipeline and analysis benchmarks go before the real runs import torch, so that the
 # monitor's RSS they report is not inflated by it.
-ALL = ["span_cost", "pipeline", "analysis", "overhead", "size", "app"]
+ALL = ["span_cost", "pipeline", "analysis", "overhead", "autophases", "size", "app"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
                     import overhead
 
                     r = overhead.measure(a.quick, keep=kept, ns_per_span=ns_per_span)
+                elif name == "autophases":
+                    import autophase_cost
+
+                    r = autophase_cost.measure(a.quick)
                 elif name == "size":
                     import size
 

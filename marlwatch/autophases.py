@@ -50,9 +50,15 @@ def installed() -> bool:
 
 
 def _inst() -> ModuleType:
-    from marlwatch import instrument
+    global _instrument
+    if _instrument is None:
+        from marlwatch import instrument
 
-    return instrument
+        _instrument = instrument
+    return _instrument
+
+
+_instrument: ModuleType | None = None  # marlwatch.instrument, imported on first use
 
 
 # -- wrappers ----------------------------------------------------------------------------------
@@ -199,7 +205,7 @@ def _optimizer_pre(optimizer: Any, args: Any, kwargs: Any) -> None:
     owner = getattr(_optimizer_state, "owner", None)
     if owner is not None and owner is not optimizer:
         return  # a step inside another optimizer's step: one span, the outer one
-    sp = _inst()._telemetry.span(OPTIMIZER)
+    sp = (_instrument or _inst())._telemetry.span(OPTIMIZER)
     if owner is optimizer:
         sp.abandon()  # its last step raised
     _optimizer_state.owner = optimizer
@@ -210,7 +216,7 @@ def _optimizer_post(optimizer: Any, args: Any, kwargs: Any) -> None:
     if getattr(_optimizer_state, "owner", None) is not optimizer:
         return
     _optimizer_state.owner = None
-    tel = _inst()._telemetry
+    tel = (_instrument or _inst())._telemetry
     try:
         tel.span(OPTIMIZER).__exit__(None, None, None)
     except RuntimeError:
