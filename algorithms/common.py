@@ -82,6 +82,24 @@ class ReplayBuffer:
         return {k: torch.from_numpy(arr[idx]) for k, arr in self.data.items()}
 
 
+class ReplayWarmup:
+    """An off-policy learner's warm-up: no update until its replay buffer holds `needed`
+    transitions. Calling it with the buffer's size reports the progress (`marlwatch.warmup`) each
+    iteration until the warm-up is over and once more when it is, then nothing."""
+
+    def __init__(self, needed: int) -> None:
+        self.needed = needed
+        self.over = needed <= 0
+
+    def __call__(self, stored: int) -> bool:
+        """True while the learner should still wait."""
+        if self.over:
+            return False
+        instrument.warmup(min(stored, self.needed), self.needed)
+        self.over = stored >= self.needed
+        return not self.over
+
+
 class ParallelEnvRunner:
     """Steps a PettingZoo ParallelEnv as stacked arrays ([agents, ...]) and reports each
     finished episode's team return as the gauge `episode_return`."""

@@ -185,8 +185,10 @@ class MADDPGConfig(BaseConfig):
     """Episode length."""
     steps_per_iteration: int = setting(100, at_least=1)
     """Env steps collected per iteration over all workers: one update per 100 steps."""
-    warmup: int = setting(1024 * 25, at_least=0)
-    """Transitions stored before the first update."""
+    warmup: int = setting(2048, at_least=0)
+    """Transitions stored before the first update. The original waits for 1024 x 25 = 25,600
+    (`--set warmup=25600`: about 250 iterations, 25-30 s of a demo run with no update at all); two
+    batches' worth lets the default run show updates and communication within seconds."""
     tau: float = setting(0.01, above=0, at_most=1)
     """Soft target update rate."""
     grad_clip: float = setting(0.5, above=0)

@@ -17,7 +17,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 __all__ = ["auto_phases", "autostart_dir", "connect", "counter", "disconnect", "gauge", "phase", "span",
-           "spans_off", "telemetry", "tick"]
+           "spans_off", "telemetry", "tick", "warmup"]
 _SPAN_API = frozenset(__all__) - {"auto_phases", "autostart_dir"}  # loaded from marlwatch.instrument
 __version__ = "0.1.0"
 
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
         spans_off,
         telemetry,
         tick,
+        warmup,
     )
 
 

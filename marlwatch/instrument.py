@@ -11,6 +11,7 @@
     marlwatch.tick()                      # one iteration of this process's loop is done
     marlwatch.gauge("loss/critic", 0.31)  # latest value of something
     marlwatch.counter("episodes")         # something that only counts up
+    marlwatch.warmup(12_800, 25_600)      # no updates yet: 12,800 of 25,600 transitions stored
 
 Phase names are paths: the first segment is `sample`, `update` or `sync`; any path with a
 `comm` segment counts as communication. Spans nest; a span's parent is the span open around it.
@@ -48,7 +49,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
-from marlwatch.wire import Sink, encode_batch, encode_control
+from marlwatch.wire import Sink, encode_batch, encode_control, warmup_gauges
 
 __all__ = [
     "Telemetry",
@@ -60,6 +61,7 @@ __all__ = [
     "span",
     "telemetry",
     "tick",
+    "warmup",
 ]
 
 _now = time.perf_counter_ns
@@ -698,6 +700,16 @@ def gauge(name: str, value: float) -> None:
 def counter(name: str, inc: float = 1.0) -> None:
     """Add `inc` to the count `name`."""
     _telemetry.counter(name, inc)
+
+
+def warmup(done: float, needed: float, unit: str = "transitions") -> None:
+    """Report warm-up progress: `done` of the `needed` (in `unit`) that the learner waits for
+    before its first update (a replay buffer filling). While done < needed the views say
+    "warming up done/needed unit" instead of showing update and communication shares of zero as
+    if they were measurements. Call it each iteration while warming up, and once when done."""
+    name_done, name_needed = warmup_gauges(unit)
+    _telemetry.gauge(name_done, done)
+    _telemetry.gauge(name_needed, needed)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ import json
 import math
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from marlwatch.recording import CORE, COUNTER, END, EVENT, ITER, PROC, SPAN, STACK, Recording, RunInfo
+from marlwatch.wire import parse_warmup_gauge
 
 TOP_LEVEL = ("sample", "update", "sync")
 # Latency histogram: 32 log-spaced bins per octave (bin width 2.2%, so a percentile read off
@@ -105,6 +106,20 @@ class ProcRow:
 
 
 @dataclass
+class Warmup:
+    """A warm-up the learner reported (`marlwatch.warmup`): it makes no update until done."""
+
+    done: float
+    needed: float
+    unit: str  # what is counted, e.g. "transitions"
+    ended_s: float | None = None  # data time of the first report with done >= needed
+
+    @property
+    def active(self) -> bool:
+        return self.done < self.needed
+
+
+@dataclass
 class Snapshot:
     info: RunInfo | None
     t_s: float  # data time: the latest moment the rows fed so far describe
@@ -136,6 +151,9 @@ class Snapshot:
     bound_met: float | None = None
     # py-spy samples seen so far (rows of kind `stack`): phase -> leaf function -> samples.
     stacks: dict[str, dict[str, int]] = field(default_factory=dict)
+    # The learner's warm-up, when it reported one; while `warmup.active` there has been no model
+    # update, so update and communication shares of zero are not measurements of the algorithm.
+    warmup: Warmup | None = None
 
     def top_functions(self, phase: str, n: int = 10) -> list[tuple[str, int]]:
         """The functions py-spy found running (leaf frames) while `phase` or a phase below it ran."""
@@ -168,6 +186,7 @@ class Snapshot:
             "comm_share": self.comm_share,
             "comm_share_update": self.comm_share_update,
             "iteration_ms": self.iteration_ms,
+            **({"warmup": asdict(self.warmup) | {"active": self.warmup.active}} if self.warmup else {}),
             **({"latency_bound": {"bound_ms": self.latency_bound_ms, "ips": self.bounded_ips,
                                   "fraction_met": self.bound_met}} if self.latency_bound_ms is not None else {}),
             "phases": {
@@ -227,6 +246,7 @@ class Metrics:
         self.events: deque[dict[str, Any]] = deque(maxlen=100)
         self.complete = False
         self.stacks: dict[str, dict[str, int]] = {}  # bounded by phases x functions sampled
+        self.warmup: Warmup | None = None
         # `marlwatch run --latency-bound MS` stores the bound in the run info, so the live view,
         # replay and summary of that recording all show it; `summary --latency-bound` overrides.
         bound = info.extra.get("latency_bound_ms") if info else None
@@ -265,7 +285,7 @@ class Metrics:
         if PROC in kinds:
             self._proc_samples(rows(PROC, ["proc", "name", "value"]))
         if COUNTER in kinds:
-            self._counters(_valid(rows(COUNTER, ["name", "value"]), "name", "value"))
+            self._counters(_valid(rows(COUNTER, ["name", "t_ns", "value"]), "name", "t_ns", "value"))
         if EVENT in kinds:
             self._events(rows(EVENT, ["proc", "name", "t_ns", "text"]))
         if STACK in kinds:
@@ -377,13 +397,28 @@ class Metrics:
                 p.rss = value
 
     def _counters(self, b: pa.RecordBatch) -> None:
-        for name, value in zip(b.column("name").to_pylist(), b.column("value").to_pylist(), strict=True):
+        for name, t, value in zip(b.column("name").to_pylist(), b.column("t_ns").to_pylist(),
+                                  b.column("value").to_pylist(), strict=True):
             if name == "episodes":
                 self.counters[name] = self.counters.get(name, 0.0) + value
             else:
                 self.counters[name] = value
             if name == "episode_return":
                 self.returns.append(value)
+            warm = parse_warmup_gauge(name)
+            if warm is not None:
+                self._warmup(warm[0], warm[1], value, t)
+
+    def _warmup(self, unit: str, is_needed: bool, value: float, t_ns: int) -> None:
+        w = self.warmup
+        if w is None or w.unit != unit:  # a learner reports one warm-up; the latest unit wins
+            w = self.warmup = Warmup(done=0.0, needed=math.inf, unit=unit)
+        if is_needed:
+            w.needed = value
+        else:
+            w.done = value
+        if w.ended_s is None and not w.active:
+            w.ended_s = t_ns / 1e9
 
     def _stack_samples(self, b: pa.RecordBatch) -> None:
         for name, stack, count in zip(b.column("name").to_pylist(), b.column("text").to_pylist(),
@@ -521,6 +556,7 @@ class Metrics:
             bounded_ips=bounded[0],
             bound_met=bounded[1],
             stacks={k: dict(v) for k, v in self.stacks.items()},
+            warmup=None if self.warmup is None else replace(self.warmup),
         )
 
 

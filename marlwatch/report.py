@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from marlwatch.metrics import Snapshot
+from marlwatch.metrics import Snapshot, Warmup
 from marlwatch.terminal import printable
 
 
@@ -26,11 +26,25 @@ def ms(x: float) -> str:
     return "-" if math.isnan(x) else (f"{x:.3f}" if x < 10 else f"{x:.1f}")
 
 
+def warming_up(w: Warmup) -> str:
+    """`warming up 12,800/25,600 transitions`."""
+    return f"warming up {w.done:,.0f}/{w.needed:,.0f} {printable(w.unit)}"
+
+
+def warmup_line(w: Warmup) -> str:
+    """The summary's line about a reported warm-up, over or not."""
+    if w.active:
+        return f"{warming_up(w)} when the recording ends: no model update yet"
+    when = f", over at {w.ended_s:.1f} s" if w.ended_s is not None else ""
+    return f"warm-up: {w.needed:,.0f} {printable(w.unit)} before the first update{when}"
+
+
 def progress_line(s: Snapshot, total: int | None, rec_bytes: int) -> str:
     of = f"/{total}" if total else ""
+    comm = (warming_up(s.warmup) if s.warmup is not None and s.warmup.active else
+            f"comm {pct(s.comm_share).strip()} of exec, {pct(s.comm_share_update).strip()} of update")
     return (
-        f"it {s.iterations}{of}  IPS {s.ips_now:6.2f} (mean {s.ips:.2f})  "
-        f"comm {pct(s.comm_share).strip()} of exec, {pct(s.comm_share_update).strip()} of update  "
+        f"it {s.iterations}{of}  IPS {s.ips_now:6.2f} (mean {s.ips:.2f})  {comm}  "
         f"sample {pct(s.shares['sample']).strip()} update {pct(s.shares['update']).strip()} "
         f"sync {pct(s.shares['sync']).strip()}  rec {human_bytes(rec_bytes)}"
     )
@@ -57,6 +71,8 @@ def summary_text(s: Snapshot, path: str = "", status: str = "") -> str:
         f"communication: {pct(s.comm_share).strip()} of execution time (sample+update), "
         f"{pct(s.comm_share_update).strip()} of update time"
     )
+    if s.warmup is not None:
+        lines.append(warmup_line(s.warmup))
     lines.append(
         "process time: " + "  ".join(f"{k} {pct(v).strip()}" for k, v in s.shares.items() if v or k != "other")
     )

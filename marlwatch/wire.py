@@ -28,6 +28,27 @@ BATCH = b"B"[0]
 _HEADER = struct.Struct("<I")
 
 
+# Warm-up progress (`marlwatch.warmup`) travels as two gauges: `warmup/UNIT` = how much is done,
+# `warmup/UNIT/needed` = how much the algorithm waits for before its first update.
+WARMUP_PREFIX = "warmup/"
+WARMUP_NEEDED_SUFFIX = "/needed"
+
+
+def warmup_gauges(unit: str) -> tuple[str, str]:
+    """The gauge names (done, needed) that report a warm-up counted in `unit`."""
+    return f"{WARMUP_PREFIX}{unit}", f"{WARMUP_PREFIX}{unit}{WARMUP_NEEDED_SUFFIX}"
+
+
+def parse_warmup_gauge(name: str) -> tuple[str, bool] | None:
+    """`warmup/UNIT` -> (UNIT, False), `warmup/UNIT/needed` -> (UNIT, True), anything else None."""
+    if not name.startswith(WARMUP_PREFIX):
+        return None
+    rest = name[len(WARMUP_PREFIX):]
+    needed = rest.endswith(WARMUP_NEEDED_SUFFIX)
+    unit = rest[: -len(WARMUP_NEEDED_SUFFIX)] if needed else rest
+    return (unit, needed) if unit else None
+
+
 class Sink(Protocol):
     def send_bytes(self, buf: bytes) -> None: ...
 

@@ -18,12 +18,12 @@ from tests.conftest import wait_for
 
 @pytest.mark.timeout(170)
 def test_auto_flame_then_f_on_the_selected_phase(tmp_path: Path, no_leftovers):
-    # Updates start after MADDPG's warm-up (25,600 transitions: 10 s or more here), well after
+    # Updates start after the original MADDPG's warm-up (25,600 transitions: 10 s or more here), well after
     # --auto-flame took its baseline window; then the workers wait for weights while the learner
     # updates: the p95 of their `sync/wait` jumps and --auto-flame profiles it.
     args = build_parser().parse_args(
         ["run", "--workers", "1", "--agents", "3", "--record", str(tmp_path / "live.arrow"), "--auto-flame",
-         "--latency-bound", "500", "--set", "batch_size=256"])
+         "--latency-bound", "500", "--set", "batch_size=256", "--set", "warmup=25600"])
     run = make_run(args, default_iterations=None)
     start_run(run)
     app = LiveApp(run)

@@ -15,8 +15,10 @@ import psutil
 import pytest
 
 from marlwatch.app.live import LiveApp
-from marlwatch.app.widgets import CoresPanel, PhaseTable, RunHeader, WorkerRow
+from marlwatch.app.replay import ReplayApp, load
+from marlwatch.app.widgets import CoresPanel, PhaseTable, RunHeader, TimePanel, WorkerRow
 from marlwatch.cli import build_parser, make_run, start_run
+from marlwatch.metrics import summarize
 from marlwatch.recording import open_recording
 from tests.conftest import descendants_alive, wait_for
 
@@ -56,6 +58,11 @@ def test_live_run_fills_panels_and_q_stops_it(tmp_path):
             assert panel.content_size.height >= len(s.cores_now) + len(s.procs), panel.content_size
             rows = list(app.query(WorkerRow))
             assert len(rows) == 3 and any(r.has_class("-running") for r in rows)
+            # Past the (short) warm-up the breakdown shows the communication shares.
+            await wait_for(pilot, lambda: app.snapshot.warmup is not None and not app.snapshot.warmup.active,
+                           60, "the warm-up to end")
+            await pilot.pause(0.3)
+            assert "comm / execution" in time_panel_text(app) and "warming up" not in time_panel_text(app)
 
             await pilot.press("p")  # pause the view: the figures hold still while the run goes on
             held = app.snapshot
@@ -73,6 +80,49 @@ def test_live_run_fills_panels_and_q_stops_it(tmp_path):
     batches = list(rec.batches())
     assert rec.complete and len(batches) > 1
     assert not run.alive
+    assert descendants_alive() == []
+
+
+def time_panel_text(app) -> str:
+    rendered = app.query_one(TimePanel).render()
+    return "\n".join(t.plain for t in getattr(rendered, "renderables", [rendered]))
+
+
+@pytest.mark.timeout(150)
+def test_warmup_is_labelled_live_and_in_replay(tmp_path):
+    """While MADDPG fills its replay buffer the breakdown says so instead of showing 0.0% shares,
+    and a replay of the recording says the same."""
+    run = start(tmp_path, "--workers", "1", "--set", "warmup=100000000")
+    app = LiveApp(run)
+    seen: list[str] = []
+
+    async def scenario() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_for(pilot, lambda: app.snapshot is not None and app.snapshot.warmup is not None
+                           and app.snapshot.warmup.done >= 200, 100, "warm-up progress")
+            await pilot.pause(0.3)
+            w = app.snapshot.warmup
+            assert w.active and w.needed == 100_000_000 and w.unit == "transitions"
+            text = time_panel_text(app)
+            assert f"warming up {w.done:,.0f}/100,000,000 transitions" in text, text
+            assert "comm / execution" not in text and "0.0%" not in text.split("\n", 2)[-1]
+            seen.append(text)
+            await pilot.press("q")
+            await wait_for(pilot, lambda: app.ended is not None, 30, "the run to stop")
+
+    asyncio.run(scenario())
+    final = summarize(open_recording(run.record_path)).warmup
+    assert final is not None and final.active
+
+    async def replay() -> None:
+        playback, status, size = load(str(run.record_path))
+        rapp = ReplayApp(playback, str(run.record_path), size, status, at_s=playback.duration_s, play=False)
+        async with rapp.run_test(size=(120, 40)) as pilot:
+            await pilot.pause(0.5)
+            assert rapp.snapshot.warmup == final
+            assert f"warming up {final.done:,.0f}/100,000,000 transitions" in time_panel_text(rapp)
+
+    asyncio.run(replay())
     assert descendants_alive() == []
 
 

@@ -81,3 +81,39 @@ def test_cores_mean_and_now():
                  for t, c, v in [(0, 0, 10.0), (0, 1, 50.0), (1, 0, 30.0), (1, 1, 70.0)]]))
     s = m.snapshot()
     assert s.cores_mean == [20.0, 60.0] and s.cores_now == [30.0, 70.0]
+
+
+def gauge(proc, name, t, value):
+    return {"kind": "counter", "proc": proc, "name": name, "t_ns": t, "value": value}
+
+
+def test_warmup_progress_from_its_gauges():
+    from marlwatch.report import progress_line, summary_text
+    from marlwatch.wire import warmup_gauges
+
+    done, needed = warmup_gauges("transitions")
+    assert (done, needed) == ("warmup/transitions", "warmup/transitions/needed")
+    m = Metrics()
+    assert m.snapshot().warmup is None  # an algorithm without a warm-up reports none
+    m.add(rows(gauge(0, done, 1 * MS, 200), gauge(0, needed, 1 * MS, 600), tick(0, 2 * MS, 1),
+               gauge(0, done, 3 * MS, 400), gauge(0, needed, 3 * MS, 600), tick(0, 4 * MS, 2)))
+    s = m.snapshot()
+    assert s.warmup is not None and s.warmup.active
+    assert (s.warmup.done, s.warmup.needed, s.warmup.unit, s.warmup.ended_s) == (400, 600, "transitions", None)
+    assert s.to_json()["warmup"] == {"done": 400, "needed": 600, "unit": "transitions", "ended_s": None,
+                                     "active": True}
+    line = progress_line(s, None, 0)
+    assert "warming up 400/600 transitions" in line and "comm" not in line
+    assert "warming up 400/600 transitions when the recording ends" in summary_text(s)
+    # The last report (done >= needed) ends it, at that report's time; later batches keep it over.
+    m.add(rows(gauge(0, done, 5 * MS, 600), gauge(0, needed, 5 * MS, 600), tick(0, 6 * MS, 3)))
+    m.add(rows(span(0, "update/comm/x", "update", 6 * MS, MS), span(0, "update", None, 6 * MS, 2 * MS),
+               tick(0, 8 * MS, 4)))
+    s = m.snapshot()
+    assert not s.warmup.active and s.warmup.ended_s == pytest.approx(0.005)
+    assert "comm 50.0% of exec" in progress_line(s, None, 0)
+    assert "warm-up: 600 transitions before the first update, over at 0.0 s" in summary_text(s)
+    # A snapshot is a copy: feeding more rows does not change one already handed out.
+    held = m.snapshot()
+    m.add(rows(gauge(0, done, 9 * MS, 1), gauge(0, needed, 9 * MS, 600)))
+    assert held.warmup.done == 600 and m.snapshot().warmup.done == 1

@@ -14,7 +14,7 @@ from textual.widgets import Static
 
 from marlwatch.app.charts import column_plot, hbar, stacked_bar
 from marlwatch.metrics import PhaseRow, ProcRow, Snapshot
-from marlwatch.report import human_bytes, ms
+from marlwatch.report import human_bytes, ms, warming_up
 from marlwatch.terminal import printable
 
 TOP_STYLES = {"sample": "dodger_blue2", "update": "magenta", "sync": "yellow", "other": "grey50"}
@@ -156,11 +156,16 @@ class TimePanel(Static):
             legend.append("■", style=TOP_STYLES[k])
             legend.append(f"{k} {pct(v) if wide else f'{100 * v:.0f}%'} ")
         exec_line = Text(no_wrap=True, overflow="ellipsis")
-        exec_line.append(f" {pct(s.comm_share):>6} ", style="bold reverse red")
-        exec_line.append(" comm / execution", style="bold")
         upd_line = Text(no_wrap=True, overflow="ellipsis")
-        upd_line.append(f" {pct(s.comm_share_update):>6} ", style="bold reverse magenta")
-        upd_line.append(" comm / model update", style="bold")
+        if s.warmup is not None and s.warmup.active:
+            # No model update yet: shares of zero would read as measurements of the algorithm.
+            exec_line.append(f" {warming_up(s.warmup)} ", style="bold reverse yellow")
+            upd_line.append(" no model update yet: comm shares start after it", style="dim")
+        else:
+            exec_line.append(f" {pct(s.comm_share):>6} ", style="bold reverse red")
+            exec_line.append(" comm / execution", style="bold")
+            upd_line.append(f" {pct(s.comm_share_update):>6} ", style="bold reverse magenta")
+            upd_line.append(" comm / model update", style="bold")
         seconds = Text(f"exec {s.exec_s:.1f} s  comm {s.comm_s:.1f} s  update {s.update_s:.1f} s",
                        style="dim", no_wrap=True, overflow="ellipsis")
         return Group(bar, legend, exec_line, upd_line, seconds)
