@@ -245,7 +245,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def run_headless(args: argparse.Namespace) -> int:
     from marlwatch.metrics import Metrics
-    from marlwatch.report import progress_line, summary_text
+    from marlwatch.report import plural, progress_line, summary_text
 
     run = make_run(args, default_iterations=500)
     metrics = Metrics(run.info)
@@ -269,7 +269,8 @@ def run_headless(args: argparse.Namespace) -> int:
     old_term = signal.signal(signal.SIGTERM, on_signal)
     tty = sys.stderr.isatty()
     start_run(run)
-    print(f"marlwatch: {run.cfg.algo} on {run.info.env}, {run.cfg.agents} agents, {run.workers} workers; "
+    print(f"marlwatch: {run.cfg.algo} on {run.info.env}, {plural(run.cfg.agents, 'agent')}, "
+          f"{plural(run.workers, 'worker')}; "
           f"recording to {run.record_path}", file=sys.stderr)
     try:
         next_line = time.monotonic() + 1.0

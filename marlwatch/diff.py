@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from marlwatch.metrics import IterationTable, Snapshot, read_iterations
+from marlwatch.report import plural
 from marlwatch.terminal import finite, printable
 
 EXIT_OK, EXIT_SLOWER, EXIT_USAGE = 0, 1, 2
@@ -248,10 +249,9 @@ def _change(r: Row) -> str:
 
 def render(d: Diff) -> str:
     h = d.header
-    lines = [f"A: {d.a_path}  ({h['algo'][0]}, {h['env'][0]}, {h['agents'][0]} agents, {h['workers'][0]} workers, "
-             f"{h['iterations'][0]} iterations)",
-             f"B: {d.b_path}  ({h['algo'][1]}, {h['env'][1]}, {h['agents'][1]} agents, {h['workers'][1]} workers, "
-             f"{h['iterations'][1]} iterations)"]
+    lines = [f"{side}: {path}  ({h['algo'][i]}, {h['env'][i]}, {plural(h['agents'][i], 'agent')}, "
+             f"{plural(h['workers'][i], 'worker')}, {plural(h['iterations'][i], 'iteration')})"
+             for i, (side, path) in enumerate((("A", d.a_path), ("B", d.b_path)))]
     lines += [f"note: {n}" for n in d.notes]
     lines.append(f"change B vs A with a {CONFIDENCE:.0%} block-bootstrap interval over iterations; "
                  "a verdict only where it excludes zero")

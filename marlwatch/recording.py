@@ -281,6 +281,25 @@ class Recording:
         return "truncated mid-batch" if self.truncated_mid_batch else "truncated"
 
 
+_CONTINUATION = b"\xff\xff\xff\xff"  # how every message of an Arrow IPC stream begins
+
+
+def _schema_cut_at(p: Path, size: int) -> int | None:
+    """When the file is the start of an Arrow IPC stream cut inside its first message (the
+    schema), the length that message needed; else None."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return None
+    if not head or not _CONTINUATION.startswith(head[:4]):
+        return None
+    if len(head) < 8:
+        return 8  # not even the message's length survived
+    needed = 8 + int.from_bytes(head[4:], "little", signed=True)
+    return needed if needed > size else None
+
+
 def open_recording(path: str | os.PathLike) -> Recording:
     """Open a recording, checking it is one; raises RecordingError with a one-line reason."""
     p = Path(path)
@@ -298,6 +317,10 @@ def open_recording(path: str | os.PathLike) -> Recording:
         with open(p, "rb") as f:
             schema = pa.ipc.open_stream(f).schema
     except (pa.ArrowException, OSError, ValueError):
+        needed = _schema_cut_at(p, size)
+        if needed is not None:
+            raise RecordingError(f"{p}: truncated: an Arrow IPC stream cut inside its schema ({size} of "
+                                 f"{needed} bytes), before its first batch; nothing to read") from None
         raise RecordingError(f"{p}: not an Arrow IPC stream (is it a marlwatch recording?)") from None
     meta = schema.metadata or {}
     if METADATA_KEY not in meta:

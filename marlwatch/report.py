@@ -8,6 +8,11 @@ from marlwatch.metrics import Snapshot, Warmup
 from marlwatch.terminal import printable
 
 
+def plural(n: int | None, noun: str) -> str:
+    """`1 worker`, `2 workers` (and `None workers` never: an unknown count is `? workers`)."""
+    return f"{'?' if n is None else n} {noun}{'' if n == 1 else 's'}"
+
+
 def human_bytes(n: float | None) -> str:
     if n is None:
         return "-"

@@ -33,6 +33,7 @@ from marlwatch.cli import (
 )
 from marlwatch.outputs import atomic_output, numbered, write_text
 from marlwatch.recording import default_record_path
+from marlwatch.report import plural
 from marlwatch.runner import Run, RunConfig
 
 
@@ -241,8 +242,9 @@ def cli(args: argparse.Namespace) -> int:
         run.cfg.record = str(run.record_path)
     done: list[Path] = []
     for k, run in enumerate(cells, 1):
-        print(f"marlwatch: sweep cell {k}/{len(cells)}: {args.algo}, {run.cfg.agents} agents, {run.workers} "
-              f"workers, {args.iterations} iterations -> {run.record_path}", file=sys.stderr, flush=True)
+        print(f"marlwatch: sweep cell {k}/{len(cells)}: {args.algo}, {plural(run.cfg.agents, 'agent')}, "
+              f"{plural(run.workers, 'worker')}, {plural(args.iterations, 'iteration')} -> {run.record_path}",
+              file=sys.stderr, flush=True)
         try:
             execute(run)
         except KeyboardInterrupt:

@@ -8,6 +8,10 @@ episodes and of the last 10%. Not a CI test: it takes minutes per algorithm.
 
     python scripts/learning_check.py --algos neurcomm,maddpg --minutes 3
     python scripts/learning_check.py --algos neurcomm --set neurcomm:lr=5e-4 --agents 8
+    python scripts/learning_check.py --algos maddpg --agents 3 --iterations 600
+
+`--iterations K` trains for K learner iterations instead of a time: the same amount of training
+whatever else the machine is doing (a time limit on a shared machine buys fewer updates).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections import deque
 from pathlib import Path
 
@@ -27,7 +32,7 @@ from algorithms import ALGORITHMS, make_config  # noqa: E402
 from algorithms.common import ParallelEnvRunner  # noqa: E402
 from algorithms.envs import make_env  # noqa: E402
 from marlwatch.cli import UsageError  # noqa: E402
-from marlwatch.metrics import Metrics  # noqa: E402
+from marlwatch.metrics import Metrics, summarize  # noqa: E402
 from marlwatch.outputs import write_text  # noqa: E402
 from marlwatch.recording import open_recording  # noqa: E402
 from marlwatch.runner import RunConfig  # noqa: E402
@@ -56,11 +61,14 @@ def training_returns(path: Path) -> list[float]:
 def check(algo: str, args: argparse.Namespace, settings: dict[str, str]) -> dict:
     cfg = make_config(algo, agents=args.agents, workers=args.workers, seed=args.seed, settings=settings)
     record = Path(args.out) / f"{algo}.arrow"
-    run = build_run(RunConfig(algo=algo, agents=args.agents, workers=args.workers, iterations=None, seed=args.seed,
-                              record=str(record), overwrite=args.force, settings=settings))
+    run = build_run(RunConfig(algo=algo, agents=args.agents, workers=args.workers, iterations=args.iterations,
+                              seed=args.seed, record=str(record), overwrite=args.force, settings=settings))
+    budget = f"{args.iterations} iterations" if args.iterations else f"{args.minutes:g} min"
     print(f"learning check: {algo} on {cfg.env}, {args.agents} agents, {args.workers} worker(s), "
-          f"{args.minutes:g} min -> {record}", file=sys.stderr, flush=True)
-    execute(run, time_limit_s=args.minutes * 60)
+          f"{budget} -> {record}", file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    execute(run, time_limit_s=None if args.iterations else args.minutes * 60)
+    minutes = (time.monotonic() - t0) / 60
     if run.failure:
         raise RuntimeError(f"{algo}: run failed: {run.failure}")
     returns = training_returns(record)
@@ -68,7 +76,8 @@ def check(algo: str, args: argparse.Namespace, settings: dict[str, str]) -> dict
     tenth = max(1, len(returns) // 10)
     first, last = returns[:tenth], returns[-tenth:]
     return {
-        "algo": algo, "env": cfg.env, "agents": args.agents, "workers": args.workers, "minutes": args.minutes,
+        "algo": algo, "env": cfg.env, "agents": args.agents, "workers": args.workers, "minutes": round(minutes, 1),
+        "iterations": summarize(open_recording(record)).iterations,
         "episodes": len(returns), "random": float(np.mean(rand)), "random_std": float(np.std(rand)),
         "first_10pct": float(np.mean(first)) if first else float("nan"),
         "last_10pct": float(np.mean(last)) if last else float("nan"),
@@ -81,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--algos", default=",".join(ALGORITHMS), help="comma-separated (default: every registered one)")
     p.add_argument("--minutes", type=float, default=3.0, help="training time per algorithm")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="train for this many learner iterations instead of --minutes")
     p.add_argument("--agents", type=int, default=4)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -92,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     algos = [a.strip() for a in args.algos.split(",") if a.strip()]
     unknown = [a for a in algos if a not in ALGORITHMS]
-    if unknown or args.minutes <= 0 or args.agents < 1 or args.workers < 1:
+    if unknown or args.minutes <= 0 or args.agents < 1 or args.workers < 1 or (args.iterations or 1) < 1:
         print(f"learning_check: bad arguments (unknown algorithms: {unknown or 'none'}; minutes, agents and "
-              "workers must be positive)", file=sys.stderr)
+              "workers and iterations must be positive)", file=sys.stderr)
         return 2
     Path(args.out).mkdir(parents=True, exist_ok=True)
     results = []
@@ -113,11 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         r = results[-1]
         print(f"  {algo}: {r['episodes']} episodes; random {r['random']:.1f}, first 10% {r['first_10pct']:.1f}, "
               f"last 10% {r['last_10pct']:.1f}", file=sys.stderr, flush=True)
-    header = ("| algorithm | env | agents | minutes | episodes | random policy | first 10% | last 10% |\n"
-              "|---|---|---:|---:|---:|---:|---:|---:|")
+    header = ("| algorithm | env | agents | minutes | iterations | episodes | random policy | first 10% | last 10% |\n"
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|")
     print(header)
     for r in results:
-        print(f"| {r['algo']} | {r['env']} | {r['agents']} | {r['minutes']:g} | {r['episodes']} "
+        print(f"| {r['algo']} | {r['env']} | {r['agents']} | {r['minutes']:g} | {r['iterations']} | {r['episodes']} "
               f"| {r['random']:.1f} | {r['first_10pct']:.1f} | {r['last_10pct']:.1f} ± {r['last_10pct_std']:.1f} |")
     write_text(Path(args.out) / "results.json", json.dumps(results, indent=2) + "\n")
     return 0

@@ -92,7 +92,7 @@ def time_panel_text(app) -> str:
 def test_warmup_is_labelled_live_and_in_replay(tmp_path):
     """While MADDPG fills its replay buffer the breakdown says so instead of showing 0.0% shares,
     and a replay of the recording says the same."""
-    run = start(tmp_path, "--workers", "1", "--set", "warmup=100000000")
+    run = start(tmp_path, "--workers", "1", "--set", "warmup=1000000")
     app = LiveApp(run)
     seen: list[str] = []
 
@@ -102,9 +102,9 @@ def test_warmup_is_labelled_live_and_in_replay(tmp_path):
                            and app.snapshot.warmup.done >= 200, 100, "warm-up progress")
             await pilot.pause(0.3)
             w = app.snapshot.warmup
-            assert w.active and w.needed == 100_000_000 and w.unit == "transitions"
+            assert w.active and w.needed == 1_000_000 and w.unit == "transitions"
             text = time_panel_text(app)
-            assert f"warming up {w.done:,.0f}/100,000,000 transitions" in text, text
+            assert f"warming up {w.done:,.0f}/1,000,000 transitions" in text, text
             assert "comm / execution" not in text and "0.0%" not in text.split("\n", 2)[-1]
             seen.append(text)
             await pilot.press("q")
@@ -120,7 +120,7 @@ def test_warmup_is_labelled_live_and_in_replay(tmp_path):
         async with rapp.run_test(size=(120, 40)) as pilot:
             await pilot.pause(0.5)
             assert rapp.snapshot.warmup == final
-            assert f"warming up {final.done:,.0f}/100,000,000 transitions" in time_panel_text(rapp)
+            assert f"warming up {final.done:,.0f}/1,000,000 transitions" in time_panel_text(rapp)
 
     asyncio.run(replay())
     assert descendants_alive() == []

@@ -55,10 +55,14 @@ def test_summary_of_missing_empty_foreign_and_truncated_files(capsys, tmp_path, 
     with pa.ipc.new_stream(str(other), pa.schema([("x", pa.int64())])) as w:
         w.write_batch(pa.record_batch({"x": [1, 2]}))
     assert "not a marlwatch recording" in one_line_error(capsys, ["summary", str(other)])
-    # Cut in the middle of the schema message: not readable at all.
-    head = tmp_path / "head.arrow"
-    head.write_bytes(headless_small.read_bytes()[:100])
-    assert "not an Arrow IPC stream" in one_line_error(capsys, ["summary", str(head)])
+    # Cut in the middle of the schema message: not readable at all, but an Arrow stream all the
+    # same, so it is called truncated (with how much of the schema is there), not foreign.
+    data = headless_small.read_bytes()
+    for cut in (5, 100, 500):
+        head = tmp_path / f"head{cut}.arrow"
+        head.write_bytes(data[:cut])
+        line = one_line_error(capsys, ["summary", str(head)])
+        assert "truncated" in line and f"({cut} of " in line and "not an Arrow" not in line, line
 
 
 def test_summary_of_a_file_cut_mid_batch_reads_what_is_complete(capsys, tmp_path, headless_small):

@@ -328,7 +328,7 @@ def test_settings_within_their_meaning_are_accepted(capsys, data):
         value = data.draw(st.sampled_from(["adam", "rmsprop"]))
     elif kind is int:
         low = 1 if key in WHOLE_FROM_1 else 0
-        # A buffer must hold the warm-up and a batch (25,600 and 1,024 by default).
+        # A buffer must hold the warm-up and a batch (2,048 and 1,024 by default).
         low, high = (25_600, 10**6) if key == "buffer_size" else (low, 1000 if key in ("warmup", "batch_size") else 64)
         value = str(data.draw(st.integers(low, high)))
     else:

@@ -26,6 +26,7 @@ def test_tiny_real_sweep(tmp_path, no_leftovers) -> None:
                      "--out", str(out), "--set", "max_cycles=10", timeout=140)
     assert proc.returncode == 0, proc.stderr
     assert "| agents | workers |" in proc.stdout and "comm / exec" in proc.stdout
+    assert "neurcomm, 2 agents, 1 worker, 3 iterations ->" in proc.stderr  # "1 workers" read wrong
     recs = sorted(out.glob("*.arrow"))
     assert [r.name for r in recs] == ["neurcomm-a2-w1.arrow", "neurcomm-a4-w1.arrow"]
     for r in recs:
