@@ -30,9 +30,9 @@ def test_a_script_connects_on_first_use_and_says_who_it_is(monitor, tmp_path):
                 pass
         marlwatch.tick()
     """)
+    (tmp_path / "train.py").write_text(script)
     proc = subprocess.Popen([sys.executable, str(tmp_path / "train.py"), "--lr", "3e-4"],
-                            env=monitor.env(), cwd=tmp_path, stderr=subprocess.PIPE, text=True) \
-        if (tmp_path / "train.py").write_text(script) else None
+                            env=monitor.env(), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and err == ""
     monitor.wait_ended(1)
@@ -91,8 +91,7 @@ def test_fork_spawn_forkserver_and_subprocess_children_each_connect_on_their_own
         assert monitor.spans(roles[role]) == [(f"sample/{tag}", None)], role
         assert monitor.ticks(roles[role]) == 1
         assert hellos[roles[role]]["ppid"] != os.getpid()
-    (sub,) = [i for r, i in roles.items() if r.endswith("-c import marlwatch with marlwatch.span('sample/subprocess'):...")
-              or "-c" in r]
+    (sub,) = [i for r, i in roles.items() if " -c import marlwatch" in r]
     assert monitor.spans(sub) == [("sample/subprocess", None)]
 
 
@@ -178,10 +177,6 @@ def test_the_startup_hook_chains_to_the_sitecustomize_it_shadows(monitor, tmp_pa
 def test_the_startup_hook_never_stops_a_program(monitor, tmp_path):
     # A Python where `marlwatch` cannot be imported (another environment): one line, and on.
     env = monitor.env(auto_phases=True)
-    env["PYTHONPATH"] = autostart_dir()
-    code = "import sys\nsys.exit(0 if 'sitecustomize' in sys.modules else 3)"
-    proc = subprocess.run([sys.executable, "-I", "-c", code], env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode in (0, 3)  # -I ignores PYTHONPATH: the hook is not even seen
     fake = tmp_path / "marlwatch"
     fake.mkdir()
     (fake / "__init__.py").write_text("raise ImportError('not this one')\n")
