@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 from marlwatch.outputs import OutputError
 from marlwatch.terminal import finite, say
@@ -154,13 +154,64 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
     return code
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+class StdoutError(OSError):
+    """Standard output does not take what a command prints (a full disk, an I/O error). An
+    OSError, so that a command writing its output there (`export -o -`) reports it as it
+    reports any failed write."""
+
+
+class _GuardedStdout:
+    """sys.stdout while a command runs: a write or flush that fails raises StdoutError, which
+    main() turns into one line, instead of an OSError traceback from whichever print() hit it (or
+    from the interpreter's last flush, after main() has returned)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def _guard(self, method: str, *args: object) -> object:
+        try:
+            return getattr(self._stream, method)(*args)
+        except BrokenPipeError:
+            raise  # a reader that left (`| head`): not a failure, see _main
+        except OSError as e:
+            raise StdoutError(e.errno, e.strerror or str(e)) from None
+
+    def write(self, text: str) -> int:
+        return self._guard("write", text)  # type: ignore[return-value]
+
+    def flush(self) -> None:
+        self._guard("flush")
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stream, name)
+
+
+def _stdout_to_devnull() -> None:
+    # What is still buffered for stdout would fail again when the interpreter flushes it on exit
+    # (a traceback-like "Exception ignored" after our line): stdout goes to /dev/null from here on.
     try:
-        return _main(argv)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    real_stdout = sys.stdout
+    sys.stdout = _GuardedStdout(real_stdout)  # type: ignore[assignment]
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a full disk shows here, while we can still say so in one line
+        return code
     except KeyboardInterrupt:
         # Ctrl-C before a command installed its own handler (`run` does, before it starts any
         # process): still importing torch or reading a file, nothing started, nothing to keep.
         return _fail("interrupted", EXIT_INTERRUPTED)
+    except StdoutError as e:
+        sys.stdout = real_stdout
+        _stdout_to_devnull()
+        return _fail(f"cannot write to standard output: {e.strerror}", EXIT_FAILED)
+    finally:
+        sys.stdout = real_stdout
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -182,12 +233,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except (UsageError, OutputError) as e:
         return _fail(str(e))
     except BrokenPipeError:
-        # Output piped into `head`. What is still buffered for stdout would raise again when the
-        # interpreter flushes it on exit: stdout goes to /dev/null from here on.
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
+        _stdout_to_devnull()  # output piped into `head`, which has read what it wanted
         return EXIT_OK
     return _fail(f"unknown command {args.command!r}")
 

@@ -141,7 +141,9 @@ def test_truncated_recording_replays_to_its_last_batch(tmp_path):
         (["replay", "/nonexistent/x.arrow"], "no such file"),
         (["replay", str(REPO / "pyproject.toml")], "not an Arrow IPC stream"),
         (["replay", str(SHIPPED), "--speed", "3"], "--speed takes 1, 4, 16 or max"),
-        (["replay", str(SHIPPED), "--at", "-1"], "--at must be"),
+        (["replay", str(SHIPPED), "--at", "-1"], "--at takes a number of seconds >= 0"),
+        (["replay", str(SHIPPED), "--at", "inf"], "--at takes a number of seconds >= 0"),
+        (["replay", str(SHIPPED), "--at", "nan"], "--at takes a number of seconds >= 0"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(argv, message):

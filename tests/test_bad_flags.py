@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +15,17 @@ from tests.conftest import REPO, group_members
 pytestmark = pytest.mark.timeout(120)
 
 
-def refused(tmp_path: Path, *args: str, code: int = 2) -> str:
+def refused(tmp_path: Path, *args: str, code: int = 2, stdout: str | None = None) -> str:
     """Run `python -m marlwatch ARGS` in a session of its own ("{rec}" in ARGS is a recording path
-    in an empty directory); it must exit `code` with one `marlwatch:` line on stderr, write no file
-    and leave no process of its session. Returns the line."""
+    in an empty directory), its stdout into the file `stdout` if given; it must exit `code` with one
+    `marlwatch:` line on stderr, write no file and leave no process of its session. Returns the line."""
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     argv = [a.replace("{rec}", str(out_dir / "x.arrow")) for a in args]
-    proc = subprocess.Popen([sys.executable, "-m", "marlwatch", *argv], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    with open(stdout or os.devnull, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "marlwatch", *argv], cwd=REPO,
+                                stdout=out if stdout else subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
     _, err = proc.communicate(timeout=100)
     assert proc.returncode == code, err
     lines = err.strip().splitlines()
@@ -53,3 +56,28 @@ RUN = ["run", "--headless", "--workers", "1", "--iterations", "5", "--record", "
 ])
 def test_bad_settings_are_refused_before_anything_starts(tmp_path, args, expected):
     assert expected in refused(tmp_path, *RUN, *args)
+
+
+needs_dev_full = pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full (a device that is always full)")
+
+
+@needs_dev_full
+def test_a_recording_that_cannot_be_written_fails_before_any_process_starts(tmp_path):
+    assert "cannot write recording /dev/full" in refused(tmp_path, *RUN[:-1], "/dev/full")
+
+
+SHIPPED = str(REPO / "recordings" / "maddpg-3agents-2workers.arrow")
+
+
+@needs_dev_full
+@pytest.mark.parametrize("args", [["summary", SHIPPED], ["summary", SHIPPED, "--json"], ["algorithms"],
+                                  ["diff", SHIPPED, SHIPPED, "--resamples", "100"]])
+def test_stdout_on_a_full_device_is_one_line_and_exit_1(tmp_path, args):
+    line = refused(tmp_path, *args, code=1, stdout="/dev/full")
+    assert line == "marlwatch: cannot write to standard output: No space left on device"
+
+
+@needs_dev_full
+def test_export_to_a_full_stdout_fails_as_a_failed_write(tmp_path):
+    line = refused(tmp_path, "export", SHIPPED, "--to", "perfetto", "-o", "-", code=1, stdout="/dev/full")
+    assert line == "marlwatch: export to - failed: No space left on device"

@@ -124,6 +124,17 @@ class ReplayApp(WatchApp):
         self._then_refresh(self.playback.to_end)
 
 
+def _seconds(text: str) -> float:
+    """argparse type of --at: a finite number of seconds >= 0 (past the end means the end)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"--at takes a number of seconds >= 0, got {text!r}")
+    return value
+
+
 def _speed(text: str) -> float:
     value = math.inf if text.strip().lower() in ("max", "inf") else None
     if value is None:
@@ -139,7 +150,7 @@ def _speed(text: str) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="a recording (.arrow) written by `marlwatch run`")
     parser.add_argument("--speed", type=_speed, default=1.0, help="1, 4, 16 or max (default 1)")
-    parser.add_argument("--at", type=float, default=None, metavar="SECONDS",
+    parser.add_argument("--at", type=_seconds, default=None, metavar="SECONDS",
                         help="start with the playhead this many seconds into the recording")
     parser.add_argument("--paused", action="store_true", help="start paused")
 
@@ -159,10 +170,6 @@ def load(path: str) -> tuple[Playback, str, int]:
 
 
 def cli(args: argparse.Namespace) -> int:
-    from marlwatch.cli import UsageError
-
-    if args.at is not None and (math.isnan(args.at) or args.at < 0):
-        raise UsageError(f"--at must be a number of seconds >= 0, got {args.at}")
     playback, status, size = load(args.file)
     app = ReplayApp(playback, args.file, size, status, at_s=args.at, play=not args.paused, speed=args.speed)
     return run_app(app)
