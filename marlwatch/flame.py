@@ -33,7 +33,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+import zlib
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,8 @@ import pyarrow.compute as pc
 from marlwatch.collector import event_row
 from marlwatch.metrics import Metrics, function_name
 from marlwatch.outputs import write_text
-from marlwatch.recording import ITER, SCHEMA, SPAN, STACK, Recording
+from marlwatch.phase_activity import REAL_WORK_SHARE, WINDOW_S, PhaseActivity, Share, top_segment
+from marlwatch.recording import EVENT, ITER, SCHEMA, SPAN, STACK, Recording
 from marlwatch.terminal import printable, say
 
 DEFAULT_SECONDS = 5.0
@@ -59,6 +61,7 @@ AUTO_P95_JUMP = 1.5
 # attributed: a minute of even fine-grained spans stays in the tens of MB.
 MAX_SECONDS = 60
 SPAN_WAIT_S = 10.0  # how long to wait for a process's spans covering the sampled window
+WAIT_REPORT_S = 10.0  # while a request waits for real work, say so this often
 
 
 def in_phase(name: str | None, phase: str) -> bool:
@@ -326,6 +329,12 @@ class FlameRequest:
     phase: str
     seconds: float = DEFAULT_SECONDS
     reason: str = "requested"
+    replace: bool = False  # drop waiting requests of the same reason (the app's `f` key: the latest wins)
+    # While it waits for its phase to do real work (marlwatch.phase_activity):
+    since: float | None = None  # monotonic time it was taken in
+    said_at: float | None = None  # when the last waiting message was given
+    said_share: bool = False  # a waiting message gave the phase's share
+    max_share: float = 0.0  # the largest top-level share seen while waiting
 
 
 @dataclass
@@ -354,7 +363,11 @@ class FlameController:
         self.auto_seconds = auto_seconds
         self.on_message = on_message
         self.messages: list[str] = []
-        self.pending: list[FlameRequest] = []
+        self.incoming: deque[FlameRequest] = deque()  # from any thread; taken in by poll()
+        self.pending: list[FlameRequest] = []  # taken in, waiting for a process or for real work
+        # Top-level spans and iteration ends while a request is pending (None when none is): the "does
+        # it do real work" rule of marlwatch.phase_activity.
+        self.activity: PhaseActivity | None = None
         self.capture: _Capture | None = None
         self.done: list[dict[str, Any]] = []  # one summary per finished capture
         self.phase_slots: dict[str, set[int]] = defaultdict(set)
@@ -375,12 +388,15 @@ class FlameController:
         run.hooks.append(self.poll)
 
     # -- requests ----------------------------------------------------------------------------
-    def request(self, phase: str, seconds: float = DEFAULT_SECONDS, reason: str = "requested") -> None:
-        """Profile `phase` for `seconds` once a process is seen running it (queued while busy).
+    def request(self, phase: str, seconds: float = DEFAULT_SECONDS, reason: str = "requested",
+                replace: bool = False) -> None:
+        """Profile `phase` for `seconds` once a process runs it and it does real work
+        (marlwatch.phase_activity); one capture at a time. `replace`: drop requests of the same
+        `reason` that are still waiting.
 
-        May be called from any thread (the live app's UI thread): it only appends to a list that
+        May be called from any thread (the live app's UI thread): it only appends to a deque that
         the run's thread takes from in `poll()`."""
-        self.pending.append(FlameRequest(phase, seconds, reason))
+        self.incoming.append(FlameRequest(phase, seconds, reason, replace))
 
     @property
     def busy(self) -> bool:
@@ -395,10 +411,12 @@ class FlameController:
     def on_batch(self, batch: pa.RecordBatch) -> None:
         if self._auto_metrics is not None and not self._auto_fired:
             self._auto_metrics.add(batch)
-        if not self.pending and self.capture is None:
+        if not self.pending and not self.incoming and self.capture is None:
             return  # idle (the live app always has a controller for its `f` key): costs nothing
         kind = batch.column("kind")
         is_span = pc.equal(kind, SPAN).to_numpy(zero_copy_only=False)
+        if self.pending or self.incoming:
+            self._track_activity(batch, kind, is_span)
         if is_span.any():
             # Which process runs which phase: distinct (proc, name) pairs with numpy, without
             # copying the batch (this runs for every batch of a run, profiled or not).
@@ -429,27 +447,117 @@ class FlameController:
                     if s.slot == slot:
                         s.last_tick_ns = max(s.last_tick_ns, t)
 
+    def _track_activity(self, batch: pa.RecordBatch, kind: pa.Array, is_span: np.ndarray) -> None:
+        """Top-level spans and iteration ends, for the real-work rule (marlwatch.phase_activity)."""
+        if self.activity is None:
+            self.activity = PhaseActivity()
+
+        def ints(c: str, mask: np.ndarray) -> np.ndarray:
+            return batch.column(c).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)[mask]
+
+        top = is_span & pc.is_null(batch.column("parent")).to_numpy(zero_copy_only=False)
+        if top.any():
+            enc = pc.dictionary_encode(batch.column("name"))
+            codes = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)[top]
+            ok = codes >= 0
+            self.activity.add_spans(ints("proc", top)[ok], enc.dictionary.to_pylist(), codes[ok],
+                                    ints("t_ns", top)[ok], ints("dur_ns", top)[ok])
+        ticks = pc.equal(kind, ITER).to_numpy(zero_copy_only=False)
+        if ticks.any():
+            self.activity.add_ticks(ints("proc", ticks), ints("t_ns", ticks))
+
     def slots_for(self, phase: str) -> list[int]:
         return sorted({slot for name, slots in self.phase_slots.items() if in_phase(name, phase) for slot in slots})
 
     # -- hook --------------------------------------------------------------------------------
     def poll(self, final: bool = False) -> None:
+        self._take_incoming()
         if self.capture is not None:
             self._advance(final)
         if final:
-            if self.pending:
-                self._say(f"flame: run ended before '{self.pending[0].phase}' could be profiled")
-                self.pending.clear()
+            for req in self.pending:
+                self._give_up(req)
+            self.pending.clear()
             return
         if self.capture is None and self.auto and not self._auto_fired and time.monotonic() >= self._next_auto_check:
             self._next_auto_check = time.monotonic() + AUTO_WINDOW_S
             self._check_auto()
-        if self.capture is None and self.pending:
-            req = self.pending[0]
-            slots = self.slots_for(req.phase)
-            if slots:
-                self.pending.pop(0)
-                self._start(req, slots)
+        if not self.pending:
+            self.activity = None  # nothing waits: stop keeping top-level time
+            return
+        ready = None
+        for req in self.pending:
+            if self._ready(req) and ready is None and self.capture is None:
+                ready = req
+        if ready is not None:
+            self.pending.remove(ready)
+            self._start(ready, self.slots_for(ready.phase))
+
+    def _take_incoming(self) -> None:
+        while self.incoming:
+            req = self.incoming.popleft()
+            req.since = time.monotonic()
+            if req.replace:
+                for old in [r for r in self.pending if r.reason == req.reason]:
+                    self.pending.remove(old)
+                    self._say(f"flame: no longer waiting for '{old.phase}' ('{req.phase}' was asked for since)")
+            self.pending.append(req)
+
+    def _roles(self, slots: list[int]) -> str:
+        return " + ".join(self.run.procs[s].role if s in self.run.procs else f"slot {s}" for s in slots)
+
+    def _ready(self, req: FlameRequest) -> bool:
+        """Whether `req`'s phase runs and does real work now; says so while it waits (at once,
+        then every WAIT_REPORT_S)."""
+        slots = self.slots_for(req.phase)
+        share = self.activity.share(req.phase, slots) if self.activity is not None and slots else None
+        if share is not None:
+            req.max_share = max(req.max_share, share.share)
+            if share.share >= REAL_WORK_SHARE:
+                return True
+        now = time.monotonic()
+        if req.said_at is not None and now - req.said_at < WAIT_REPORT_S:
+            return False
+        waited = now - (req.since or now)
+        if share is not None:
+            top = top_segment(req.phase)
+            what = f"'{req.phase}'" if top == req.phase else f"'{req.phase}' ('{top}')"
+            state = (f"{top}: {self._share_text(share, slots)}; profiling starts at {100 * REAL_WORK_SHARE:g}%")
+            lead = "still waiting" if req.said_share else "waiting"
+            req.said_share = True
+            self._say(f"flame: {lead} for {what} to do real work before profiling it "
+                      f"({state}; {self._progress(waited)})")
+        elif self.activity is not None and self.activity.running_s() >= WINDOW_S and req.said_at is None:
+            self._say(f"flame: waiting for a process to run '{req.phase}' (none has so far)")
+        else:
+            return False  # nothing known yet (start-up): say nothing
+        req.said_at = now
+        return False
+
+    def _share_text(self, share: Share, slots: list[int]) -> str:
+        if share.iterations:
+            return f"{_pct(share.share)} of {self._roles(slots)} iteration time, median of the last {share.iterations}"
+        return f"{_pct(share.share)} of {self._roles(slots)} time over {share.window_s:g} s"
+
+    def _progress(self, waited_s: float) -> str:
+        """How far the wait is: the run's warm-up where it reports one, else the time waited."""
+        return f"waited {waited_s:.0f} s"
+
+    def _give_up(self, req: FlameRequest) -> None:
+        """The run ended while `req` waited."""
+        slots = self.slots_for(req.phase)
+        if not slots:
+            seen = sorted({top_segment(p) for p in self.phase_slots})
+            why = f"no process ran '{req.phase}'" + (f" (phases seen: {', '.join(seen)}; is the name right?)"
+                                                      if seen else "")
+        else:
+            top = top_segment(req.phase)
+            why = (f"'{req.phase}' never did real work ('{top}' took at most {_pct(req.max_share)} of "
+                   f"{self._roles(slots)} time; a capture needs {100 * REAL_WORK_SHARE:g}%)")
+        self.run.emit(event_row(self.run.now_ns(), None, "flame_skipped", phase=req.phase, reason=why,
+                                max_share=req.max_share))
+        hint = "; a longer run (--iterations) gives it time" if slots else ""
+        self._say(f"flame: the run ended before profiling '{req.phase}': {why}; nothing was profiled{hint}")
 
     def _check_auto(self) -> None:
         """Close the current window and compare it with the baseline window."""
@@ -519,7 +627,9 @@ class FlameController:
         roles = ", ".join(run.procs[s.slot].role for s in cap.sessions)
         run.emit(event_row(cap.t_start_ns, None, "flame_started", phase=req.phase, seconds=req.seconds,
                             rate=self.rate, slots=[s.slot for s in cap.sessions], reason=req.reason))
-        self._say(f"flame: profiling '{req.phase}' in {roles} for {req.seconds:g} s at {self.rate} Hz")
+        waited = f" (it does real work now; {self._progress(time.monotonic() - req.since)})" \
+            if req.said_at is not None and req.since is not None else ""
+        self._say(f"flame: profiling '{req.phase}' in {roles} for {req.seconds:g} s at {self.rate} Hz{waited}")
 
     def _fail(self, slot: int, pid: int | None, role: str, why: str) -> None:
         self.run.emit(event_row(self.run.now_ns(), slot, "flame_failed", pid=pid, error=why))
@@ -607,6 +717,11 @@ class FlameController:
 
 
 
+def _pct(share: float) -> str:
+    """1.5%, 0.031%: small shares keep two significant digits."""
+    return f"{100 * share:.1f}%" if share >= 0.01 or share == 0 else f"{100 * share:.2g}%"
+
+
 def _raised_priority() -> list[str]:
     """py-spy stamps samples when it handles them: on a busy machine (the run keeps every core
     busy) a descheduled py-spy stamps late and samples irregularly. When we may (root), it runs
@@ -658,37 +773,95 @@ def attach(run: Any, args: argparse.Namespace) -> FlameController | None:
 
 
 # -- reading samples back ----------------------------------------------------------------------
-def read_stacks(rec: Recording, phase: str) -> tuple[Counter, dict[int, Counter], int]:
-    """Folded stack -> samples for `phase` (all processes, and per process); and the total number
-    of samples in the file (any phase). Streams the recording batch by batch."""
-    total: Counter = Counter()
-    per_slot: dict[int, Counter] = defaultdict(Counter)
-    any_samples = 0
+@dataclass
+class StackRead:
+    """What a recording holds for `marlwatch flame --phase P`."""
+
+    stacks: Counter  # folded stack -> samples taken while P (or a phase below it) ran
+    per_slot: dict[int, Counter]  # the same, per process
+    by_phase: Counter  # every stored sample's attributed phase -> samples (any phase)
+    events: list[tuple[str, dict[str, Any]]]  # flame_* events (name, detail), in order
+
+
+def read_stacks(rec: Recording, phase: str) -> StackRead:
+    """The samples of `phase` and what was captured besides. Streams the recording batch by batch."""
+    out = StackRead(Counter(), defaultdict(Counter), Counter(), [])
     for batch in rec.batches():
-        stacks = batch.filter(pc.equal(batch.column("kind"), STACK))
-        if stacks.num_rows == 0:
-            continue
-        any_samples += int(pc.sum(stacks.column("value")).as_py() or 0)
+        kind = batch.column("kind")
+        events = batch.filter(pc.equal(kind, EVENT))
+        for slot, name, text in zip(*(events.column(c).to_pylist() for c in ("proc", "name", "text")), strict=True):
+            if name and name.startswith("flame_"):
+                try:
+                    detail = json.loads(text or "{}")
+                except ValueError:
+                    detail = {}
+                out.events.append((name, {"slot": slot, **(detail if isinstance(detail, dict) else {})}))
+        stacks = batch.filter(pc.equal(kind, STACK))
         for slot, name, stack, count in zip(*(stacks.column(c).to_pylist()
                                               for c in ("proc", "name", "text", "value")), strict=True):
+            out.by_phase[name] += int(count)
             if in_phase(name, phase):
-                total[stack] += int(count)
-                per_slot[int(slot)][stack] += int(count)
-    return total, dict(per_slot), any_samples
+                out.stacks[stack] += int(count)
+                out.per_slot[int(slot)][stack] += int(count)
+    out.per_slot = dict(out.per_slot)
+    return out
+
+
+def no_samples_reason(path: str, phase: str, read: StackRead, roles: dict[str, str]) -> str:
+    """Why `read` has no samples of `phase`: what was captured instead, and what to try."""
+    if not read.by_phase:
+        said = []
+        for name, d in read.events:
+            if name == "flame_failed":
+                role = roles.get(str(d.get("slot")), "a process")
+                said.append(f"py-spy could not profile {role} (pid {d.get('pid')}): {d.get('error')}")
+            elif name == "flame_skipped":
+                said.append(f"'{d.get('phase')}' was not profiled: {d.get('reason')}")
+        started = sum(1 for name, _ in read.events if name == "flame_started")
+        done = sum(1 for name, _ in read.events if name == "flame_done")
+        if started > done:
+            said.append("a capture started but the run ended before its samples were stored")
+        if said:
+            return f"{path} holds no py-spy samples: " + "; ".join(dict.fromkeys(said))
+        return (f"{path} holds no py-spy samples: it was recorded without --flame or --auto-flame "
+                f"(e.g. `marlwatch run --flame {phase}:5` takes some)")
+    total = sum(read.by_phase.values())
+    ranked = sorted(read.by_phase.items(), key=lambda kv: (-kv[1], kv[0]))
+    where = ", ".join(f"{name} {n}" for name, n in ranked[:4]) + (", ..." if len(ranked) > 4 else "")
+    requested = list(dict.fromkeys(str(d.get("phase")) for name, d in read.events if name == "flame_started"))
+    notes = [f"py-spy ran for {', '.join(repr(p) for p in requested)}"] if requested else []
+    notes += [f"'{d.get('phase')}' was not profiled: {d.get('reason')}" for name, d in read.events
+              if name == "flame_skipped" and d.get("phase") == phase]
+    # The phase py-spy was asked for, where it has samples; else the top level of the biggest.
+    tries = [p for p in requested if any(in_phase(name, p) for name in read.by_phase)] \
+        or [top_segment(ranked[0][0])]
+    return (f"{path}: no py-spy samples were taken while '{phase}' ran; the file's {total} samples are in "
+            f"{where}" + (f" ({'; '.join(notes)})" if notes else "") + f"; try --phase {tries[0]}")
 
 
 def _frames(stack: str) -> list[str]:
     return stack.split(";")
 
 
+def by_function(stacks: Counter) -> Counter:
+    """Frames merged by function: `f (x.py:12);g (y.py:3)` -> `f (x.py);g (y.py)`, the frame
+    names of py-spy's own `--nolineno` output. Samples recorded on different lines of one
+    function add up into one frame of the flame graph."""
+    out: Counter = Counter()
+    for stack, count in stacks.items():
+        out[";".join(function_name(fr) for fr in _frames(stack))] += count
+    return out
+
+
 def top_functions_text(stacks: Counter, phase: str, n: int = 25) -> str:
+    """Functions (or, for stacks with lines, source lines) ranked by self then total samples."""
     self_c: Counter = Counter()
     incl: Counter = Counter()
     total = sum(stacks.values())
     for stack, count in stacks.items():
         frames = _frames(stack)
-        self_c[function_name(frames[-1])] += count
-        for f in {function_name(fr) for fr in frames}:
+        self_c[frames[-1]] += count
+        for f in set(frames):
             incl[f] += count
     lines = [f"phase {phase}: {total} samples", "",
              f"{'self':>7} {'self%':>6} {'total':>7} {'total%':>6}  function"]
@@ -756,7 +929,7 @@ def flame_svg(stacks: Counter, title: str, width: int = 1200, row: int = 17) -> 
         if w < 0.5:
             return
         y = height - (level + 1) * row
-        hue = 20 + (hash(name) % 40)
+        hue = 20 + (zlib.crc32(name.encode()) % 40)  # the same colour for a function in every file
         pct = 100 * node["n"] / total
         label = _svg_text(name)
         out.append(f'<g><title>{label}: {node["n"]} samples ({pct:.1f}%)</title>'
@@ -788,6 +961,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="text: top functions; speedscope: JSON for speedscope.app; svg: a flame graph")
     parser.add_argument("-o", "--out", default=None, help="output file (default: stdout)")
     parser.add_argument("--top", type=int, default=25, metavar="N", help="text: number of functions (default 25)")
+    parser.add_argument("--lines", action="store_true",
+                        help="one frame per source line (default: one per function, as py-spy's --nolineno)")
 
 
 def cli(args: argparse.Namespace) -> int:
@@ -800,18 +975,16 @@ def cli(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
     try:
-        stacks, per_slot, any_samples = read_stacks(rec, phase)
+        read = read_stacks(rec, phase)
     except Exception as e:  # noqa: BLE001 - a damaged file must give one line, not a traceback (as summary)
         raise UsageError(f"{args.file}: damaged recording ({type(e).__name__}: {e})") from None
-    if not stacks:
-        if not any_samples:
-            raise UsageError(f"{args.file} holds no py-spy samples (record some with "
-                             f"`marlwatch run --flame {phase}:5` or --auto-flame)")
-        raise UsageError(f"{args.file}: no py-spy samples were taken while '{phase}' ran "
-                         f"({any_samples} samples in other phases)")
+    if not read.stacks:
+        raise UsageError(no_samples_reason(args.file, phase, read, rec.info.procs))
+    stacks = read.stacks if args.lines else by_function(read.stacks)
     if args.to == "text":
         text = top_functions_text(stacks, phase, args.top)
     elif args.to == "speedscope":
+        per_slot = read.per_slot if args.lines else {k: by_function(v) for k, v in read.per_slot.items()}
         text = json.dumps(speedscope(per_slot, phase, rec.info.procs))
     else:
         text = flame_svg(stacks, f"marlwatch: {phase} ({rec.info.algo}, {rec.info.agents} agents)")

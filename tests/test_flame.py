@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -15,7 +18,7 @@ import pyarrow.compute as pc
 import pytest
 
 from marlwatch.cli import main
-from marlwatch.flame import FlameController, samples_from_chrometrace
+from marlwatch.flame import FlameController, pyspy_command, samples_from_chrometrace
 from marlwatch.metrics import summarize
 from marlwatch.recording import open_recording
 from marlwatch.runner import Run, RunConfig
@@ -36,11 +39,15 @@ def maddpg_line(stack: str) -> int | None:
 
 @pytest.fixture(scope="module")
 def flamed(tmp_path_factory) -> Path:
+    """`marlwatch run --headless --flame update:3` as the README has it, with a shorter warm-up
+    (5,000 transitions: ~50 iterations, a few seconds; the default is ~250) and a second request.
+    `update` runs from the first iteration but does real work only after the warm-up: its
+    capture must wait for that, while `sample` is profiled at once."""
     rec = tmp_path_factory.mktemp("flame") / "flame.arrow"
     # No iteration limit: the run goes on until both captures are stored, however loaded the machine.
     proc = subprocess.Popen(
         [sys.executable, "-m", "marlwatch", "run", "--headless", "--algo", "maddpg", "--agents", "3", "--workers", "1",
-         "--iterations", "100000", "--set", "warmup=1024", "--flame", "update:3",
+         "--iterations", "100000", "--set", "warmup=5000", "--flame", "update:3",
          "--flame", "sample:2", "--latency-bound", "1000", "--record", str(rec)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     err_lines: list[str] = []
@@ -56,8 +63,11 @@ def flamed(tmp_path_factory) -> Path:
     out, _ = proc.communicate(timeout=60)
     stderr = "".join(err_lines)
     assert proc.returncode == 130, stderr[-1500:]
-    # Two requests, one after the other, each on the processes that run the phase.
-    assert "marlwatch: flame: profiling 'update' in learner for 3 s at 100 Hz" in stderr
+    # Two requests, one after the other, each on the processes that run the phase; `update`
+    # after saying that it waits for real work (the warm-up).
+    assert "marlwatch: flame: waiting for 'update' to do real work before profiling it (update: " in stderr
+    assert "marlwatch: flame: profiling 'update' in learner for 3 s at 100 Hz (it does real work now; waited " \
+        in stderr
     assert "marlwatch: flame: profiling 'sample' in worker 1 for 2 s at 100 Hz" in stderr
     assert stored == 2, stderr[-1500:]
     assert "latency-bounded IPS" in out  # --latency-bound shown in the run's summary
@@ -97,22 +107,48 @@ def test_flame_run_stores_samples_attributed_to_open_spans(flamed):
     # Below the top level (update/critic, update/actor: a few ms each) attribution is only as good
     # as py-spy's stamps, whose jitter grows with the machine's load: measured, not asserted
     # (docs/flame.md, "Accuracy"). An assertion that sub-phases beat chance failed on loaded runs.
-    done = [json.loads(t) for n, t in zip(table["name"].to_pylist(), table["text"].to_pylist(), strict=True)
-            if n == "flame_done"]
-    assert [d["phase"] for d in done] == ["update", "sample"]
+    done = {d["phase"]: d for d in events(table, "flame_done")}
+    assert set(done) == {"update", "sample"}
     # Agreement of py-spy's own phase guess with the spans after the clock shift: ~0.8-0.95 here,
     # lower on a loaded machine (sampling jitter); the stack-vs-code checks above are the strict ones.
     # The worker's capture is 2 s of short steps (act ~0.1 ms, env_step ~0.2 ms), the hardest case:
     # 0.68 was seen with the suite running beside other work.
-    assert done[0]["alignment"]["0"]["agreement"] > 0.7 and done[1]["alignment"]["1"]["agreement"] > 0.6, done
+    assert done["update"]["alignment"]["0"]["agreement"] > 0.7, done
+    assert done["sample"]["alignment"]["1"]["agreement"] > 0.6, done
+
+
+def events(table, name: str) -> list[dict]:
+    return [{"t_ns": t, **json.loads(x)} for n, t, x in zip(*(table[c].to_pylist() for c in ("name", "t_ns", "text")),
+                                                            strict=True) if n == name]
+
+
+def test_update_capture_waited_for_the_end_of_the_warm_up(flamed):
+    # The request for `update` was there from the start; py-spy started only once update did
+    # real work: after the learner's first gradient step (update/critic), not during the warm-up,
+    # where `update` only stores transitions. `sample` did not wait for it.
+    table = open_recording(flamed).read_all()
+    spans = table.filter(pc.equal(table["kind"], "span"))
+    first_step = min(t for n, t in zip(spans["name"].to_pylist(), spans["t_ns"].to_pylist(), strict=True)
+                     if n == "update/critic")
+    first_store = min(t for n, t in zip(spans["name"].to_pylist(), spans["t_ns"].to_pylist(), strict=True)
+                      if n == "update/store")
+    started = {d["phase"]: d["t_ns"] for d in events(table, "flame_started")}
+    assert started["update"] > first_step > first_store, (started, first_step, first_store)
+    assert started["sample"] < first_step
+    # What it stored is update's own work: most of update's samples are in a gradient step.
+    stacks = table.filter(pc.equal(table["kind"], "stack")).to_pylist()
+    upd = [r for r in stacks if r["name"] == "update" or r["name"].startswith("update/")]
+    stepping = sum(r["value"] for r in upd if "backward" in r["text"] or "Adam.step" in r["text"])
+    assert stepping >= 0.3 * sum(r["value"] for r in upd), Counter(r["name"] for r in upd)
 
 
 def test_flame_text_lists_update_code_not_rollout(flamed, capsys):
-    assert main(["flame", str(flamed), "--phase", "update", "--to", "text"]) == 0
+    assert main(["flame", str(flamed), "--phase", "update", "--to", "text", "--top", "60"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("phase update: ")
     assert "MADDPGLearner.update" in out
-    assert "backward" in out or "_engine_run_backward" in out
+    # update's own code: the backward pass and the optimiser step.
+    assert "backward" in out and "Adam.step" in out, out
     for rollout in ("MADDPGRollout", "collect", "env_step", "ParallelEnvRunner", "serve_rollout"):
         assert rollout not in out
     # And the other way round: the workers' `sample` is rollout code, not the update.
@@ -127,11 +163,29 @@ def test_flame_text_lists_update_code_not_rollout(flamed, capsys):
     assert not snap.top_functions("sample/nothing")
 
 
+def svg_frames(path: Path) -> list[str]:
+    """The frame of each box of a flame graph SVG (its hover title, without the sample count)."""
+    import re
+
+    return [m.group(1) for m in re.finditer(r"<title>(.*?): \d+ samples", path.read_text())]
+
+
 def test_flame_svg_and_speedscope(flamed, tmp_path, capsys):
     svg = tmp_path / "f.svg"
-    assert main(["flame", str(flamed), "--phase", "update/critic", "--to", "svg", "-o", str(svg)]) == 0
+    assert main(["flame", str(flamed), "--phase", "update", "--to", "svg", "-o", str(svg)]) == 0
     text = svg.read_text()
     assert text.startswith("<svg") and "MADDPGLearner.update" in text and text.rstrip().endswith("</svg>")
+    # By default one box per function at a given depth: update()'s samples on its many lines
+    # (critic, actor, target: each a `with span` block) make one MADDPGLearner.update box,
+    # named as py-spy names frames without line numbers.
+    merged = [f for f in svg_frames(svg) if f.startswith("MADDPGLearner.update (")]
+    assert len(merged) == 1 and merged[0].endswith("algorithms/maddpg.py)"), merged
+    # --lines: a box per source line, as py-spy's own default.
+    lines_svg = tmp_path / "lines.svg"
+    assert main(["flame", str(flamed), "--phase", "update", "--to", "svg", "--lines", "-o", str(lines_svg)]) == 0
+    per_line = [f for f in svg_frames(lines_svg) if f.startswith("MADDPGLearner.update (")]
+    assert len(per_line) >= 2 and all(re_line(f) for f in per_line), per_line
+    capsys.readouterr()
     ss = tmp_path / "f.speedscope.json"
     assert main(["flame", str(flamed), "--phase", "update", "--to", "speedscope", "-o", str(ss)]) == 0
     doc = json.loads(ss.read_text())
@@ -139,6 +193,13 @@ def test_flame_svg_and_speedscope(flamed, tmp_path, capsys):
     frames = doc["shared"]["frames"]
     assert all(0 <= i < len(frames) for s in doc["profiles"][0]["samples"] for i in s)
     assert len(doc["profiles"][0]["samples"]) == len(doc["profiles"][0]["weights"])
+    # Functions by default here too: no frame has a line.
+    assert not any("line" in f for f in frames) and any(f["name"] == "MADDPGLearner.update" for f in frames)
+
+
+def re_line(frame: str) -> bool:
+    """`f (x.py:12)`: the frame names a source line."""
+    return frame.endswith(")") and frame.rsplit(":", 1)[-1].rstrip(")").isdigit()
 
 
 def test_perfetto_export_carries_the_samples(flamed, tmp_path):
@@ -158,10 +219,15 @@ def test_perfetto_export_carries_the_samples(flamed, tmp_path):
 def test_flame_bad_input(flamed, tmp_path, capsys):
     assert main(["flame", str(SHIPPED), "--phase", "update"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "holds no py-spy samples" in err[0]
+    assert len(err) == 1 and "holds no py-spy samples: it was recorded without --flame or --auto-flame" in err[0]
+    # Samples, none in the phase: what was captured, and a phase to try (not the same command again).
     assert main(["flame", str(flamed), "--phase", "sample/nothing"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no py-spy samples were taken while 'sample/nothing' ran" in err[0]
+    assert len(err) == 1, err
+    assert err[0].startswith(f"marlwatch: {flamed}: no py-spy samples were taken while 'sample/nothing' ran; "
+                             "the file's "), err
+    assert "(py-spy ran for 'update', 'sample')" in err[0] or "(py-spy ran for 'sample', 'update')" in err[0], err
+    assert err[0].endswith("; try --phase sample") and "marlwatch run" not in err[0], err
     assert main(["flame", str(flamed), "--phase", "update", "-o", "/proc/nope/x.txt"]) == 2
     assert capsys.readouterr().err.startswith("marlwatch: cannot write /proc/nope/x.txt")
     assert main(["flame", str(flamed), "--phase", "update", "--top", "0"]) == 2
@@ -180,11 +246,32 @@ def drive(run: Run, until, timeout: float = 120) -> None:
         run.pump(0.1)
 
 
+def pyspy_for(user: str) -> str:
+    """A copy of py-spy that `user` can run. The checkout and its venv may sit under a directory
+    other users cannot enter (a 0700 `mktemp -d`, a 0750 home), and so does pytest's tmp_path:
+    the copy goes to a fresh directory under the system's temporary directory, opened to all."""
+    src = shutil.which(pyspy_command()[0]) if pyspy_command() else None
+    if src is None:
+        pytest.skip("py-spy is not installed")
+    d = Path(tempfile.mkdtemp(prefix=f"marlwatch-pyspy-{user}-"))
+    d.chmod(0o755)
+    dst = d / "py-spy"
+    shutil.copy2(src, dst)
+    dst.chmod(0o755)
+    return str(dst)
+
+
+# A denied attach made for real: py-spy run as user `nobody` may not ptrace our processes. That
+# takes root (runuser) and a user other than ours; without them there is nothing to deny with.
+DENY_USER = "nobody"
+can_deny = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("runuser") is not None
+
+
 @pytest.mark.timeout(150)
-def test_denied_attach_and_gone_process_keep_the_run_going(tmp_path, monkeypatch, no_leftovers):
-    # A real denied attach: py-spy run as user `nobody` may not ptrace our (root-owned) processes.
-    monkeypatch.setenv("MARLWATCH_PYSPY", f"runuser -u nobody -- {Path(sys.executable).parent / 'py-spy'}")
-    # No iteration limit: the run must outlive both captures (finish() stops it).
+@pytest.mark.skipif(not can_deny, reason="needs root and runuser, to run py-spy as user nobody against our processes")
+def test_denied_attach_keeps_the_run_going(tmp_path, monkeypatch, no_leftovers):
+    monkeypatch.setenv("MARLWATCH_PYSPY", f"runuser -u {DENY_USER} -- {pyspy_for(DENY_USER)}")
+    # No iteration limit: the run must outlive the capture (finish() stops it).
     run = Run(RunConfig(agents=2, workers=1, iterations=100_000, record=str(tmp_path / "d.arrow"), settings=QUICK))
     ctl = FlameController(run)
     ctl.request("sample", 1)
@@ -197,23 +284,57 @@ def test_denied_attach_and_gone_process_keep_the_run_going(tmp_path, monkeypatch
         pid = run.procs[1].pid
         assert denied == [f"flame: py-spy could not profile worker 1 (pid {pid}): permission denied (ptrace not "
                           "allowed; run as root or set kernel.yama.ptrace_scope=0); the run goes on"], ctl.messages
-        # A process that is gone: the worker's pid no longer exists.
-        monkeypatch.delenv("MARLWATCH_PYSPY")
+    finally:
+        run.finish()
+    events = [n for n in open_recording(tmp_path / "d.arrow").read_all()["name"].to_pylist() if n and "flame" in n]
+    assert events.count("flame_failed") == 1
+
+
+@pytest.mark.timeout(150)
+def test_gone_process_and_unserved_requests_keep_the_run_going(tmp_path, no_leftovers, capsys):
+    # A run where nothing gets profiled: the process py-spy is pointed at is gone; `update` never
+    # leaves its warm-up in this short run; `updat` is a typo. The run goes on and ends normally;
+    # the waiting requests say so, and are given up at the end with the reason in the recording.
+    rec = tmp_path / "w.arrow"
+    run = Run(RunConfig(agents=2, workers=1, iterations=60, record=str(rec), settings={"warmup": "1000000"}))
+    ctl = FlameController(run)
+    ctl.request("update", 1)
+    ctl.request("updat", 1)
+    run.start()
+    try:
+        drive(run, lambda: 1 in run.procs and run.procs[1].pid is not None and ctl.slots_for("sample"))
         # (Not the pid of a process that just ended: in a busy test session that pid can be
         # handed out again before py-spy looks. The top of the pid range is free.)
         pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
         gone_pid = next(p for p in range(pid_max - 1, 1, -1) if not psutil.pid_exists(p))
         run.procs[1].pid = gone_pid
-        n = len(ctl.done)
         ctl.request("sample", 1)
-        drive(run, lambda: len(ctl.done) > n)
+        drive(run, lambda: ctl.done)
         gone_msgs = [m for m in ctl.messages if f"(pid {gone_pid})" in m]
         assert len(gone_msgs) == 1 and "the run goes on" in gone_msgs[0], ctl.messages
-        assert run.failure is None
+        assert run.failure is None and run.alive
+        drive(run, lambda: False)  # until the run has done its iterations
     finally:
         run.finish()
-    events = [n for n in open_recording(tmp_path / "d.arrow").read_all()["name"].to_pylist() if n and "flame" in n]
-    assert events.count("flame_failed") == 2
+    assert run.failure is None, run.failure
+    assert ctl.done[0]["samples"] == 0 and len(ctl.done) == 1, ctl.done
+    waiting = [m for m in ctl.messages if m.startswith("flame: waiting for 'update' to do real work")]
+    assert waiting and "profiling starts at 2%" in waiting[0], ctl.messages
+    ended = [m for m in ctl.messages if m.startswith("flame: the run ended before profiling")]
+    assert len(ended) == 2, ctl.messages
+    assert ended[0].startswith("flame: the run ended before profiling 'update': 'update' never did real work "
+                               "('update' took at most "), ended
+    assert ended[0].endswith("a capture needs 2%); nothing was profiled; a longer run (--iterations) gives it time")
+    assert ended[1] == ("flame: the run ended before profiling 'updat': no process ran 'updat' (phases seen: "
+                        "sample, sync, update; is the name right?); nothing was profiled")
+    names = [n for n in open_recording(rec).read_all()["name"].to_pylist() if n and n.startswith("flame_")]
+    assert names.count("flame_failed") == 1 and names.count("flame_skipped") == 2, names
+    # `marlwatch flame` on that file says what happened, without sending the user back to the same command.
+    assert main(["flame", str(rec), "--phase", "update"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"marlwatch: {rec} holds no py-spy samples: py-spy could not "
+                                               f"profile worker 1 (pid {gone_pid}): "), err
+    assert "'update' was not profiled: 'update' never did real work" in err[0] and "marlwatch run" not in err[0]
 
 
 def test_chrometrace_rebuild_counts_samples():
@@ -241,7 +362,64 @@ def test_replay_shows_the_samples_from_their_time_on(flamed):
     pb = Playback.from_recording(open_recording(flamed))
     pb.seek_ns(first - 1)
     assert pb.snapshot().stacks == {}  # before py-spy ran: nothing to show
-    pb.seek_ns(first + 3_000_000_000)
-    assert pb.snapshot().top_functions("update")
+    # `sample` is profiled first (at once), `update` after the warm-up; samples are stored when
+    # their capture is done.
+    done = {d["phase"]: d["t_ns"] for d in events(table, "flame_done")}
+    pb.seek_ns(done["sample"] + 1_000_000_000)
+    assert pb.snapshot().top_functions("sample") and not pb.snapshot().top_functions("update")
     pb.to_end()
-    assert pb.snapshot().top_functions("sample")
+    assert pb.snapshot().top_functions("update")
+
+
+def feed_iterations(act, slot: int, update_ms: list[float], iteration_ms: float = 40.0, t0_ns: int = 0) -> int:
+    """One learner-like iteration per entry: sync/gather, then `update` taking `update_ms`."""
+    import numpy as np
+
+    t = t0_ns
+    names = ["sync/gather", "update"]
+    for u in update_ms:
+        gather = int((iteration_ms - u) * 1e6)
+        act.add_spans(np.array([slot, slot]), names, np.array([0, 1]), np.array([t, t + gather]),
+                      np.array([gather, int(u * 1e6)]))
+        t += gather + int(u * 1e6)
+        act.add_ticks(np.array([slot]), np.array([t]))
+    return t
+
+
+def test_real_work_is_the_median_iteration_share_of_the_top_level_phase():
+    from marlwatch.phase_activity import PhaseActivity
+
+    act = PhaseActivity()
+    assert act.share("update", [0]) is None  # nothing seen yet
+    # A warm-up: 0.1 ms stores in 500 ms iterations, one of them descheduled for 67 ms (a plain
+    # share of the last 2 s would be 3.4%, over the threshold).
+    t = feed_iterations(act, 0, [0.1, 0.1, 0.1, 67.0, 0.1, 0.1, 0.1], iteration_ms=500)
+    s = act.share("update/critic", [0])  # a sub-phase is judged on its top-level phase
+    assert s is not None and s.iterations == 5 and s.share == pytest.approx(0.1 / 500)
+    assert not act.real_work("update", [0])
+    # The warm-up ends: 8 ms of 40 ms. Real work once most of the last 5 iterations show it.
+    for _ in range(2):
+        t = feed_iterations(act, 0, [8.0], t0_ns=t)
+        assert not act.real_work("update", [0])
+    feed_iterations(act, 0, [8.0], t0_ns=t)
+    assert act.real_work("update", [0]) and act.share("update", [0]).share == pytest.approx(0.2)
+    # Other phases of the same process are measured the same way; absent ones are 0.
+    assert act.share("sync/gather", [0]).share == pytest.approx(0.8)
+    assert act.share("sample", [0]).share == 0.0
+
+
+def test_real_work_without_iterations_uses_a_time_window():
+    import numpy as np
+
+    from marlwatch.phase_activity import WINDOW_S, PhaseActivity
+
+    act = PhaseActivity()
+    # A process that never ticks: 10 ms of `update` every 100 ms, judged once it ran WINDOW_S.
+    for k in range(int(WINDOW_S * 10) + 1):
+        t = k * 100_000_000
+        act.add_spans(np.array([3, 3]), ["other", "update"], np.array([0, 1]), np.array([t, t + 90_000_000]),
+                      np.array([90_000_000, 10_000_000]))
+        if k == 5:
+            assert act.share("update", [3]) is None  # not long enough yet
+    s = act.share("update", [3])
+    assert s is not None and s.iterations == 0 and s.share == pytest.approx(0.1, abs=0.01)
