@@ -45,10 +45,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from marlwatch.collector import event_row
-from marlwatch.metrics import Metrics, function_name
+from marlwatch.metrics import Metrics, Warmup, function_name, with_warmup_gauge
 from marlwatch.outputs import write_text
 from marlwatch.phase_activity import REAL_WORK_SHARE, WINDOW_S, PhaseActivity, Share, top_segment
-from marlwatch.recording import EVENT, ITER, SCHEMA, SPAN, STACK, Recording
+from marlwatch.recording import COUNTER, EVENT, ITER, SCHEMA, SPAN, STACK, Recording
+from marlwatch.report import warming_up
 from marlwatch.terminal import printable, say
 
 DEFAULT_SECONDS = 5.0
@@ -368,6 +369,7 @@ class FlameController:
         # Top-level spans and iteration ends while a request is pending (None when none is): the "does
         # it do real work" rule of marlwatch.phase_activity.
         self.activity: PhaseActivity | None = None
+        self.warmup: Warmup | None = None  # the run's warm-up, where it reports one (seen while tracking)
         self.capture: _Capture | None = None
         self.done: list[dict[str, Any]] = []  # one summary per finished capture
         self.phase_slots: dict[str, set[int]] = defaultdict(set)
@@ -465,6 +467,10 @@ class FlameController:
         ticks = pc.equal(kind, ITER).to_numpy(zero_copy_only=False)
         if ticks.any():
             self.activity.add_ticks(ints("proc", ticks), ints("t_ns", ticks))
+        gauges = batch.filter(pc.equal(kind, COUNTER))
+        for name, t, value in zip(*(gauges.column(c).to_pylist() for c in ("name", "t_ns", "value")), strict=True):
+            if name is not None and t is not None and value is not None:
+                self.warmup = with_warmup_gauge(self.warmup, name, value, t)
 
     def slots_for(self, phase: str) -> list[int]:
         return sorted({slot for name, slots in self.phase_slots.items() if in_phase(name, phase) for slot in slots})
@@ -540,8 +546,10 @@ class FlameController:
         return f"{_pct(share.share)} of {self._roles(slots)} time over {share.window_s:g} s"
 
     def _progress(self, waited_s: float) -> str:
-        """How far the wait is: the run's warm-up where it reports one, else the time waited."""
-        return f"waited {waited_s:.0f} s"
+        """How far the wait is: the run's warm-up where it reports one, and the time waited."""
+        w = self.warmup
+        warm = f"{warming_up(w)} ({100 * w.done / w.needed:.0f}%), " if w is not None and w.active else ""
+        return f"{warm}waited {waited_s:.0f} s"
 
     def _give_up(self, req: FlameRequest) -> None:
         """The run ended while `req` waited."""

@@ -119,6 +119,25 @@ class Warmup:
         return self.done < self.needed
 
 
+def with_warmup_gauge(w: Warmup | None, name: str, value: float, t_ns: int) -> Warmup | None:
+    """`w` updated by the gauge row `name`=`value` at `t_ns` when that row reports a warm-up
+    (`marlwatch.warmup`: wire.warmup_gauges); else `w` unchanged. Metrics and the py-spy
+    controller (which says how far a warm-up is while a capture waits for it) both read it so."""
+    warm = parse_warmup_gauge(name)
+    if warm is None:
+        return w
+    unit, is_needed = warm
+    if w is None or w.unit != unit:  # a learner reports one warm-up; the latest unit wins
+        w = Warmup(done=0.0, needed=math.inf, unit=unit)
+    if is_needed:
+        w.needed = value
+    else:
+        w.done = value
+    if w.ended_s is None and not w.active:
+        w.ended_s = t_ns / 1e9
+    return w
+
+
 @dataclass
 class Snapshot:
     info: RunInfo | None
@@ -405,20 +424,7 @@ class Metrics:
                 self.counters[name] = value
             if name == "episode_return":
                 self.returns.append(value)
-            warm = parse_warmup_gauge(name)
-            if warm is not None:
-                self._warmup(warm[0], warm[1], value, t)
-
-    def _warmup(self, unit: str, is_needed: bool, value: float, t_ns: int) -> None:
-        w = self.warmup
-        if w is None or w.unit != unit:  # a learner reports one warm-up; the latest unit wins
-            w = self.warmup = Warmup(done=0.0, needed=math.inf, unit=unit)
-        if is_needed:
-            w.needed = value
-        else:
-            w.done = value
-        if w.ended_s is None and not w.active:
-            w.ended_s = t_ns / 1e9
+            self.warmup = with_warmup_gauge(self.warmup, name, value, t)
 
     def _stack_samples(self, b: pa.RecordBatch) -> None:
         for name, stack, count in zip(b.column("name").to_pylist(), b.column("text").to_pylist(),

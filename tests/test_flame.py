@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -165,8 +166,6 @@ def test_flame_text_lists_update_code_not_rollout(flamed, capsys):
 
 def svg_frames(path: Path) -> list[str]:
     """The frame of each box of a flame graph SVG (its hover title, without the sample count)."""
-    import re
-
     return [m.group(1) for m in re.finditer(r"<title>(.*?): \d+ samples", path.read_text())]
 
 
@@ -296,7 +295,7 @@ def test_gone_process_and_unserved_requests_keep_the_run_going(tmp_path, no_left
     # leaves its warm-up in this short run; `updat` is a typo. The run goes on and ends normally;
     # the waiting requests say so, and are given up at the end with the reason in the recording.
     rec = tmp_path / "w.arrow"
-    run = Run(RunConfig(agents=2, workers=1, iterations=60, record=str(rec), settings={"warmup": "1000000"}))
+    run = Run(RunConfig(agents=2, workers=1, iterations=60, record=str(rec), settings={"warmup": "500000"}))
     ctl = FlameController(run)
     ctl.request("update", 1)
     ctl.request("updat", 1)
@@ -320,6 +319,8 @@ def test_gone_process_and_unserved_requests_keep_the_run_going(tmp_path, no_left
     assert ctl.done[0]["samples"] == 0 and len(ctl.done) == 1, ctl.done
     waiting = [m for m in ctl.messages if m.startswith("flame: waiting for 'update' to do real work")]
     assert waiting and "profiling starts at 2%" in waiting[0], ctl.messages
+    # With the warm-up's progress, as MADDPG reports it (marlwatch.warmup).
+    assert re.search(r"; warming up [\d,]+/500,000 transitions \(\d+%\), waited \d+ s\)$", waiting[0]), waiting
     ended = [m for m in ctl.messages if m.startswith("flame: the run ended before profiling")]
     assert len(ended) == 2, ctl.messages
     assert ended[0].startswith("flame: the run ended before profiling 'update': 'update' never did real work "
