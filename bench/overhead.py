@@ -129,7 +129,9 @@ def ab_run(algo: str, iterations: int, record: Path, block: int = AB_BLOCK, resa
     execute(run)
     if run.failure:
         raise RuntimeError(f"benchmark run failed: {run.failure}")
-    lat = m.iteration_latencies_ns().astype(np.float64)
+    # Every iteration's latency, the first (start-up) too, so that index k is iteration k and the
+    # blocks line up with the run's spans on/off switch; the first 20% are dropped below anyway.
+    lat = np.diff(m.iteration_times_ns(), prepend=0).astype(np.float64)
     n_pairs = len(lat) // (2 * block)
     blocks = lat[: n_pairs * 2 * block].reshape(n_pairs, 2, block).sum(axis=2)  # [pair, on/off]
     blocks = blocks[n_pairs // 5:]

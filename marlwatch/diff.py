@@ -2,7 +2,8 @@
 
 Every figure is resampled over iterations (the per-iteration table from
 `marlwatch.metrics.read_iterations`), so run-to-run noise shows up as a wide interval instead
-of a false verdict. The bootstrap is a circular block bootstrap (blocks of about n^(1/3)
+of a false verdict. The figures themselves are metrics.py's: over the iterations after the first
+(start-up), the very numbers `summary` gives for each recording. The bootstrap is a circular block bootstrap (blocks of about n^(1/3)
 consecutive iterations), because neighbouring iterations are correlated (warm-up, replay buffer
 filling, a neighbour process hogging a core for a second): resampling single iterations would
 make the intervals too narrow. A verdict ("slower", "faster", "higher", "lower") is given only
@@ -132,12 +133,7 @@ def _verdict(lo: float, hi: float, up: str, down: str, relative_pct: float = mat
     return "within noise"
 
 
-def _skip(t: IterationTable, k: int) -> IterationTable:
-    return IterationTable(t.iterations - k, t.latencies_ns[k:], {n: v[k:] for n, v in t.phases.items()},
-                          {n: v[k:] for n, v in t.top.items()}, t.comm[k:], t.comm_update[k:])
-
-
-def compare(a_path: str, b_path: str, *, resamples: int = RESAMPLES, seed: int = 0, skip: int = 1,
+def compare(a_path: str, b_path: str, *, resamples: int = RESAMPLES, seed: int = 0, skip: int = 0,
             min_change: float = MIN_CHANGE_PCT) -> Diff:
     """Compare two recordings; raises UsageError for unreadable or empty ones."""
     from marlwatch.cli import UsageError, open_or_fail
@@ -149,22 +145,23 @@ def compare(a_path: str, b_path: str, *, resamples: int = RESAMPLES, seed: int =
             snap, table = read_iterations(rec)
         except Exception as e:  # noqa: BLE001 - a damaged file must give one line, not a traceback
             raise UsageError(f"{path}: damaged recording ({type(e).__name__}: {e})") from None
-        if table.iterations == 0:
+        if snap.iterations == 0:
             raise UsageError(f"{path}: no complete iteration recorded, nothing to compare")
         if table.iterations - skip < 2:
-            raise UsageError(f"{path}: only {table.iterations} complete iterations, too few to compare "
-                             f"(after skipping {skip})")
-        sides.append((snap, _skip(table, skip)))
+            skipped = f" and --skip {skip}" if skip else ""
+            raise UsageError(f"{path}: only {snap.iterations} complete iterations, too few to compare "
+                             f"(the first is start-up{skipped})")
+        sides.append((snap, table.after(skip)))
     (sa, ta), (sb, tb) = sides
     rng = np.random.default_rng(seed)
     A, B = _Side(ta, rng, resamples), _Side(tb, rng, resamples)
     na, nb = ta.iterations, tb.iterations
     rows: list[Row] = []
 
-    # IPS = iterations / sum of latencies; positive change = B faster.
-    la, la_r = A.sums(ta.latencies_ns)
-    lb, lb_r = B.sums(tb.latencies_ns)
-    ips_a, ips_b = na / (la / 1e9), nb / (lb / 1e9)
+    # IPS as metrics defines it (the Snapshot's, over the same iterations); positive change = B faster.
+    _, la_r = A.sums(ta.latencies_ns)
+    _, lb_r = B.sums(tb.latencies_ns)
+    ips_a, ips_b = ta.ips, tb.ips
     with np.errstate(divide="ignore", invalid="ignore"):
         rep = (la_r / na) / (lb_r / nb) * 100 - 100
     lo, hi = _interval(rep)
@@ -212,7 +209,9 @@ def compare(a_path: str, b_path: str, *, resamples: int = RESAMPLES, seed: int =
 
 
 def _header(sa: Snapshot, sb: Snapshot, na: int, nb: int) -> tuple[dict[str, Any], list[str]]:
-    header: dict[str, Any] = {"iterations": [na, nb]}  # compared (after --skip)
+    # The recordings' iteration counts (as `summary` gives them), and how many were compared: all
+    # but the first (start-up) and any left out with --skip.
+    header: dict[str, Any] = {"iterations": [sa.iterations, sb.iterations], "compared_iterations": [na, nb]}
     notes: list[str] = []
     for key in ("algo", "env", "agents", "workers"):
         va = getattr(sa.info, key, None) if sa.info else None
@@ -250,7 +249,8 @@ def _change(r: Row) -> str:
 def render(d: Diff) -> str:
     h = d.header
     lines = [f"{side}: {path}  ({h['algo'][i]}, {h['env'][i]}, {plural(h['agents'][i], 'agent')}, "
-             f"{plural(h['workers'][i], 'worker')}, {plural(h['iterations'][i], 'iteration')})"
+             f"{plural(h['workers'][i], 'worker')}, {plural(h['iterations'][i], 'iteration')}, "
+             f"{h['compared_iterations'][i]} compared)"
              for i, (side, path) in enumerate((("A", d.a_path), ("B", d.b_path)))]
     lines += [f"note: {n}" for n in d.notes]
     lines.append(f"change B vs A with a {CONFIDENCE:.0%} block-bootstrap interval over iterations; "
@@ -279,8 +279,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a JSON object")
     parser.add_argument("--fail-if-slower", type=float, default=None, metavar="PCT",
                         help="exit 1 when B's IPS is lower than A's by more than PCT percent with confidence")
-    parser.add_argument("--skip", type=int, default=1, metavar="N",
-                        help="leave out the first N iterations (default 1: the first one includes process start-up)")
+    parser.add_argument("--skip", type=int, default=0, metavar="N",
+                        help="also leave out the N iterations after the first (the first, start-up, is never "
+                             "compared)")
     parser.add_argument("--min-change", type=float, default=MIN_CHANGE_PCT, metavar="PCT",
                         help="smallest change (percent of A's value) given a verdict (default 10)")
     parser.add_argument("--resamples", type=int, default=RESAMPLES, help="bootstrap resamples")

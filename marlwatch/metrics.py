@@ -142,12 +142,18 @@ def with_warmup_gauge(w: Warmup | None, name: str, value: float, t_ns: int) -> W
 class Snapshot:
     info: RunInfo | None
     t_s: float  # data time: the latest moment the rows fed so far describe
-    wall_s: float  # from the first span to the main loop's last iteration
+    wall_s: float  # from the run's start (t = 0) to the main loop's last iteration
     iterations: int
-    ips: float  # iterations / wall_s
-    ips_now: float  # over the last few seconds
+    ips: float  # iterations after the first / steady_s
+    ips_now: float  # over the last few seconds (after the first iteration)
     ips_history: list[float]  # iterations per second, one value per second, oldest first
-    process_s: float  # all top-level span time, all processes
+    # Start-up: from the run's start to the end of the main loop's first iteration (spawning,
+    # imports, the first weights and rollouts); None until that iteration ends. The first
+    # iteration is start-up, not steady state: IPS, latencies and span figures leave it out.
+    startup_s: float | None
+    steady_s: float  # from the end of the first iteration to the end of the last
+    steady_iterations: int  # the iterations in steady_s: all but the first
+    process_s: float  # all top-level span time, all processes (after their first iteration)
     exec_s: float  # sample + update time, all processes (the study's execution time)
     shares: dict[str, float]  # sample / update / sync / other, of process time; sum to 1
     comm_share: float  # communication time / execution time
@@ -155,7 +161,7 @@ class Snapshot:
     comm_s: float
     update_s: float
     phases: list[PhaseRow]
-    iteration_ms: dict[str, float]  # p50/p95/p99 of the main loop's iteration latency
+    iteration_ms: dict[str, float]  # p50/p95/p99 of the main loop's iteration latency (after the first)
     cores_mean: list[float]
     cores_now: list[float]
     procs: list[ProcRow]
@@ -198,6 +204,9 @@ class Snapshot:
             "complete": self.complete,
             "iterations": self.iterations,
             "wall_s": self.wall_s,
+            "startup_s": self.startup_s,
+            "steady_s": self.steady_s,
+            "steady_iterations": self.steady_iterations,
             "ips": self.ips,
             "process_s": self.process_s,
             "exec_s": self.exec_s,
@@ -232,6 +241,8 @@ class _Proc:
     error: str | None = None
     iterations: int = 0
     first_t: int | None = None
+    first_tick: int | None = None  # end of its first iteration: the end of its start-up
+    first_tick_iter: int = 0  # its iteration count at that tick
     last_tick: int | None = None
     cpu: float | None = None
     rss: float | None = None
@@ -240,16 +251,66 @@ class _Proc:
     recent: deque = field(default_factory=lambda: deque(maxlen=64))  # recent tick times
 
 
+@dataclass
+class _Totals:
+    """Span time of one set of spans: the steady state, or one process's first iteration."""
+
+    phases: dict[str, _Phase] = field(default_factory=dict)
+    top_ns: dict[str, int] = field(default_factory=lambda: dict.fromkeys((*TOP_LEVEL, "other"), 0))
+    comm_ns: int = 0
+    comm_update_ns: int = 0
+
+    def add(self, names: list[str], parents: list[str], codes: np.ndarray, parent_codes: np.ndarray,
+            dur: np.ndarray) -> None:
+        """Add spans given as dictionary codes into `names` and `parents` (len(parents): none)."""
+        n_parents = len(parents) + 1
+        key = codes * n_parents + parent_codes
+        size = len(names) * n_parents
+        counts = np.bincount(key, minlength=size)
+        # float64 sums are exact while a batch's total stays under 2^53 ns (104 days)
+        totals = np.bincount(key, weights=dur, minlength=size)
+        for k in np.flatnonzero(counts):
+            name = names[k // n_parents]
+            j = k % n_parents
+            parent = parents[j] if j < len(parents) else None
+            total, count = int(round(totals[k])), int(counts[k])
+            ph = self.phases.get(name)
+            if ph is None:
+                ph = self.phases[name] = _Phase()
+            ph.total_ns += total
+            ph.count += count
+            if parent is None:
+                self.top_ns[top_of(name)] += total
+            if is_comm(name) and not is_comm(parent):  # outermost communication span only
+                self.comm_ns += total
+                if top_of(name) == "update":
+                    self.comm_update_ns += total
+        bins = _bins(dur)
+        flat = np.bincount(codes * _N_BINS + bins, minlength=len(names) * _N_BINS).reshape(len(names), _N_BINS)
+        for k in np.flatnonzero(flat.any(axis=1)):  # the dictionary also holds names of other rows
+            self.phases[names[k]].hist += flat[k]
+
+    def plus(self, other: _Totals) -> _Totals:
+        """A new _Totals with both sets of spans."""
+        out = _Totals({n: _Phase(p.total_ns, p.count, p.hist.copy()) for n, p in self.phases.items()},
+                      dict(self.top_ns), self.comm_ns + other.comm_ns, self.comm_update_ns + other.comm_update_ns)
+        for name, p in other.phases.items():
+            q = out.phases.setdefault(name, _Phase())
+            q.total_ns, q.count, q.hist = q.total_ns + p.total_ns, q.count + p.count, q.hist + p.hist
+        for k, v in other.top_ns.items():
+            out.top_ns[k] += v
+        return out
+
+
 class Metrics:
     def __init__(self, info: RunInfo | None = None) -> None:
         self.info = info
-        self.phases: dict[str, _Phase] = {}
-        self.top_ns: dict[str, int] = {"sample": 0, "update": 0, "sync": 0, "other": 0}
-        self.comm_ns = 0
-        self.comm_update_ns = 0
+        # Spans of a process's first iteration (its recorded `iter` is 0) are start-up: they go to
+        # `startup` (per process slot) and count in the figures only for a process that never
+        # ends an iteration (a helper that does not tick), so its time is not lost.
+        self.steady = _Totals()
+        self.startup: dict[int, _Totals] = {}
         self.t_ns = 0
-        self.first_span_ns: int | None = None
-        self.first_started_ns: int | None = None  # the first process ready (a `started` event)
         self.procs: dict[int, _Proc] = {}
         if info:
             for slot, role in info.procs.items():
@@ -321,50 +382,27 @@ class Metrics:
         name_enc = pc.dictionary_encode(b.column("name"))
         parent_enc = pc.dictionary_encode(b.column("parent"))
         names, parents = name_enc.dictionary.to_pylist(), parent_enc.dictionary.to_pylist()
-        n_parents = len(parents) + 1  # the last code is "no parent"
         codes = pc.fill_null(name_enc.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
         parent_codes = pc.fill_null(parent_enc.indices, len(parents)).to_numpy(zero_copy_only=False)
         ok = codes >= 0 if mask is None else (codes >= 0) & mask
-        cols = []
-        for c in ("dur_ns", "t_ns"):
-            col = b.column(c)
-            if col.null_count:  # a damaged file: such rows are skipped
-                ok &= pc.is_valid(col).to_numpy(zero_copy_only=False)
-                col = pc.fill_null(col, 0)
-            cols.append(col.to_numpy(zero_copy_only=False))
-        dur, t = cols
-        if not ok.all():
-            codes, parent_codes, dur, t = codes[ok], parent_codes[ok], dur[ok], t[ok]
-        if len(codes) == 0:
-            return
-        start = int(t.min())
-        if self.first_span_ns is None or start < self.first_span_ns:
-            self.first_span_ns = start
-        key = codes * n_parents + parent_codes
-        size = len(names) * n_parents
-        counts = np.bincount(key, minlength=size)
-        # float64 sums are exact while a batch's total stays under 2^53 ns (104 days)
-        totals = np.bincount(key, weights=dur, minlength=size)
-        for k in np.flatnonzero(counts):
-            name = names[k // n_parents]
-            j = k % n_parents
-            parent = parents[j] if j < len(parents) else None
-            total, count = int(round(totals[k])), int(counts[k])
-            ph = self.phases.get(name)
-            if ph is None:
-                ph = self.phases[name] = _Phase()
-            ph.total_ns += total
-            ph.count += count
-            if parent is None:
-                self.top_ns[top_of(name)] += total
-            if is_comm(name) and not is_comm(parent):  # outermost communication span only
-                self.comm_ns += total
-                if top_of(name) == "update":
-                    self.comm_update_ns += total
-        bins = _bins(dur)
-        flat = np.bincount(codes * _N_BINS + bins, minlength=len(names) * _N_BINS).reshape(len(names), _N_BINS)
-        for k in np.flatnonzero(flat.any(axis=1)):  # the dictionary also holds names of other rows
-            self.phases[names[k]].hist += flat[k]
+        dur = b.column("dur_ns")
+        if dur.null_count:  # a damaged file: such rows are skipped
+            ok &= pc.is_valid(dur).to_numpy(zero_copy_only=False)
+            dur = pc.fill_null(dur, 0)
+        dur = dur.to_numpy(zero_copy_only=False)
+        # A span without an iteration (a damaged file) counts as steady state.
+        first = (pc.fill_null(b.column("iter"), -1).to_numpy(zero_copy_only=False) == 0) & ok
+        steady = ok & ~first
+        if steady.all():
+            self.steady.add(names, parents, codes, parent_codes, dur)
+        elif steady.any():
+            self.steady.add(names, parents, codes[steady], parent_codes[steady], dur[steady])
+        if first.any():
+            procs = pc.fill_null(b.column("proc"), 0).to_numpy(zero_copy_only=False)
+            for slot in np.unique(procs[first]):
+                sel = first & (procs == slot)
+                self.startup.setdefault(int(slot), _Totals()).add(names, parents, codes[sel], parent_codes[sel],
+                                                                   dur[sel])
 
     def _iters(self, b: pa.RecordBatch) -> None:
         procs = b.column("proc").to_numpy(zero_copy_only=False)
@@ -374,6 +412,9 @@ class Metrics:
             sel = procs == slot
             p = self._proc(int(slot))
             ts = times[sel]
+            if p.first_tick is None or int(ts.min()) < p.first_tick:
+                k = int(np.argmin(ts))
+                p.first_tick, p.first_tick_iter = int(ts[k]), int(iters[sel][k])
             p.iterations = max(p.iterations, int(iters[sel].max()))
             if p.state in ("starting",):
                 p.state = "running"
@@ -451,8 +492,6 @@ class Metrics:
             if name == "started":
                 p.state, p.pid, p.core = "running", detail.get("pid"), detail.get("core", p.core)
                 p.first_t = t
-                if self.first_started_ns is None or t < self.first_started_ns:
-                    self.first_started_ns = t
             elif name == "crashed":
                 p.state, p.error = "crashed", detail.get("error")
             elif name == "finished":
@@ -480,37 +519,44 @@ class Metrics:
             self.main_ticks = [np.concatenate(self.main_ticks)]
         return self.main_ticks[0]
 
-    def _start_ns(self) -> int:
-        """Where wall time starts: the first span; without spans (`--no-spans`) the first process
-        ready, so that process start-up (seconds of imports) is not counted in either case."""
-        if self.first_span_ns is not None:
-            return self.first_span_ns
-        return self.first_started_ns if self.first_started_ns is not None else 0
-
     def iteration_latencies_ns(self) -> np.ndarray:
-        ticks = self.iteration_times_ns()
-        if len(ticks) == 0:
-            return ticks
-        start = self._start_ns()
-        return np.diff(ticks, prepend=min(start, int(ticks[0])))
+        """The main loop's iteration latencies after the first (the first is start-up)."""
+        return np.diff(self.iteration_times_ns())
+
+    def _figures(self) -> _Totals:
+        """The span time the figures count: steady state, plus the start-up of processes that
+        never ended an iteration."""
+        totals = self.steady
+        for slot, startup in self.startup.items():
+            p = self.procs.get(slot)
+            if p is None or p.first_tick is None:
+                totals = totals.plus(startup)
+        return totals
 
     def snapshot(self) -> Snapshot:
-        process_ns = sum(self.top_ns.values())
-        exec_ns = self.top_ns["sample"] + self.top_ns["update"]
+        totals = self._figures()
+        top_ns = totals.top_ns
+        process_ns = sum(top_ns.values())
+        exec_ns = top_ns["sample"] + top_ns["update"]
         ticks = self.iteration_times_ns()
-        start = self._start_ns()
-        wall_ns = int(ticks[-1]) - start if len(ticks) else max(0, self.t_ns - start)
         iterations = self.main_iterations
-        recent = ticks[ticks >= self.t_ns - 3_000_000_000] if len(ticks) else ticks
-        window_s = min(3.0, (self.t_ns - start) / 1e9) if self.t_ns > start else 0.0
+        main = self.procs.get(0)
+        first_tick = main.first_tick if main is not None else None
+        wall_ns = int(ticks[-1]) if len(ticks) else self.t_ns
+        steady_ns = int(ticks[-1]) - first_tick if first_tick is not None else 0
+        steady_iterations = iterations - main.first_tick_iter if main is not None else 0
+        # Current IPS: ticks in the last 3 s of data time, never reaching back into start-up.
+        lo = max(self.t_ns - 3_000_000_000, first_tick) if first_tick is not None else self.t_ns
+        window_s = (self.t_ns - lo) / 1e9
+        recent = np.count_nonzero(ticks > lo) if len(ticks) else 0
         lat = self.iteration_latencies_ns()
         lat_q = np.percentile(lat, [50, 95, 99]) / 1e6 if len(lat) else [math.nan] * 3
         bounded: tuple[float | None, float | None] = (None, None)
         if self.latency_bound_ms is not None:
-            bounded = bounded_throughput(lat, wall_ns / 1e9, self.latency_bound_ms)
+            bounded = bounded_throughput(lat, steady_ns / 1e9, self.latency_bound_ms)
         phases = []
-        for name in sorted(self.phases):
-            ph = self.phases[name]
+        for name in sorted(totals.phases):
+            ph = totals.phases[name]
             q = quantiles_from_hist(ph.hist, (0.5, 0.95, 0.99))
             phases.append(PhaseRow(
                 name=name, total_s=ph.total_ns / 1e9, share=ph.total_ns / process_ns if process_ns else 0.0,
@@ -530,25 +576,30 @@ class Metrics:
             if state == "running" and p.last_tick is not None and self.t_ns - p.last_tick > STALL_S * 1e9 \
                     and not self.complete:
                 state = "stalled"
-            span_s = ((p.last_tick or 0) - (p.first_t if p.first_t is not None else start)) / 1e9
+            # The same definition as the main loop's IPS: iterations after its first / their time.
+            span_s = ((p.last_tick or 0) - p.first_tick) / 1e9 if p.first_tick is not None else 0.0
             procs.append(ProcRow(slot=slot, role=p.role, state=state, iterations=p.iterations,
-                                 ips=p.iterations / span_s if span_s > 0 else 0.0, cpu_percent=p.cpu,
+                                 ips=(p.iterations - p.first_tick_iter) / span_s if span_s > 0 else 0.0,
+                                 cpu_percent=p.cpu,
                                  rss_bytes=p.rss, core=p.core, pid=p.pid, error=p.error))
         return Snapshot(
             info=self.info,
             t_s=self.t_ns / 1e9,
             wall_s=wall_ns / 1e9,
             iterations=iterations,
-            ips=iterations / (wall_ns / 1e9) if wall_ns > 0 else 0.0,
-            ips_now=len(recent) / window_s if window_s > 0 else 0.0,
+            ips=steady_iterations / (steady_ns / 1e9) if steady_ns > 0 else 0.0,
+            ips_now=recent / window_s if window_s > 0 else 0.0,
             ips_history=history,
+            startup_s=first_tick / 1e9 if first_tick is not None else None,
+            steady_s=steady_ns / 1e9,
+            steady_iterations=steady_iterations,
             process_s=process_ns / 1e9,
             exec_s=exec_ns / 1e9,
-            shares={k: (v / process_ns if process_ns else 0.0) for k, v in self.top_ns.items()},
-            comm_share=self.comm_ns / exec_ns if exec_ns else 0.0,
-            comm_share_update=self.comm_update_ns / self.top_ns["update"] if self.top_ns["update"] else 0.0,
-            comm_s=self.comm_ns / 1e9,
-            update_s=self.top_ns["update"] / 1e9,
+            shares={k: (v / process_ns if process_ns else 0.0) for k, v in top_ns.items()},
+            comm_share=totals.comm_ns / exec_ns if exec_ns else 0.0,
+            comm_share_update=totals.comm_update_ns / top_ns["update"] if top_ns["update"] else 0.0,
+            comm_s=totals.comm_ns / 1e9,
+            update_s=top_ns["update"] / 1e9,
             phases=phases,
             iteration_ms={"p50": float(lat_q[0]), "p95": float(lat_q[1]), "p99": float(lat_q[2])},
             cores_mean=[float(s / n) if n else 0.0 for s, n in zip(self.core_sum, self.core_n, strict=True)],
@@ -576,12 +627,15 @@ def summarize(rec: Recording) -> Snapshot:
 # -- per-iteration figures (diff, confidence intervals) -------------------------------------
 @dataclass
 class IterationTable:
-    """Time per learner iteration, so a figure can be resampled over iterations.
+    """Time per learner iteration after the first, so a figure can be resampled over iterations.
 
-    Every array has one value per complete main-loop iteration (index k = the k-th iteration,
-    0-based). A span belongs to the iteration its own process was in when it started (the
+    Every array has one value per complete main-loop iteration after the first (row k-1 =
+    iteration k, counted from 0; the first, iteration 0, is start-up and is left out as in the
+    Snapshot). A span belongs to the iteration its own process was in when it started (the
     recording's `iter` column); workers and learner count rounds in lockstep, so iteration k of
-    every process is summed into row k. Iterations in which a phase did not run hold 0.
+    every process is summed into one row. Spans of the unfinished iteration after the last tick
+    go into the last row, so the rows add up to the Snapshot's totals. Iterations in which a
+    phase did not run hold 0.
     """
 
     iterations: int
@@ -594,6 +648,17 @@ class IterationTable:
     @property
     def exec(self) -> np.ndarray:
         return self.top["sample"] + self.top["update"]
+
+    @property
+    def ips(self) -> float:
+        """Iterations / their summed latencies: the Snapshot's IPS, over these rows."""
+        seconds = float(self.latencies_ns.sum()) / 1e9
+        return self.iterations / seconds if seconds > 0 else 0.0
+
+    def after(self, k: int) -> IterationTable:
+        """The table without its first `k` rows."""
+        return IterationTable(self.iterations - k, self.latencies_ns[k:], {n: v[k:] for n, v in self.phases.items()},
+                              {n: v[k:] for n, v in self.top.items()}, self.comm[k:], self.comm_update[k:])
 
     @property
     def process(self) -> np.ndarray:
@@ -622,11 +687,13 @@ class IterationAccumulator:
                             g.column("dur_ns_sum").to_numpy(zero_copy_only=False)))
 
     def table(self, latencies_ns: np.ndarray) -> IterationTable:
+        """The table of the iterations after the first, given their latencies (one per row)."""
         n = len(latencies_ns)
         sums = np.zeros((len(self._names), n), np.float64)
         for keys, iters, durs in self._parts:
-            ok = (iters >= 0) & (iters < n)
-            np.add.at(sums, (keys[ok], iters[ok].astype(np.int64)), durs[ok])
+            ok = iters >= 1 if n else np.zeros(len(iters), bool)  # iteration 0 is start-up
+            rows = np.minimum(iters[ok].astype(np.int64), n) - 1  # after the last tick: the last row
+            np.add.at(sums, (keys[ok], rows), durs[ok])
         phases: dict[str, np.ndarray] = {}
         top = {k: np.zeros(n) for k in ("sample", "update", "sync", "other")}
         comm, comm_update = np.zeros(n), np.zeros(n)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 
 from marlwatch.metrics import Snapshot, Warmup
 from marlwatch.terminal import printable
@@ -48,11 +49,22 @@ def progress_line(s: Snapshot, total: int | None, rec_bytes: int) -> str:
     of = f"/{total}" if total else ""
     comm = (warming_up(s.warmup) if s.warmup is not None and s.warmup.active else
             f"comm {pct(s.comm_share).strip()} of exec, {pct(s.comm_share_update).strip()} of update")
+    ips = f"IPS {s.ips_now:6.2f} (mean {s.ips:.2f})" if s.startup_s is not None else "starting up"
     return (
-        f"it {s.iterations}{of}  IPS {s.ips_now:6.2f} (mean {s.ips:.2f})  {comm}  "
+        f"it {s.iterations}{of}  {ips}  {comm}  "
         f"sample {pct(s.shares['sample']).strip()} update {pct(s.shares['update']).strip()} "
         f"sync {pct(s.shares['sync']).strip()}  rec {human_bytes(rec_bytes)}"
     )
+
+
+WIDTH = 80  # the summary fits a terminal of this width
+
+
+def startup_line(s: Snapshot) -> str:
+    """`start-up 7.66 s (run start to the end of the first iteration)`, or that it is not over."""
+    if s.startup_s is None:
+        return "start-up: the first iteration has not ended"
+    return f"start-up {s.startup_s:.2f} s (run start to the end of the first iteration)"
 
 
 def summary_text(s: Snapshot, path: str = "", status: str = "") -> str:
@@ -60,46 +72,45 @@ def summary_text(s: Snapshot, path: str = "", status: str = "") -> str:
     lines = []
     if info:
         lines.append(f"{path}  [{status}]" if path else f"[{status}]")
-        lines.append(
-            f"algo {info.algo}  env {info.env}  agents {info.agents}  workers {info.workers}  seed {info.seed}  "
-            f"host {info.host} ({info.cores} cores)  spans {'on' if info.spans else 'off'}"
-        )
-    lines.append(
-        f"iterations {s.iterations}  wall {s.wall_s:.2f} s  IPS {s.ips:.2f}  "
-        f"iteration p50/p95/p99 {ms(s.iteration_ms['p50'])}/{ms(s.iteration_ms['p95'])}/{ms(s.iteration_ms['p99'])} ms"
-    )
+        lines.append(f"{info.algo} on {info.env}, {plural(info.agents, 'agent')}, {plural(info.workers, 'worker')}, "
+                     f"seed {info.seed}, spans {'on' if info.spans else 'off'}")
+    lines.append(f"iterations {s.iterations}  {startup_line(s)}")
+    lines.append(f"IPS {s.ips:.2f} ({plural(s.steady_iterations, 'iteration')} after the first, in "
+                 f"{s.steady_s:.2f} s)  "
+                 f"wall {s.wall_s:.2f} s")
+    lines.append(f"iteration latency p50/p95/p99 {ms(s.iteration_ms['p50'])}/{ms(s.iteration_ms['p95'])}/"
+                 f"{ms(s.iteration_ms['p99'])} ms (after the first)")
     if s.latency_bound_ms is not None and s.bounded_ips is not None:
         met = "-" if s.bound_met is None or math.isnan(s.bound_met) else pct(s.bound_met).strip()
         lines.append(f"latency-bounded IPS {s.bounded_ips:.2f} (bound {s.latency_bound_ms:g} ms; "
                      f"{met} of iterations within it)")
-    lines.append(
-        f"communication: {pct(s.comm_share).strip()} of execution time (sample+update), "
-        f"{pct(s.comm_share_update).strip()} of update time"
-    )
+    lines.append(f"communication: {pct(s.comm_share).strip()} of execution time (sample+update), "
+                 f"{pct(s.comm_share_update).strip()} of update time")
     if s.warmup is not None:
         lines.append(warmup_line(s.warmup))
-    lines.append(
-        "process time: " + "  ".join(f"{k} {pct(v).strip()}" for k, v in s.shares.items() if v or k != "other")
-    )
+    lines.append("process time: " + "  ".join(f"{k} {pct(v).strip()}" for k, v in s.shares.items()
+                                              if v or k != "other"))
     lines.append("")
-    header = f"{'phase':<34} {'total s':>9} {'share':>7} {'count':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"
-    lines.append(header)
-    lines.append("-" * len(header))
-    for p in s.phases:
-        label = p.name + (" *" if p.comm else "")
-        lines.append(
-            f"{label:<34} {p.total_s:9.3f} {pct(p.share):>7} {p.count:8d} {ms(p.p50_ms):>8} {ms(p.p95_ms):>8} "
-            f"{ms(p.p99_ms):>8}"
-        )
+    labels = [p.name + (" *" if p.comm else "") for p in s.phases]
+    numbers = f"{'total s':>8}{'share':>7}{'count':>8}{'p50 ms':>8}{'p95 ms':>8}{'p99 ms':>8}"
+    # The name column takes what the numbers leave; a longer name pushes its own row wider.
+    w = min(max([len("phase"), *map(len, labels)]), WIDTH - len(numbers))
+    header = f"{'phase':<{w}}{numbers}"
+    lines += [header, "-" * len(header)]
+    for p, label in zip(s.phases, labels, strict=True):
+        lines.append(f"{label:<{w}}{p.total_s:8.3f}{pct(p.share):>7}{p.count:8d}{ms(p.p50_ms):>8}"
+                     f"{ms(p.p95_ms):>8}{ms(p.p99_ms):>8}")
     lines.append("(* communication)")
     if s.cores_mean:
         lines.append("")
-        lines.append("cores (mean util): " + "  ".join(f"cpu{i} {u:.0f}%" for i, u in enumerate(s.cores_mean)))
+        host = f"host {info.host}, " if info and info.host else ""
+        lines += textwrap.wrap(f"cores ({host}mean util): " + "  ".join(f"cpu{i} {u:.0f}%" for i, u in
+                                                                 enumerate(s.cores_mean)),
+                               WIDTH, subsequent_indent="  ", break_long_words=False)
     if s.procs:
-        lines.append(
-            "processes: "
-            + "  ".join(f"{p.role}: {p.state}, {p.iterations} it, {p.ips:.1f} IPS" for p in s.procs)
-        )
+        lines.append("processes:")
+        role_w = max(len(p.role) for p in s.procs)
+        lines += [f"  {p.role:<{role_w}}  {p.state:<9} {p.iterations:>7} it  {p.ips:7.2f} IPS" for p in s.procs]
     if "episode_return" in s.counters:
         recent = s.returns[-20:]
         lines.append(f"episode return: last {s.counters['episode_return']:.2f}, mean of last {len(recent)} "

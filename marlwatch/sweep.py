@@ -130,7 +130,7 @@ def table(recordings: list[Path]) -> list[Row]:
         info = snap.info
         if info is None:
             raise UsageError(f"{path}: no run information in the recording")
-        it = max(snap.iterations, 1)
+        it = max(snap.steady_iterations, 1)  # the figures leave the first (start-up) iteration out
         rows.append(Row(
             agents=info.agents, workers=info.workers, iterations=snap.iterations, ips=snap.ips,
             sample_share=snap.shares["sample"], update_share=snap.shares["update"], sync_share=snap.shares["sync"],

@@ -106,14 +106,40 @@ def test_fail_if_slower_is_a_regression_gate(runs, capsys):
 def test_intervals_come_from_the_per_iteration_table(runs):
     rec = open_recording(runs["a3"])
     snap, table = read_iterations(rec)
-    assert table.iterations == snap.iterations == 60
-    # Per-iteration phase times add up to the phase totals of the Snapshot (spans of complete iterations).
+    assert snap.iterations == 60 and table.iterations == 59  # every iteration after the first (start-up)
+    # Per-iteration phase times add up to the phase totals of the Snapshot.
     for p in snap.phases:
-        assert table.phases[p.name].sum() / 1e9 <= p.total_s + 1e-9
-    upd = next(p for p in snap.phases if p.name == "update")
-    assert table.phases["update"].sum() / 1e9 == pytest.approx(upd.total_s, rel=1e-6)
-    assert table.latencies_ns.sum() / 1e9 == pytest.approx(snap.wall_s, rel=1e-6)
+        assert table.phases[p.name].sum() / 1e9 == pytest.approx(p.total_s, rel=1e-9)
+    assert table.latencies_ns.sum() / 1e9 == pytest.approx(snap.steady_s, rel=1e-9)
+    assert table.ips == pytest.approx(snap.ips, rel=1e-12)
     assert np.all(table.top["update"] == table.phases["update"])
+
+
+@pytest.mark.parametrize("which", ["shipped", "fresh"])
+def test_summary_and_diff_agree_on_every_figure_they_share(request, capsys, which):
+    """One definition per figure (metrics.py): `diff A A` shows A's figures as `summary A` does."""
+    path = SHIPPED if which == "shipped" else request.getfixturevalue("runs")["a3"]
+    assert main(["summary", str(path), "--json"]) == 0
+    summ = json.loads(capsys.readouterr().out)
+    _, out = diff_json(capsys, path, path)
+    r = rows(out)
+    assert out["iterations"] == [summ["iterations"]] * 2
+    assert out["compared_iterations"] == [summ["iterations"] - 1] * 2  # all but the first (start-up)
+    assert r["IPS"]["a"] == pytest.approx(summ["ips"], rel=1e-12)
+    assert r["comm share of execution"]["a"] == pytest.approx(100 * summ["comm_share"], rel=1e-12)
+    assert r["comm share of update"]["a"] == pytest.approx(100 * summ["comm_share_update"], rel=1e-12)
+    for top in ("sample", "update", "sync"):
+        assert r[f"{top} share"]["a"] == pytest.approx(100 * summ["shares"][top], rel=1e-12)
+    # Phases: diff's ms per compared iteration times the iterations compared is summary's total.
+    n = out["compared_iterations"][0]
+    assert set(summ["phases"]) <= set(r)
+    for name, ph in summ["phases"].items():
+        assert r[name]["a"] * n / 1e3 == pytest.approx(ph["total_s"], rel=1e-9), name
+    # And the start-up iteration is out of IPS and the latency percentiles, reported apart.
+    assert 0 < summ["startup_s"] < summ["wall_s"] and summ["wall_s"] == pytest.approx(
+        summ["startup_s"] + summ["steady_s"])
+    assert summ["ips"] == pytest.approx((summ["iterations"] - 1) / summ["steady_s"])
+    assert summ["iteration_ms"]["p99"] * 1e-3 < summ["startup_s"]  # seconds of imports are not in it
 
 
 def test_diff_of_a_recording_without_iterations(tmp_path, capsys):
@@ -138,7 +164,7 @@ def test_latency_bound_summary_on_shipped_recording(capsys):
     lb = out["latency_bound"]
     within = int((lat_ms <= bound).sum())
     assert lb["fraction_met"] == pytest.approx(within / len(lat_ms))
-    assert lb["ips"] == pytest.approx(within / out["wall_s"])
+    assert lb["ips"] == pytest.approx(within / out["steady_s"])
     assert 0 < lb["ips"] < out["ips"]
     # A bound no iteration exceeds counts every iteration: plain IPS.
     assert main(["summary", str(SHIPPED), "--latency-bound", "1e9", "--json"]) == 0

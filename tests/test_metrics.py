@@ -26,21 +26,28 @@ def tick(proc, t, it):
 
 
 def test_shares_comm_and_ips():
+    T = 110 * MS  # the first iteration (start-up) ends at 110 ms; its spans are left out below
     m = Metrics()
     m.add(rows(
+        # start-up: the learner waits 100 ms for the workers to start, then stores their rollouts
+        span(0, "sync/gather", None, 0, 100 * MS, it=0),
+        span(0, "update", None, 100 * MS, 10 * MS, it=0),
+        tick(0, T, 1),
+        span(1, "sample", None, 50 * MS, 50 * MS, it=0),
+        tick(1, 100 * MS, 1),
         # learner: 10 ms update (4 ms of it communication, 1 ms nested deeper), 10 ms waiting
-        span(0, "sync/gather", None, 0, 10 * MS),
-        span(0, "update/comm/gnn/edges", "update/comm/gnn", 10 * MS, 1 * MS),
-        span(0, "update/comm/gnn", "update", 10 * MS, 4 * MS),
-        span(0, "update", None, 10 * MS, 10 * MS),
-        tick(0, 20 * MS, 1),
+        span(0, "sync/gather", None, T, 10 * MS, it=1),
+        span(0, "update/comm/gnn/edges", "update/comm/gnn", T + 10 * MS, 1 * MS, it=1),
+        span(0, "update/comm/gnn", "update", T + 10 * MS, 4 * MS, it=1),
+        span(0, "update", None, T + 10 * MS, 10 * MS, it=1),
+        tick(0, T + 20 * MS, 2),
         # worker: 10 ms sampling, of which 2 ms acting-time messages
-        span(1, "sample/comm/messages", "sample", 0, 2 * MS),
-        span(1, "sample", None, 0, 10 * MS),
-        span(1, "sync/wait", None, 10 * MS, 10 * MS),
-        tick(1, 10 * MS, 1),
-        span(0, "sync/gather", None, 20 * MS, 10 * MS),
-        tick(0, 40 * MS, 2),
+        span(1, "sample/comm/messages", "sample", T, 2 * MS, it=1),
+        span(1, "sample", None, T, 10 * MS, it=1),
+        span(1, "sync/wait", None, T + 10 * MS, 10 * MS, it=1),
+        tick(1, T + 10 * MS, 2),
+        span(0, "sync/gather", None, T + 20 * MS, 10 * MS, it=2),
+        tick(0, T + 40 * MS, 3),
     ))
     s = m.snapshot()
     assert s.process_s == pytest.approx(0.050)
@@ -48,14 +55,35 @@ def test_shares_comm_and_ips():
     # Nested communication is counted once: 4 ms (update) + 2 ms (sample) of 20 ms execution.
     assert s.comm_share == pytest.approx(6 / 20)
     assert s.comm_share_update == pytest.approx(4 / 10)
-    assert s.iterations == 2 and s.wall_s == pytest.approx(0.040) and s.ips == pytest.approx(50.0)
+    # Start-up is the first iteration, from the run's start; IPS and latencies are the rest.
+    assert s.iterations == 3 and s.startup_s == pytest.approx(0.110) and s.wall_s == pytest.approx(0.150)
+    assert s.steady_s == pytest.approx(0.040) and s.ips == pytest.approx(50.0)
+    assert s.iteration_ms == pytest.approx({"p50": 20.0, "p95": 20.0, "p99": 20.0})
     by_name = {p.name: p for p in s.phases}
     assert by_name["update/comm/gnn"].share == pytest.approx(4 / 50) and by_name["update/comm/gnn"].comm
     assert by_name["sync/gather"].count == 2
+    assert {p.role: p.ips for p in s.procs} == pytest.approx({"main": 50.0, "worker 1": 1 / 0.020})
+
+
+def test_startup_is_apart_until_then_shown_and_kept_for_a_process_that_never_ticks():
+    m = Metrics()
+    m.add(rows(span(0, "sync/gather", None, 0, 50 * MS, it=0), span(2, "other/helper", None, 0, 5 * MS, it=0)))
+    s = m.snapshot()
+    # Before the first iteration ends there is only start-up to show, so it is shown.
+    assert s.startup_s is None and s.ips == 0.0 and s.ips_now == 0.0 and s.iterations == 0
+    assert {p.name for p in s.phases} == {"sync/gather", "other/helper"}
+    m.add(rows(tick(0, 60 * MS, 1), span(0, "update", None, 60 * MS, 10 * MS, it=1), tick(0, 80 * MS, 2)))
+    s = m.snapshot()
+    # Once it ends, the learner's first iteration is start-up; the helper never ticks, so its
+    # spans are all it has and they count.
+    assert s.startup_s == pytest.approx(0.060) and s.ips == pytest.approx(50.0)
+    assert {p.name: p.total_s for p in s.phases} == pytest.approx({"update": 0.010, "other/helper": 0.005})
+    assert s.to_json()["startup_s"] == pytest.approx(0.060)
 
 
 def test_feeding_in_pieces_gives_the_same_snapshot_as_at_once():
-    recs = [span(0, "update", None, i * MS, (i % 7 + 1) * MS) for i in range(100)] + [tick(0, 200 * MS, 1)]
+    recs = [tick(0, 0, 1)] + [span(0, "update", None, i * MS, (i % 7 + 1) * MS, it=1) for i in range(100)] \
+        + [tick(0, 200 * MS, 2)]
     whole = Metrics().add_all([rows(*recs)]).snapshot()
     parts = Metrics().add_all([rows(*recs[i:i + 13]) for i in range(0, len(recs), 13)]).snapshot()
     assert whole.phases == parts.phases and whole.ips == parts.ips
@@ -107,7 +135,7 @@ def test_warmup_progress_from_its_gauges():
     assert "warming up 400/600 transitions when the recording ends" in summary_text(s)
     # The last report (done >= needed) ends it, at that report's time; later batches keep it over.
     m.add(rows(gauge(0, done, 5 * MS, 600), gauge(0, needed, 5 * MS, 600), tick(0, 6 * MS, 3)))
-    m.add(rows(span(0, "update/comm/x", "update", 6 * MS, MS), span(0, "update", None, 6 * MS, 2 * MS),
+    m.add(rows(span(0, "update/comm/x", "update", 6 * MS, MS, it=3), span(0, "update", None, 6 * MS, 2 * MS, it=3),
                tick(0, 8 * MS, 4)))
     s = m.snapshot()
     assert not s.warmup.active and s.warmup.ended_s == pytest.approx(0.005)
@@ -117,3 +145,16 @@ def test_warmup_progress_from_its_gauges():
     held = m.snapshot()
     m.add(rows(gauge(0, done, 9 * MS, 1), gauge(0, needed, 9 * MS, 600)))
     assert held.warmup.done == 600 and m.snapshot().warmup.done == 1
+
+
+@pytest.mark.parametrize("name", ["maddpg-3agents-2workers.arrow", "sweep-tom2c/tom2c-a8-w2.arrow",
+                                  "sweep-neurcomm/neurcomm-a8-w1.arrow"])
+def test_summary_fits_80_columns(name):
+    from marlwatch.metrics import summarize
+    from marlwatch.recording import open_recording
+    from marlwatch.report import summary_text
+    from tests.conftest import REPO
+
+    text = summary_text(summarize(open_recording(REPO / "recordings" / name)), "run.arrow", "complete")
+    assert max(len(line) for line in text.splitlines()) <= 80, text
+    assert "start-up" in text and "after the first" in text

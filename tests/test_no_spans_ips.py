@@ -23,7 +23,7 @@ def _span(t_s: float, dur_s: float) -> pa.RecordBatch:
 
 
 @pytest.mark.parametrize("spans", [True, False])
-def test_wall_time_starts_when_the_processes_are_ready_not_at_spawn(spans):
+def test_start_up_is_apart_and_ips_the_same_with_or_without_spans(spans):
     # Processes take 5 s to start (imports); then 10 iterations, one a second.
     info = RunInfo("maddpg", "simple_spread", 3, 1, 0, 10, spans=spans, procs={"0": "learner"})
     m = Metrics(info)
@@ -32,5 +32,8 @@ def test_wall_time_starts_when_the_processes_are_ready_not_at_spawn(spans):
         m.add(_span(5.0, 0.5))
     m.add(_iters([5.0 + k for k in range(1, 11)]))
     snap = m.snapshot()
-    assert snap.wall_s == pytest.approx(10.0) and snap.ips == pytest.approx(1.0)
-    assert m.iteration_latencies_ns()[0] == pytest.approx(S)
+    # The first iteration ends 6 s after the run started: that is start-up; the other nine took 9 s.
+    assert snap.startup_s == pytest.approx(6.0) and snap.wall_s == pytest.approx(15.0)
+    assert snap.steady_s == pytest.approx(9.0) and snap.ips == pytest.approx(1.0)
+    assert len(m.iteration_latencies_ns()) == 9 and m.iteration_latencies_ns() == pytest.approx([S] * 9)
+    assert snap.iteration_ms["p99"] == pytest.approx(1000.0)

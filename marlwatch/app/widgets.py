@@ -116,9 +116,13 @@ class ThroughputPanel(Vertical):
             return
         total = s.info.iterations if s.info and s.info.iterations else None
         line1 = Text(no_wrap=True, overflow="ellipsis")
-        line1.append(f"{s.ips_now:.2f}", style="bold green")
-        line1.append(" IPS now  ")
-        line1.append(f"mean {s.ips:.2f}", style="bold")
+        if s.startup_s is None:
+            # No iteration has ended: a rate of zero would read as a measurement.
+            line1.append(f"starting up… {s.t_s:.0f} s", style="bold yellow")
+        else:
+            line1.append(f"{s.ips_now:.2f}", style="bold green")
+            line1.append(" IPS now  ")
+            line1.append(f"mean {s.ips:.2f}", style="bold")
         line2 = Text(no_wrap=True, overflow="ellipsis")
         line2.append(f"it {s.iterations}" + (f"/{total}" if total else ""), style="bold")
         if not math.isnan(s.iteration_ms["p50"]):
@@ -131,7 +135,8 @@ class ThroughputPanel(Vertical):
             line1.append(f" IPS{met}")
         self.query_one("#ips", Static).update(Group(line1, line2))
         self.query_one(HistoryPlot).history = s.ips_history
-        self.border_subtitle = f"{len(s.ips_history)} s history"
+        startup = f"start-up {s.startup_s:.1f} s · " if s.startup_s is not None else ""
+        self.border_subtitle = f"{startup}{len(s.ips_history)} s history"
 
 
 class TimePanel(Static):
