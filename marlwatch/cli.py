@@ -361,8 +361,19 @@ def open_or_fail(path: str):
         raise UsageError(str(e)) from None
 
 
+def warn_skipped(rec, also: str | None = None) -> None:
+    """The one warning line about `rec`: `also` (another thing to say about the file, such as
+    "is truncated: ..."), then what the reader left out of it (rows, batches, metadata)."""
+    line = f"{rec.path} {also}" if also else f"{rec.path}:"
+    if rec.skipped:
+        line += ("; " if also else " ") + rec.skipped.describe() + "; the figures leave them out"
+    if also or rec.skipped:
+        say(line, warning=True)
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from marlwatch.metrics import summarize
+    from marlwatch.recording import RecordingError
     from marlwatch.report import summary_text
 
     rec = open_or_fail(args.file)
@@ -370,6 +381,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
         rec.info.extra["latency_bound_ms"] = args.latency_bound
     try:
         snap = summarize(rec)
+    except RecordingError as e:  # nothing valid in it
+        raise UsageError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - a damaged file must give one line, not a traceback
         raise UsageError(f"{args.file}: damaged recording ({type(e).__name__}: {e})") from None
     if args.json:
@@ -378,13 +391,13 @@ def cmd_summary(args: argparse.Namespace) -> int:
         print(json.dumps(finite(out), indent=2, default=str, allow_nan=False))
     else:
         print(summary_text(snap, args.file, rec.status))
+    truncated = None
     if not rec.complete and rec.batches_read == 0 and not rec.truncated_mid_batch:
-        say(f"{args.file} is truncated: it holds the run's settings but no rows "
-            "(the monitor stopped before its first write)", warning=True)
+        truncated = "is truncated: it holds the run's settings but no rows (the monitor stopped before its first write)"
     elif not rec.complete:
         lost = " (the last batch was cut mid-write and is lost)" if rec.truncated_mid_batch else ""
-        say(f"{args.file} is truncated: no end-of-run marker{lost}; read {rec.batches_read} complete batches",
-            warning=True)
+        truncated = f"is truncated: no end-of-run marker{lost}; read {rec.batches_read} complete batches"
+    warn_skipped(rec, truncated)
     return EXIT_OK
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from marlwatch.metrics import IterationTable, Snapshot, read_iterations
 from marlwatch.report import plural
 from marlwatch.terminal import finite, printable
+from marlwatch.validate import MAX_BOOTSTRAP_DRAWS, MAX_RESAMPLES, BoundExceeded
 
 EXIT_OK, EXIT_SLOWER, EXIT_USAGE = 0, 1, 2
 RESAMPLES = 2000
@@ -73,18 +74,28 @@ class BlockBootstrap:
 
     A replicate of a series' total is the sum of its window sums at the drawn block starts;
     with prefix sums each window costs two look-ups, so memory is resamples x blocks
-    (about resamples x n^(2/3)), never resamples x n.
+    (about resamples x n^(2/3)), never resamples x n; it is bounded (MAX_BOOTSTRAP_DRAWS).
     """
+
+    CHUNK = 1 << 20  # block starts looked up at once: bounds the temporaries of sums()
 
     def __init__(self, n: int, resamples: int, rng: np.random.Generator) -> None:
         self.n = n
         self.block = max(1, round(n ** (1 / 3)))
-        blocks = math.ceil(n / self.block) if n else 0
-        self.starts = rng.integers(0, max(n, 1), size=(resamples, blocks))
+        blocks = self.blocks(n)
+        if resamples * blocks > MAX_BOOTSTRAP_DRAWS:
+            raise BoundExceeded(f"--resamples {resamples:,} over {n:,} iterations draws {resamples * blocks:,} "
+                                f"blocks, more than the bound of {MAX_BOOTSTRAP_DRAWS:,}; use --resamples "
+                                f"{max(1, MAX_BOOTSTRAP_DRAWS // max(1, blocks)):,} or fewer")
+        self.starts = rng.integers(0, max(n, 1), size=(resamples, blocks), dtype=np.int32 if n < 2**31 else np.int64)
         # Every block is `block` long but the last, which makes the replicate n iterations in all.
         self.lengths = np.full(blocks, self.block)
         if blocks:
             self.lengths[-1] = n - (blocks - 1) * self.block
+
+    @staticmethod
+    def blocks(n: int) -> int:
+        return math.ceil(n / max(1, round(n ** (1 / 3)))) if n else 0
 
     def sums(self, x: np.ndarray) -> np.ndarray:
         """The bootstrap replicates of `x.sum()` (one per resample)."""
@@ -92,7 +103,12 @@ class BlockBootstrap:
             return np.zeros(len(self.starts))
         wrapped = np.concatenate([x, x[: self.block]])
         prefix = np.concatenate([[0.0], np.cumsum(wrapped, dtype=np.float64)])
-        return (prefix[self.starts + self.lengths] - prefix[self.starts]).sum(axis=1)
+        out = np.empty(len(self.starts))
+        step = max(1, self.CHUNK // max(1, self.starts.shape[1]))
+        for i in range(0, len(self.starts), step):
+            s = self.starts[i: i + step]
+            out[i: i + step] = (prefix[s + self.lengths] - prefix[s]).sum(axis=1)
+        return out
 
 
 def _interval(samples: np.ndarray) -> tuple[float, float]:
@@ -136,13 +152,19 @@ def _verdict(lo: float, hi: float, up: str, down: str, relative_pct: float = mat
 def compare(a_path: str, b_path: str, *, resamples: int = RESAMPLES, seed: int = 0, skip: int = 0,
             min_change: float = MIN_CHANGE_PCT) -> Diff:
     """Compare two recordings; raises UsageError for unreadable or empty ones."""
-    from marlwatch.cli import UsageError, open_or_fail
+    from marlwatch.cli import UsageError, open_or_fail, warn_skipped
+    from marlwatch.recording import RecordingError
 
     sides: list[tuple[Snapshot, IterationTable]] = []
+    recs = []
     for path in (a_path, b_path):
         rec = open_or_fail(path)
         try:
             snap, table = read_iterations(rec)
+        except BoundExceeded as e:
+            raise UsageError(f"{path}: {e}") from None
+        except RecordingError as e:  # nothing valid in it
+            raise UsageError(str(e)) from None
         except Exception as e:  # noqa: BLE001 - a damaged file must give one line, not a traceback
             raise UsageError(f"{path}: damaged recording ({type(e).__name__}: {e})") from None
         if snap.iterations == 0:
@@ -152,9 +174,15 @@ def compare(a_path: str, b_path: str, *, resamples: int = RESAMPLES, seed: int =
             raise UsageError(f"{path}: only {snap.iterations} complete iterations, too few to compare "
                              f"(the first is start-up{skipped})")
         sides.append((snap, table.after(skip)))
+        recs.append(rec)
+    for rec in recs:  # once both are known to be comparable: an error stays the only line
+        warn_skipped(rec)
     (sa, ta), (sb, tb) = sides
     rng = np.random.default_rng(seed)
-    A, B = _Side(ta, rng, resamples), _Side(tb, rng, resamples)
+    try:
+        A, B = _Side(ta, rng, resamples), _Side(tb, rng, resamples)
+    except BoundExceeded as e:
+        raise UsageError(str(e)) from None
     na, nb = ta.iterations, tb.iterations
     rows: list[Row] = []
 
@@ -293,8 +321,8 @@ def cli(args: argparse.Namespace) -> int:
 
     if args.fail_if_slower is not None and not args.fail_if_slower >= 0:
         raise UsageError(f"--fail-if-slower takes a percentage >= 0, got {args.fail_if_slower}")
-    if args.resamples < 100:
-        raise UsageError(f"--resamples must be at least 100, got {args.resamples}")
+    if not 100 <= args.resamples <= MAX_RESAMPLES:
+        raise UsageError(f"--resamples must be between 100 and {MAX_RESAMPLES:,}, got {args.resamples}")
     if args.skip < 0:
         raise UsageError(f"--skip must be >= 0, got {args.skip}")
     if not args.min_change >= 0:

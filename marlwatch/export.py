@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 
 from marlwatch.metrics import Metrics, is_comm, top_of
 from marlwatch.outputs import OutputError, atomic_output
-from marlwatch.recording import CORE, COUNTER, EVENT, PROC, SPAN, STACK, Recording
+from marlwatch.recording import CORE, COUNTER, EVENT, PROC, SPAN, STACK, Recording, RecordingError
 from marlwatch.terminal import say
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -62,7 +62,7 @@ class PerfettoWriter:
         self.pending: dict[int, list[tuple[int, int, str]]] = {}
         self.span_heads: dict[str | None, str] = {}
         self.last_stack: dict[int, dict[str, Any]] = {}
-        self.metrics = Metrics(rec.info)
+        self.metrics = Metrics(rec.info, rec.skipped)
         self.last_ips_t: int | None = None
         self.events = 0
         out.write('{"displayTimeUnit": "ms", "otherData": ')
@@ -265,7 +265,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli(args: argparse.Namespace) -> int:
 
-    from marlwatch.cli import UsageError, open_or_fail
+    from marlwatch.cli import UsageError, open_or_fail, warn_skipped
 
     rec = open_or_fail(args.file)
     out = Path(args.out)
@@ -296,9 +296,13 @@ def cli(args: argparse.Namespace) -> int:
         _remove_dir(out, created_dir)
         say(f"export to {out} failed: {e.strerror or e}")
         return EXIT_FAILED
+    except RecordingError as e:  # nothing valid in it
+        _remove_dir(out, created_dir)
+        raise UsageError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - a damaged file must give one line, not a traceback (as summary)
         _remove_dir(out, created_dir)
         raise UsageError(f"{args.file}: damaged recording ({type(e).__name__}: {e})") from None
+    warn_skipped(rec)
     status = "" if rec.complete else f" (recording {rec.status}: exported what it holds)"
     say(f"wrote {out}: {what}{status}")
     return EXIT_OK

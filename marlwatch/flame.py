@@ -48,7 +48,7 @@ from marlwatch.collector import event_row
 from marlwatch.metrics import Metrics, Warmup, function_name, with_warmup_gauge
 from marlwatch.outputs import write_text
 from marlwatch.phase_activity import REAL_WORK_SHARE, WINDOW_S, PhaseActivity, Share, top_segment
-from marlwatch.recording import COUNTER, EVENT, ITER, SCHEMA, SPAN, STACK, Recording
+from marlwatch.recording import COUNTER, EVENT, ITER, SCHEMA, SPAN, STACK, Recording, RecordingError
 from marlwatch.report import warming_up
 from marlwatch.terminal import printable, say
 
@@ -974,7 +974,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli(args: argparse.Namespace) -> int:
-    from marlwatch.cli import UsageError, open_or_fail
+    from marlwatch.cli import UsageError, open_or_fail, warn_skipped
 
     rec = open_or_fail(args.file)
     phase = args.phase.strip().strip("/")
@@ -984,6 +984,8 @@ def cli(args: argparse.Namespace) -> int:
         raise UsageError(f"--top must be at least 1, got {args.top}")
     try:
         read = read_stacks(rec, phase)
+    except RecordingError as e:  # nothing valid in it
+        raise UsageError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - a damaged file must give one line, not a traceback (as summary)
         raise UsageError(f"{args.file}: damaged recording ({type(e).__name__}: {e})") from None
     if not read.stacks:
@@ -998,12 +1000,14 @@ def cli(args: argparse.Namespace) -> int:
         text = flame_svg(stacks, f"marlwatch: {phase} ({rec.info.algo}, {rec.info.agents} agents)")
     if args.out is None:
         print(text)
+        warn_skipped(rec)
         return 0
     try:
         write_text(args.out, text + "\n", inputs=(rec.path,))
     except OSError as e:
         raise UsageError(f"cannot write {args.out}: {e.strerror or e}") from None
     say(f"wrote {args.out} ({sum(stacks.values())} samples of '{phase}')")
+    warn_skipped(rec)
     return 0
 
 

@@ -19,7 +19,29 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from marlwatch.recording import CORE, COUNTER, END, EVENT, ITER, PROC, SPAN, STACK, Recording, RunInfo
+from marlwatch.recording import (
+    CORE,
+    COUNTER,
+    END,
+    EVENT,
+    ITER,
+    PROC,
+    SPAN,
+    STACK,
+    Recording,
+    RunInfo,
+    kind_codes,
+)
+from marlwatch.validate import (
+    MAX_COUNTERS,
+    MAX_FUNCTIONS,
+    MAX_PHASES,
+    PAST_COUNTERS,
+    PAST_FUNCTIONS,
+    PAST_PHASES,
+    NameBound,
+    Skipped,
+)
 from marlwatch.wire import parse_warmup_gauge
 
 TOP_LEVEL = ("sample", "update", "sync")
@@ -266,10 +288,16 @@ class _Totals:
         n_parents = len(parents) + 1
         key = codes * n_parents + parent_codes
         size = len(names) * n_parents
-        counts = np.bincount(key, minlength=size)
-        # float64 sums are exact while a batch's total stays under 2^53 ns (104 days)
-        totals = np.bincount(key, weights=dur, minlength=size)
-        for k in np.flatnonzero(counts):
+        if size <= 1 << 20:
+            counts = np.bincount(key, minlength=size)
+            # float64 sums are exact while a batch's total stays under 2^53 ns (104 days)
+            totals = np.bincount(key, weights=dur, minlength=size)
+            present = np.flatnonzero(counts)
+        else:  # many names and parents: a table of every pair would take gigabytes, sort instead
+            present, inverse = np.unique(key, return_inverse=True)
+            counts = dict(zip(present.tolist(), np.bincount(inverse).tolist(), strict=True))
+            totals = dict(zip(present.tolist(), np.bincount(inverse, weights=dur).tolist(), strict=True))
+        for k in present.tolist():
             name = names[k // n_parents]
             j = k % n_parents
             parent = parents[j] if j < len(parents) else None
@@ -303,8 +331,16 @@ class _Totals:
 
 
 class Metrics:
-    def __init__(self, info: RunInfo | None = None) -> None:
+    """Every figure, fed batch by batch. What allocates per name is bounded (marlwatch/validate.py):
+    phases past MAX_PHASES names, counters past MAX_COUNTERS and sampled functions past
+    MAX_FUNCTIONS are left out, and counted in `skipped` (the reader's, when reading a file, so
+    that one warning says all)."""
+
+    def __init__(self, info: RunInfo | None = None, skipped: Skipped | None = None) -> None:
         self.info = info
+        self.skipped = skipped if skipped is not None else Skipped()
+        self.phase_names = NameBound(MAX_PHASES)
+        self.functions = 0  # distinct (phase, function) pairs in self.stacks
         # Spans of a process's first iteration (its recorded `iter` is 0) are start-up: they go to
         # `startup` (per process slot) and count in the figures only for a process that never
         # ends an iteration (a helper that does not tick), so its time is not lost.
@@ -345,11 +381,10 @@ class Metrics:
         tmax = pc.max(t).as_py()
         if tmax is not None:
             self.t_ns = max(self.t_ns, tmax)
-        # One hash pass over `kind`, then integer masks: a string compare per kind costs more.
-        enc = pc.dictionary_encode(batch.column("kind"))
-        kinds = enc.dictionary.to_pylist()
-        codes = None if len(kinds) == 1 and enc.indices.null_count == 0 else \
-            enc.indices.to_numpy(zero_copy_only=False)
+        # One hash pass over `kind` (shared with the reader's checks), then integer masks: a
+        # string compare per kind costs more.
+        kinds, codes_all = kind_codes(batch)
+        codes = None if len(kinds) == 1 and batch.column("kind").null_count == 0 else codes_all
 
         def rows(k: str, columns: list[str]) -> pa.RecordBatch:
             # Only the columns a kind uses are filtered (copied): most of a batch is spans.
@@ -390,6 +425,9 @@ class Metrics:
             ok &= pc.is_valid(dur).to_numpy(zero_copy_only=False)
             dur = pc.fill_null(dur, 0)
         dur = dur.to_numpy(zero_copy_only=False)
+        names, codes = self._bounded(names, codes, ok)
+        if not names:
+            return
         # A span without an iteration (a damaged file) counts as steady state.
         first = (pc.fill_null(b.column("iter"), -1).to_numpy(zero_copy_only=False) == 0) & ok
         steady = ok & ~first
@@ -403,6 +441,25 @@ class Metrics:
                 sel = first & (procs == slot)
                 self.startup.setdefault(int(slot), _Totals()).add(names, parents, codes[sel], parent_codes[sel],
                                                                    dur[sel])
+
+    def _bounded(self, names: list[str], codes: np.ndarray, ok: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """The names the span rows (where `ok`) use, as many as the phase bound allows, and the
+        rows' codes into that list (rows of other names are taken out of `ok` and counted).
+
+        The batch's dictionary also holds other rows' names (counters, events), and a hostile
+        batch can hold tens of thousands: the tables of _Totals.add are sized by this list."""
+        present = np.flatnonzero(np.bincount(codes[ok], minlength=len(names)))
+        admitted = np.asarray(self.phase_names.admit([names[k] for k in present]), bool)
+        if not admitted.all():
+            allowed = np.zeros(len(names), bool)
+            allowed[present[admitted]] = True
+            refused = ok & ~allowed[codes]
+            self.skipped.rows[PAST_PHASES] += int(refused.sum())
+            ok &= ~refused
+            present = present[admitted]
+        compact = np.zeros(len(names), np.int64)
+        compact[present] = np.arange(len(present))
+        return [names[k] for k in present], compact[codes]
 
     def _iters(self, b: pa.RecordBatch) -> None:
         procs = b.column("proc").to_numpy(zero_copy_only=False)
@@ -459,6 +516,9 @@ class Metrics:
     def _counters(self, b: pa.RecordBatch) -> None:
         for name, t, value in zip(b.column("name").to_pylist(), b.column("t_ns").to_pylist(),
                                   b.column("value").to_pylist(), strict=True):
+            if name not in self.counters and len(self.counters) >= MAX_COUNTERS:
+                self.skipped.rows[PAST_COUNTERS] += 1
+                continue
             if name == "episodes":
                 self.counters[name] = self.counters.get(name, 0.0) + value
             else:
@@ -472,8 +532,16 @@ class Metrics:
                                       b.column("value").to_pylist(), strict=True):
             if name is None or not stack:
                 continue
+            if not self.phase_names.admit([name])[0]:
+                self.skipped.rows[PAST_PHASES] += 1
+                continue
             funcs = self.stacks.setdefault(name, {})
             leaf = function_name(stack.rsplit(";", 1)[-1])
+            if leaf not in funcs:
+                if self.functions >= MAX_FUNCTIONS:
+                    self.skipped.rows[PAST_FUNCTIONS] += 1
+                    continue
+                self.functions += 1
             funcs[leaf] = funcs.get(leaf, 0) + int(count or 0)
 
     def _events(self, b: pa.RecordBatch) -> None:
@@ -619,7 +687,7 @@ class Metrics:
 
 def summarize(rec: Recording) -> Snapshot:
     """Read a whole recording (batch by batch) into one Snapshot."""
-    m = Metrics(rec.info)
+    m = Metrics(rec.info, rec.skipped)
     m.add_all(rec.batches())
     return m.snapshot()
 
@@ -666,11 +734,21 @@ class IterationTable:
 
 
 class IterationAccumulator:
-    """Streams span rows into per-(phase, iteration) sums; memory ~ phases x iterations."""
+    """Streams span rows into per-(phase, iteration) sums; memory ~ phases x iterations.
+
+    A span's parent matters only as "none" (top level), "communication" or "other" (the rules
+    of Metrics._spans), so series are kept per phase and parent class, not per parent."""
+
+    TOP, COMM, OTHER = 0, 1, 2
 
     def __init__(self) -> None:
         self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self._names: dict[tuple[str, str | None], int] = {}
+        self._names: dict[tuple[str, int], int] = {}
+        self.phase_names = NameBound(MAX_PHASES)  # as Metrics (which counts what is left out)
+
+    @classmethod
+    def parent_class(cls, parent: str | None) -> int:
+        return cls.TOP if parent is None else (cls.COMM if is_comm(parent) else cls.OTHER)
 
     def add(self, batch: pa.RecordBatch) -> None:
         if batch.num_rows == 0:
@@ -681,17 +759,26 @@ class IterationAccumulator:
         table = pa.table({"name": spans.column("name"), "parent": spans.column("parent"),
                           "iter": spans.column("iter"), "dur_ns": spans.column("dur_ns")})
         g = table.group_by(["name", "parent", "iter"]).aggregate([("dur_ns", "sum")])
-        keys = [self._names.setdefault(k, len(self._names))
-                for k in zip(g.column("name").to_pylist(), g.column("parent").to_pylist(), strict=True)]
+        names = g.column("name").to_pylist()
+        distinct = sorted(set(names), key=lambda s: (s is None, s or ""))
+        kept = dict(zip(distinct, self.phase_names.admit(distinct), strict=True))
+        keys = [self._names.setdefault((name, self.parent_class(parent)), len(self._names)) if kept[name] else -1
+                for name, parent in zip(names, g.column("parent").to_pylist(), strict=True)]
         self._parts.append((np.asarray(keys, np.int64), g.column("iter").to_numpy(zero_copy_only=False),
                             g.column("dur_ns_sum").to_numpy(zero_copy_only=False)))
 
     def table(self, latencies_ns: np.ndarray) -> IterationTable:
-        """The table of the iterations after the first, given their latencies (one per row)."""
+        """The table of the iterations after the first, given their latencies (one per row); raises
+        BoundExceeded past MAX_DIFF_VALUES values (phase series x iterations)."""
+        from marlwatch.validate import MAX_DIFF_VALUES, BoundExceeded
+
         n = len(latencies_ns)
+        if len(self._names) * n > MAX_DIFF_VALUES:
+            raise BoundExceeded(f"{len(self._names):,} phase series x {n:,} iterations is more than the "
+                                f"{MAX_DIFF_VALUES:,} values a per-iteration table may hold")
         sums = np.zeros((len(self._names), n), np.float64)
         for keys, iters, durs in self._parts:
-            ok = iters >= 1 if n else np.zeros(len(iters), bool)  # iteration 0 is start-up
+            ok = (iters >= 1) & (keys >= 0) if n else np.zeros(len(iters), bool)  # iteration 0 is start-up
             rows = np.minimum(iters[ok].astype(np.int64), n) - 1  # after the last tick: the last row
             np.add.at(sums, (keys[ok], rows), durs[ok])
         phases: dict[str, np.ndarray] = {}
@@ -700,19 +787,24 @@ class IterationAccumulator:
         for (name, parent), k in self._names.items():
             if name is None:
                 continue
-            phases[name] = phases.get(name, np.zeros(n)) + sums[k]
-            if parent is None:
+            if parent == self.TOP:
                 top[top_of(name)] += sums[k]
-            if is_comm(name) and not is_comm(parent):  # the same rule as Metrics._spans
+            if is_comm(name) and parent != self.COMM:  # the same rule as Metrics._spans
                 comm += sums[k]
                 if top_of(name) == "update":
                     comm_update += sums[k]
+            # Row k is used up: the phase's series may be that row itself (no copy of the table),
+            # and later rows of the same phase are added into it.
+            if name in phases:
+                phases[name] += sums[k]
+            else:
+                phases[name] = sums[k]
         return IterationTable(n, latencies_ns.astype(np.float64), phases, top, comm, comm_update)
 
 
 def read_iterations(rec: Recording, latency_bound_ms: float | None = None) -> tuple[Snapshot, IterationTable]:
     """One pass over a recording: its Snapshot and its per-iteration table."""
-    m = Metrics(rec.info)
+    m = Metrics(rec.info, rec.skipped)
     if latency_bound_ms is not None:
         m.latency_bound_ms = latency_bound_ms
     acc = IterationAccumulator()

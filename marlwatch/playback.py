@@ -55,10 +55,13 @@ class Playback:
     """A playhead over one recording's rows, in time order."""
 
     def __init__(self, info: RunInfo | None,
-                 batches: Callable[[], Iterable[pa.RecordBatch]] | Iterable[pa.RecordBatch]) -> None:
+                 batches: Callable[[], Iterable[pa.RecordBatch]] | Iterable[pa.RecordBatch],
+                 source: Recording | None = None) -> None:
         """`batches`: a function that reads the recording's batches from the start (called once to
-        index them and again at every rewind), or the batches themselves (kept in memory)."""
+        index them and again at every rewind), or the batches themselves (kept in memory);
+        `source`: the recording they come from (what its reader skipped is counted there)."""
         self.info = info
+        self.source = source  # the file, when played from one
         if callable(batches):
             self._read: Callable[[], Iterable[pa.RecordBatch]] = batches
         else:
@@ -79,10 +82,10 @@ class Playback:
 
     @classmethod
     def from_recording(cls, rec: Recording) -> Playback:
-        return cls(rec.info, rec.batches)
+        return cls(rec.info, rec.batches, source=rec)
 
     def _rewind(self) -> None:
-        self.metrics = Metrics(self.info)
+        self.metrics = Metrics(self.info, self.source.skipped if self.source else None)
         self._reader: Iterator[pa.RecordBatch] = (b for b in self._read() if b.num_rows)
         self._next = 0  # index of the next batch to read from the file
         self._open: list[_OpenBatch] = []

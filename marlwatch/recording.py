@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from marlwatch.outputs import OutputError, OutputExists, new_file
 
@@ -47,6 +49,30 @@ SCHEMA = pa.schema(
 )
 COLUMNS = SCHEMA.names
 _WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
+
+
+def kind_codes(batch: pa.RecordBatch) -> tuple[list[str | None], np.ndarray]:
+    """The kinds in a batch and, per row, the index of its kind in that list (-1: null).
+
+    Hashing the `kind` strings is a good part of reading a file, and the reader's checks and
+    Metrics both need it for the same batch, one after the other: the last answer is kept, with
+    the column itself, and reused while it is asked about the same column. Arrow buffers never
+    change, and the kept column keeps its buffers alive, so the same buffer address, offset and
+    length mean the same rows."""
+    col = batch.column("kind")
+    key = (col.buffers()[1].address if col.buffers()[1] is not None else 0, col.offset, len(col))
+    last = _last_kinds[0]  # one tuple, replaced whole: safe from two threads
+    if last is not None and last[0] == key:
+        return last[2], last[3]
+    enc = pc.dictionary_encode(col)
+    kinds = enc.dictionary.to_pylist()
+    codes = (np.zeros(len(col), np.int32) if len(kinds) == 1 and enc.indices.null_count == 0
+             else pc.fill_null(enc.indices, -1).to_numpy(zero_copy_only=False))
+    _last_kinds[0] = (key, col, kinds, codes)
+    return kinds, codes
+
+
+_last_kinds: list[tuple | None] = [None]
 
 
 class RecordingError(Exception):
@@ -93,26 +119,10 @@ class RunInfo:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> RunInfo:
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise TypeError("not a JSON object")
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        # Readers index these without further checks; a damaged file must fail here, in one line.
-        for k, v in known.items():
-            want = _INFO_TYPES.get(k)
-            if want is not None and not isinstance(v, want):
-                raise TypeError(f"field {k!r} is {type(v).__name__}")
-        try:
-            return cls(**known)
-        except TypeError as e:  # a required field is missing
-            raise TypeError(str(e).replace("__init__() ", "")) from None
+        """The run info of a file's metadata, checked (ValueError when it is not usable)."""
+        from marlwatch.validate import read_info
 
-
-_INFO_TYPES: dict[str, type | tuple[type, ...]] = {
-    "algo": str, "env": str, "agents": int, "workers": int, "seed": int, "iterations": (int, type(None)),
-    "spans": bool, "host": str, "cores": int, "start_unix": (int, float), "versions": dict, "pinning": dict,
-    "procs": dict, "extra": dict, "format_version": int,
-}
+        return read_info(text)[0]
 
 
 def empty_columns() -> dict[str, list]:
@@ -234,7 +244,11 @@ class RecordingWriter:
 
 @dataclass
 class Recording:
-    """A recording opened for reading: its run info and a way to stream its batches."""
+    """A recording opened for reading: its run info and a way to stream its batches.
+
+    The reader is the boundary where a file's contents are checked (marlwatch/validate.py):
+    every batch it yields holds exactly SCHEMA's columns and only rows that hold what their kind
+    needs; `skipped` says what it left out (for one warning, `warning()`)."""
 
     path: Path
     info: RunInfo
@@ -242,17 +256,27 @@ class Recording:
     complete: bool | None = None  # known once the batches were read to the end
     truncated_mid_batch: bool = False
     batches_read: int = 0
+    columns: list[int] | None = None  # where SCHEMA's columns are in the file, when it has others too
+    # validate.Skipped: what the last pass over the batches left out (rows, batches, metadata
+    # entries, and what a Metrics given it left out past its bounds)
+    skipped: Any = None
 
     def batches(self) -> Iterator[pa.RecordBatch]:
-        """Every complete batch in the file, in order; sets `complete` at the end."""
+        """Every complete batch in the file, in order, checked; sets `complete` at the end.
+        Raises RecordingError when the file holds rows but none of them is valid."""
+        from marlwatch.validate import BatchChecker
+
+        self.skipped.reset()
+        checker = BatchChecker(self.skipped)
         self.complete = False
         self.truncated_mid_batch = False
         self.batches_read = 0
+        rows = 0
         with open(self.path, "rb") as f:
             reader = pa.ipc.open_stream(f)
             while True:
                 try:
-                    batch = reader.read_next_batch()
+                    batch, custom = reader.read_next_batch_with_custom_metadata()
                     # The IPC reader checks framing, not contents: a damaged batch (a flipped bit
                     # in an offset buffer) reads "fine" and then crashes Arrow compute kernels with
                     # a segfault. Full validation makes it a damaged batch, like a cut one.
@@ -265,12 +289,25 @@ class Recording:
                 if batch.num_rows == 0:
                     continue  # the writer's first batch, which only puts the schema on disk
                 self.batches_read += 1
+                rows += batch.num_rows
+                if self.columns is not None:
+                    batch = pa.RecordBatch.from_arrays(batch.select(self.columns).columns, schema=self.schema)
+                checked = checker.check(batch, custom)
+                if checked is None:
+                    continue
                 if batch.column("kind")[batch.num_rows - 1].as_py() == END:
                     self.complete = True
-                yield batch
+                if checked.num_rows:
+                    yield checked
+        if rows and not checker.valid_rows:
+            raise RecordingError(f"{self.path}: nothing valid to read: {checker.skipped.describe()}")
 
     def read_all(self) -> pa.Table:
         return pa.Table.from_batches(list(self.batches()), schema=self.schema)
+
+    def warning(self) -> str | None:
+        """One line on what the last pass over the batches left out, or None when nothing."""
+        return f"{self.path}: {self.skipped.describe()}" if self.skipped else None
 
     @property
     def status(self) -> str:
@@ -325,11 +362,35 @@ def open_recording(path: str | os.PathLike) -> Recording:
     meta = schema.metadata or {}
     if METADATA_KEY not in meta:
         raise RecordingError(f"{p}: an Arrow stream, but not a marlwatch recording (no run metadata)")
-    if not set(COLUMNS) <= set(schema.names) or any(
-            schema.field(f.name).type != f.type for f in SCHEMA if schema.get_field_index(f.name) >= 0):
+    where = _our_columns(schema)
+    if where is None:
         raise RecordingError(f"{p}: a marlwatch recording with unexpected columns")
+    from marlwatch.validate import Skipped, read_info
+
     try:
-        info = RunInfo.from_json(meta[METADATA_KEY])
+        info, dropped = read_info(meta[METADATA_KEY])
     except (ValueError, TypeError) as e:
         raise RecordingError(f"{p}: run metadata is damaged ({e})") from None
-    return Recording(p, info, schema)
+    ours = SCHEMA.with_metadata({METADATA_KEY: meta[METADATA_KEY]})
+    exact = schema.remove_metadata().equals(SCHEMA)  # else batches are rebuilt with SCHEMA's columns
+    return Recording(p, info, ours, columns=None if exact else where, skipped=Skipped(metadata=dropped))
+
+
+def _our_columns(schema: pa.Schema) -> list[int] | None:
+    """Where each of SCHEMA's columns is in a file's schema, or None when one is missing, has
+    another type or appears twice. Columns of other names are left alone (even one whose name
+    is not UTF-8, which pyarrow cannot turn into a str)."""
+    where: dict[str, list[int]] = {}
+    for i in range(len(schema)):
+        try:
+            name = schema.field(i).name
+        except UnicodeDecodeError:
+            continue
+        where.setdefault(name, []).append(i)
+    out = []
+    for f in SCHEMA:
+        found = where.get(f.name, [])
+        if len(found) != 1 or schema.field(found[0]).type != f.type:
+            return None
+        out.append(found[0])
+    return out

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from marlwatch.outputs import atomic_output
-from marlwatch.recording import _WRITE_OPTIONS, EVENT, RecordingError, open_recording
+from marlwatch.recording import _WRITE_OPTIONS, BATCH_SEQ_KEY, EVENT, RecordingError, open_recording
 from marlwatch.terminal import printable, say
 
 __all__ = ["add_arguments", "cli", "repair"]
@@ -38,16 +38,20 @@ def default_output(path: Path) -> Path:
 def repair(src: str | os.PathLike, dst: str | os.PathLike) -> dict:
     """Copy every complete batch of `src` to `dst` (with `atomic_output`), plus a `repaired` note row.
 
-    Returns what was kept; raises RecordingError when `src` is not a readable recording and
-    OutputError when `dst` cannot be written or is `src`."""
+    The batches are the reader's (marlwatch/validate.py): what it skips as invalid is left out,
+    and the batches are numbered afresh. Returns what was kept (`skipped`: what was left out, or
+    None); raises RecordingError when `src` is not a readable recording and OutputError when
+    `dst` cannot be written or is `src`."""
     rec = open_recording(src)
     dst = Path(dst)
     rows = spans = 0
     last_t = 0
     with atomic_output(dst, binary=True, inputs=(rec.path,)) as f, \
             pa.ipc.new_stream(f, rec.schema, options=_WRITE_OPTIONS) as w:
+        written = 0
         for b in rec.batches():
-            w.write_batch(b)
+            w.write_batch(b, custom_metadata={BATCH_SEQ_KEY: str(written)})
+            written += 1
             rows += b.num_rows
             spans += pc.sum(pc.equal(b.column("kind"), "span")).as_py() or 0
             t = pc.max(b.column("t_ns")).as_py()
@@ -57,8 +61,8 @@ def repair(src: str | os.PathLike, dst: str | os.PathLike) -> dict:
         if not rec.complete:  # after an end marker nothing may follow; a complete file is just copied
             w.write_batch(pa.RecordBatch.from_pylist(
                 [{"kind": EVENT, "name": "repaired", "t_ns": last_t, "text": json.dumps(note)}],
-                schema=rec.schema))
-    return {**note, "spans": spans, "output": str(dst)}
+                schema=rec.schema), custom_metadata={BATCH_SEQ_KEY: str(written)})
+    return {**note, "spans": spans, "output": str(dst), "skipped": rec.skipped.describe() if rec.skipped else None}
 
 
 def cli(args: argparse.Namespace) -> int:
@@ -75,10 +79,15 @@ def cli(args: argparse.Namespace) -> int:
     except pa.ArrowException as e:
         raise UsageError(f"{src}: damaged recording ({e})") from None
     print(printable(f"{kept['output']}: {kept['batches']} complete batches, {kept['rows']:,} rows, {kept['spans']:,} spans"))
+    warning = []
     if kept["tail_lost"]:
-        say(f"{src} was cut mid-batch; the rows after its last complete batch are lost", warning=True)
-    elif kept["complete"]:
-        say(f"{src} was complete; nothing was lost")
+        warning.append("was cut mid-batch; the rows after its last complete batch are lost")
+    elif not kept["complete"]:
+        warning.append("has no end-of-run marker; the run's tail was never written")
+    if kept["skipped"]:
+        warning.append(kept["skipped"] + "; left out of the repaired file")
+    if warning:
+        say(f"{src} " + "; ".join(warning), warning=True)
     else:
-        say(f"{src} has no end-of-run marker; the run's tail was never written", warning=True)
+        say(f"{src} was complete; nothing was lost")
     return EXIT_OK

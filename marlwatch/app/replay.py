@@ -56,6 +56,10 @@ class ReplayApp(WatchApp):
     def on_mount(self) -> None:
         self.title = printable(f"marlwatch replay: {self.rec_path}")
         self.guarded(self.refresh_view)
+        warning = self.playback.source.warning() if self.playback.source else None
+        if warning:
+            self.notify(warning + "; the figures leave them out", title="skipped what is not valid",
+                        severity="warning", timeout=15)
         self.set_interval(1.0 / REFRESH_HZ, self.tick)
 
     def guarded(self, step: Callable[[], object]) -> None:
@@ -158,10 +162,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load(path: str) -> tuple[Playback, str, int]:
     """Open and read a recording for replay; bad files raise UsageError with one line."""
     from marlwatch.cli import UsageError, open_or_fail
+    from marlwatch.recording import RecordingError
 
     rec = open_or_fail(path)
     try:
         playback = Playback.from_recording(rec)
+    except RecordingError as e:  # nothing valid in it
+        raise UsageError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - a damaged file must give one line, not a traceback
         raise UsageError(f"{path}: damaged recording ({type(e).__name__}: {e})") from None
     if playback.rows == 0:
@@ -170,9 +177,14 @@ def load(path: str) -> tuple[Playback, str, int]:
 
 
 def cli(args: argparse.Namespace) -> int:
+    from marlwatch.cli import warn_skipped
+
     playback, status, size = load(args.file)
     app = ReplayApp(playback, args.file, size, status, at_s=args.at, play=not args.paused, speed=args.speed)
-    return run_app(app)
+    code = run_app(app)
+    if playback.source is not None:  # on the terminal again: the app showed it as a notice
+        warn_skipped(playback.source)
+    return code
 
 
 def run_app(app: ReplayApp, **run_kwargs: object) -> int:

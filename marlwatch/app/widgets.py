@@ -321,7 +321,7 @@ class CoresPanel(Static):
     def watch_snapshot(self, s: Snapshot | None) -> None:
         # Its height is `auto`: when the number of lines changes ("sampling…" -> one per core and
         # process) the layout must be redone, or the panel stays one line tall and hides cores.
-        lines = len(s.cores_now) + len(s.procs) if s is not None else 0
+        lines = len(s.cores_now) + min(len(s.procs), MAX_PROC_ROWS + 1) if s is not None else 0
         if lines != self._lines:
             self._lines = lines
             self.refresh(layout=True)
@@ -352,13 +352,15 @@ class CoresPanel(Static):
                 line = Text(no_wrap=True, overflow="ellipsis")
         if line.plain:
             lines.append(line)
-        for p in s.procs:
+        for p in s.procs[:MAX_PROC_ROWS]:
             row = Text(no_wrap=True, overflow="ellipsis")
             core = f"cpu{p.core}" if p.core is not None else "-"
             cpu = f"{p.cpu_percent:.0f}%" if p.cpu_percent is not None else "-"
             row.append(f"{printable(p.role):<9}", style="bold")
             row.append(f" {core:<5} {cpu:>5} CPU {human_bytes(p.rss_bytes):>9}")
             lines.append(row)
+        if len(s.procs) > MAX_PROC_ROWS:
+            lines.append(Text(f"… and {len(s.procs) - MAX_PROC_ROWS} more processes", style="dim"))
         return Group(*lines)
 
 
@@ -388,12 +390,18 @@ class WorkerRow(Static):
             self.update(text)
 
 
+# Processes shown one per line in the Workers and Cores panels; the rest are counted in a last
+# line. A widget per process made a file naming hundreds of them take seconds to show.
+MAX_PROC_ROWS = 64
+
+
 class WorkersPanel(Vertical):
     snapshot: reactive[Snapshot | None] = reactive(None, always_update=True)
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._rows: dict[int, WorkerRow] = {}
+        self._more: Static | None = None
 
     def on_mount(self) -> None:
         self.border_title = "Workers"
@@ -401,9 +409,19 @@ class WorkersPanel(Vertical):
     def watch_snapshot(self, s: Snapshot | None) -> None:
         if s is None:
             return
-        for p in s.procs:
+        new: list[Static] = []
+        for p in s.procs[:MAX_PROC_ROWS]:
             w = self._rows.get(p.slot)
             if w is None:
                 w = self._rows[p.slot] = WorkerRow(id=f"proc-{p.slot}")
-                self.mount(w)
+                new.append(w)
             w.row = p
+        hidden = len(s.procs) - MAX_PROC_ROWS
+        if hidden > 0 and self._more is None:
+            self._more = Static(id="procs-more")
+            new.append(self._more)
+        if new:
+            self.mount_all(new)
+        if self._more is not None:
+            self._more.update(Text(f"… and {hidden} more processes (marlwatch summary lists them all)",
+                                   style="dim"))
