@@ -5,9 +5,9 @@ steps. It runs under the real command line, `marlwatch run --headless --record F
 LOOP`, and the recording must show what a user would look for: IPS from the auto iterations, the
 auto phases with shares that add up as docs/metrics.md says, and spans from every process that
 stepped an environment (SB3's SubprocVecEnv steps its environments in child processes, which
-connect on their own). The step and update counts are fixed by each loop's sizes, so they are
-checked exactly: a step recorded twice (a wrapper's step nested in the env's) or a child that
-never connected changes them.
+connect on their own). The step and update counts are fixed by each loop's sizes, so the
+recording's are checked exactly: a step recorded twice (a wrapper's step nested in the env's) or a
+child that never connected changes them.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
@@ -75,10 +76,7 @@ def test_summary_shows_ips_and_the_auto_phases(watched):
     assert s["iterations"] == loop.iterations and s["ips"] > 0
     phases = s["phases"]
     assert {ENV_STEP, BACKWARD, OPTIMIZER} <= set(phases)
-    assert phases[BACKWARD]["count"] == loop.updates and phases[OPTIMIZER]["count"] == loop.updates
-    expected_steps = loop.steps["main"] + loop.children * loop.steps.get("child", 0)
-    assert phases[ENV_STEP]["count"] == expected_steps
-    assert all(phases[p]["total_s"] > 0 for p in (ENV_STEP, BACKWARD, OPTIMIZER))
+    assert all(phases[p]["count"] > 0 and phases[p]["total_s"] > 0 for p in (ENV_STEP, BACKWARD, OPTIMIZER))
 
 
 def test_shares_add_up_as_documented(watched):
@@ -97,13 +95,26 @@ def test_shares_add_up_as_documented(watched):
                                                                                                abs=1e-9)
 
 
-def test_every_process_that_stepped_an_env_has_spans(watched):
+def test_recording_holds_every_step_and_update_of_every_process(watched):
+    """The raw rows (summary leaves out each process's first iteration, docs/metrics.md): every
+    environment step of every process that stepped one, once, and every update, once."""
     loop, path, s = watched
     table = open_recording(path).read_all()
-    steps = table.filter(pc.and_(pc.equal(table["kind"], "span"), pc.equal(table["name"], ENV_STEP)))
-    per_proc = {row["values"]: row["counts"] for row in pc.value_counts(steps["proc"]).to_pylist()}
-    assert per_proc.pop(0) == loop.steps["main"]  # slot 0: the command's own process
-    assert sorted(per_proc.values()) == [loop.steps.get("child", 0)] * loop.children
-    # each stepping child is a process of its own, seen by the monitor with its own pid
+    spans = table.filter(pc.equal(table["kind"], "span"))
+
+    def per_proc(name: str) -> dict[int, int]:
+        rows = spans.filter(pc.equal(spans["name"], name))
+        return {r["values"]: r["counts"] for r in pc.value_counts(rows["proc"]).to_pylist()}
+
+    steps = per_proc(ENV_STEP)
+    assert steps.pop(0) == loop.steps["main"]  # slot 0: the command's own process
+    assert sorted(steps.values()) == [loop.steps.get("child", 0)] * loop.children
+    # each stepping child is a process of its own, which the monitor saw with its own pid
     pids = {p["slot"]: p["pid"] for p in s["procs"]}
-    assert len({pids[slot] for slot in per_proc} | {pids[0]}) == loop.children + 1
+    assert len({pids[slot] for slot in steps} | {pids[0]}) == loop.children + 1
+    assert per_proc(BACKWARD) == {0: loop.updates} and per_proc(OPTIMIZER) == {0: loop.updates}
+    # the auto phases are top-level here (the loops have no spans of their own)
+    auto = spans.filter(pc.is_in(spans["name"], pa.array([ENV_STEP, BACKWARD, OPTIMIZER])))
+    assert auto["parent"].null_count == auto.num_rows
+    ticks = table.filter(pc.and_(pc.equal(table["kind"], "iter"), pc.equal(table["proc"], 0)))
+    assert ticks.num_rows == loop.iterations
