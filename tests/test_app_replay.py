@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from marlwatch.app.replay import ReplayApp, load
-from marlwatch.app.widgets import PhaseTable, RunHeader, TimePanel
+from marlwatch.app.widgets import PhaseTable, RunHeader, ThroughputPanel, TimePanel
 from marlwatch.report import ms
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,6 +22,10 @@ SHIPPED = REPO / "recordings" / "maddpg-3agents-2workers.arrow"
 def replay_app(**kwargs) -> ReplayApp:
     playback, status, size = load(str(SHIPPED))
     return ReplayApp(playback, "recordings/maddpg-3agents-2workers.arrow", size, status, **kwargs)
+
+
+def ips_text(app: ReplayApp) -> str:
+    return " ".join(t.plain for t in app.query_one(ThroughputPanel).query_one("#ips").content.renderables)
 
 
 def header_text(app: ReplayApp) -> str:
@@ -102,6 +106,9 @@ def test_phase_table_matches_summary_json():
             time_text = "\n".join(t.plain for t in app.query_one(TimePanel).render().renderables)
             assert f"{100 * summary['comm_share']:.1f}%" in time_text
             assert f"{100 * summary['comm_share_update']:.1f}%" in time_text
+            # ... and so are IPS and start-up (the same definitions on every screen).
+            assert f"mean {summary['ips']:.2f}" in ips_text(app)
+            assert f"start-up {summary['startup_s']:.1f} s" in str(app.query_one(ThroughputPanel).border_subtitle)
             # Sorting by total puts the biggest first; the hottest is in the subtitle.
             await pilot.press("s")
             assert table.sort_key == "total"
@@ -112,6 +119,26 @@ def test_phase_table_matches_summary_json():
             assert app.screen.__class__.__name__ == "HelpScreen"
             await pilot.press("x")
             assert app.screen.__class__.__name__ != "HelpScreen"
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_before_the_first_iteration_ends_it_says_starting_up():
+    async def scenario() -> None:
+        app = replay_app(at_s=6.0, play=False)  # the shipped run's first iteration ends at 7.7 s
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.pause(0.3)
+            assert app.snapshot.startup_s is None
+            assert "starting up" in ips_text(app) and "IPS" not in ips_text(app)
+            # Spans ship with the first tick: until then no share is shown, not even a zero.
+            rendered = app.query_one(TimePanel).render()
+            time_text = "\n".join(t.plain for t in getattr(rendered, "renderables", [rendered]))
+            assert "comm / execution" not in time_text and "%" not in time_text, time_text
+            await pilot.press("right", "right")  # 8 s: the first iteration is over
+            await pilot.pause(0.3)
+            assert app.snapshot.startup_s is not None
+            assert "IPS now" in ips_text(app)
 
     asyncio.run(scenario())
 

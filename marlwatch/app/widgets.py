@@ -149,7 +149,7 @@ class TimePanel(Static):
 
     def render(self) -> Group | Text:
         s = self.snapshot
-        if s is None:
+        if s is None or (s.process_s == 0 and s.startup_s is None):
             return Text("waiting for the first spans…", style="dim")
         width = max(1, self.content_size.width)
         shares = [(k, s.shares.get(k, 0.0)) for k in ("sample", "update", "sync", "other")]
@@ -163,7 +163,12 @@ class TimePanel(Static):
             legend.append(f"{k} {pct(v) if wide else f'{100 * v:.0f}%'} ")
         exec_line = Text(no_wrap=True, overflow="ellipsis")
         upd_line = Text(no_wrap=True, overflow="ellipsis")
-        if s.warmup is not None and s.warmup.active:
+        if s.startup_s is None:
+            # Before the first iteration ends, all there is to show is start-up.
+            exec_line.append(" starting up ", style="bold reverse yellow")
+            exec_line.append(" no iteration has ended yet", style="bold")
+            upd_line.append(" the shares above are of start-up so far", style="dim")
+        elif s.warmup is not None and s.warmup.active:
             # No model update yet: shares of zero would read as measurements of the algorithm.
             exec_line.append(f" {warming_up(s.warmup)} ", style="bold reverse yellow")
             upd_line.append(" no model update yet: comm shares start after it", style="dim")
