@@ -47,13 +47,15 @@ def warmup_line(w: Warmup) -> str:
 
 def progress_line(s: Snapshot, total: int | None, rec_bytes: int) -> str:
     of = f"/{total}" if total else ""
+    rec = f"rec {human_bytes(rec_bytes)}"
+    if s.startup_s is None:  # no iteration has ended: every rate and share would be a zero
+        return f"it {s.iterations}{of}  starting up {s.t_s:.0f} s  {rec}"
     comm = (warming_up(s.warmup) if s.warmup is not None and s.warmup.active else
             f"comm {pct(s.comm_share).strip()} of exec, {pct(s.comm_share_update).strip()} of update")
-    ips = f"IPS {s.ips_now:6.2f} (mean {s.ips:.2f})" if s.startup_s is not None else "starting up"
     return (
-        f"it {s.iterations}{of}  {ips}  {comm}  "
+        f"it {s.iterations}{of}  IPS {s.ips_now:6.2f} (mean {s.ips:.2f})  {comm}  "
         f"sample {pct(s.shares['sample']).strip()} update {pct(s.shares['update']).strip()} "
-        f"sync {pct(s.shares['sync']).strip()}  rec {human_bytes(rec_bytes)}"
+        f"sync {pct(s.shares['sync']).strip()}  {rec}"
     )
 
 

@@ -72,6 +72,9 @@ def test_startup_is_apart_until_then_shown_and_kept_for_a_process_that_never_tic
     # Before the first iteration ends there is only start-up to show, so it is shown.
     assert s.startup_s is None and s.ips == 0.0 and s.ips_now == 0.0 and s.iterations == 0
     assert {p.name for p in s.phases} == {"sync/gather", "other/helper"}
+    from marlwatch.report import progress_line
+
+    assert progress_line(s, 10, 0) == "it 0/10  starting up 0 s  rec 0 B"  # no rate or share of zero
     m.add(rows(tick(0, 60 * MS, 1), span(0, "update", None, 60 * MS, 10 * MS, it=1), tick(0, 80 * MS, 2)))
     s = m.snapshot()
     # Once it ends, the learner's first iteration is start-up; the helper never ticks, so its
