@@ -77,8 +77,8 @@ def setting(default: Any, *, at_least: float | None = None, above: float | None 
 
 
 def _rule(cls: type, name: str) -> Rule | None:
-    # The nearest class that declared this field with a rule: a subclass that only changes the
-    # default inherits it.
+    """The rule of the nearest class that declared this field with one: a subclass that only
+    changes the default inherits it."""
     for klass in cls.__mro__:
         f: Field | None = vars(klass).get("__dataclass_fields__", {}).get(name)
         if f is not None and "rule" in f.metadata:
@@ -86,8 +86,30 @@ def _rule(cls: type, name: str) -> Rule | None:
     return None
 
 
-def _kind(f: Field) -> type:
-    return KINDS[f.type] if isinstance(f.type, str) else f.type  # annotations are strings here
+
+F32 = 4  # bytes: every network, buffer and activation here is float32
+TRAINING_COPIES = 5  # a trained parameter lives on as its gradient and Adam's two moments, and the
+# target network's copy (MADDPG) or its share of the graph kept for backward (the others)
+AUTOGRAD = 2  # an activation of a forward pass is kept for the backward pass, which makes its gradient
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Memory a config makes a run's processes allocate, on top of each process's interpreter,
+    torch and env (marlwatch.limits counts those). An estimate from the largest arrays, networks
+    and activations only, so it errs low: it is for refusing runs that cannot fit, not for sizing."""
+
+    learner: int
+    """Bytes the learner allocates (networks and their training state, buffers, one update)."""
+    worker: int
+    """Bytes each worker allocates (its copy of the policy, one iteration's experience)."""
+    biggest: str
+    """What dominates, for the message ("the replay buffer")."""
+
+
+def _mlp(n_in: int, hidden: int, n_out: int, layers: int = 2) -> int:
+    """Parameters of mlp(n_in, n_out, (hidden,) * layers)."""
+    return n_in * hidden + hidden + (layers - 1) * (hidden * hidden + hidden) + hidden * n_out + n_out
 
 
 @dataclass
@@ -105,12 +127,14 @@ class BaseConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def settings(self) -> dict[str, tuple[type, Rule]]:
-        """Every setting of this config, by name: its type and its rule."""
+        """Every setting of this config, by name: its type and its rule. A field of a user's
+        config declared without `setting()` follows the plain rule of its type (a finite number,
+        a boolean spelled as one)."""
         out = {}
         for f in fields(self):
-            rule = _rule(type(self), f.name)
-            if rule is not None:
-                out[f.name] = (_kind(f), rule)
+            kind = KINDS.get(f.type) if isinstance(f.type, str) else f.type
+            if kind in KINDS.values():
+                out[f.name] = (kind, _rule(type(self), f.name) or Rule())
         return out
 
     def override(self, values: dict[str, str]) -> None:
@@ -143,6 +167,11 @@ class BaseConfig:
     def validate(self) -> None:
         """An algorithm's checks that involve several settings; raise ValueError."""
 
+    def footprint(self, obs_dim: int, n_actions: int, iterations: int | None = None) -> Footprint:
+        """The memory these settings need in a run of `iterations` (None: no end) (see Footprint);
+        an algorithm that cannot say gives 0."""
+        return Footprint(0, 0, "")
+
 
 @dataclass
 class ActorCriticConfig(BaseConfig):
@@ -168,6 +197,23 @@ class ActorCriticConfig(BaseConfig):
     reward_scale: float = setting(0.1, above=0)
     """Rewards are multiplied by this for learning, so the critic's targets stay near 1 and its
     gradients do not drown the policy's."""
+
+    def footprint(self, obs_dim: int, n_actions: int, iterations: int | None = None) -> Footprint:
+        n, t = self.agents, self.max_cycles
+        per_worker = -(-self.episodes_per_iteration // self.workers)
+        step = n * (obs_dim + 3) * F32  # obs, the action (int64) and the reward of every agent
+        params = self._params(obs_dim, n_actions) * F32
+        update = per_worker * self.workers * t * (step + self._activations_per_step(obs_dim, n_actions) * F32 * AUTOGRAD)
+        return Footprint(learner=params * TRAINING_COPIES + update, worker=params + per_worker * t * step,
+                         biggest="one update's activations (episodes x steps x agents)")
+
+    def _params(self, obs_dim: int, n_actions: int) -> int:
+        """Parameters of every network the learner trains."""
+        return 0
+
+    def _activations_per_step(self, obs_dim: int, n_actions: int) -> int:
+        """Floats the update computes for one step of one episode, over all agents."""
+        return 0
 
 
 @dataclass
@@ -198,6 +244,23 @@ class MADDPGConfig(BaseConfig):
     centralised_critic: bool = setting(True)
     """False turns MADDPG into independent DDPG learners (no communication)."""
 
+    def footprint(self, obs_dim: int, n_actions: int, iterations: int | None = None) -> Footprint:
+        n, d, a, h = self.agents, obs_dim, n_actions, self.hidden
+        transition = (2 * n * d + n * a + n + 1) * F32  # obs, action, reward, next obs, done
+        critic_in = n * (d + a) if self.centralised_critic else d + a
+        actors, critics = n * _mlp(d, h, a) * F32, n * _mlp(critic_in, h, 1) * F32
+        steps = -(-self.steps_per_iteration // self.workers)  # each worker's share, rounded up
+        # The buffer's pages are touched as it fills: a run with an end stores at most its steps.
+        stored = self.buffer_size if iterations is None else min(self.buffer_size, iterations * steps * self.workers)
+        buffer = stored * transition
+        # A sampled batch, and a critic's joint input (every agent's obs and target action).
+        update = self.batch_size * (transition + critic_in * F32 * AUTOGRAD)
+        biggest = max([(buffer, "the replay buffer (buffer_size x agents x observation)"),
+                       (critics * TRAINING_COPIES, "the critics (agents x agents x observation inputs)"),
+                       (update, "one update's joint critic inputs (batch_size x agents x observation)")])[1]
+        return Footprint(learner=buffer + (actors + critics) * TRAINING_COPIES + update,
+                         worker=actors + steps * transition, biggest=biggest)
+
     def validate(self) -> None:
         # A buffer never holds more than buffer_size transitions: a larger warm-up would never end
         # (the run would only collect), and a larger batch would resample the same few.
@@ -224,6 +287,19 @@ class ToM2CConfig(ActorCriticConfig):
     prop_steps: int = setting(2, at_least=0)
     """Propagation steps of the graph network (0: edges from the encodings alone)."""
 
+    def _params(self, obs_dim: int, n_actions: int) -> int:
+        n, h = self.agents, self.hidden
+        return (8 * h + 4 * h * h + 2 * h * h  # observation encoder, GRU
+                + (2 * n + 2) * h + 6 * h * h + h * n  # ToM network
+                + (2 * h + n) * h + 5 * h * h + 2 * h  # graph network
+                + _mlp(h + 2 * n, h, n_actions, 1) + obs_dim * h + 3 * h * h + _mlp(2 * h, h, 1, 1))  # actor, critic
+
+    def _activations_per_step(self, obs_dim: int, n_actions: int) -> int:
+        n, h = self.agents, self.hidden
+        # The N x N pairs: ToM inputs (2N+2 each), goal guesses over N targets (logits and
+        # probabilities), the ToM GRU's state, and the graph's edge features each round.
+        return n * n * ((2 * n + 2) + 2 * n + 4 * h + 2 * h * (self.prop_steps + 1)) + 6 * n * h
+
     def validate(self) -> None:
         if self.env != "simple_spread":  # the encoder and ToM read simple_spread's observation layout
             raise ValueError(f"tom2c runs on simple_spread only, not {self.env} "
@@ -244,6 +320,18 @@ class TarMACConfig(ActorCriticConfig):
     """Adam learning rate of every agent's optimiser (3e-3 let the per-agent policies collapse)."""
     backprop_messages: bool = setting(True)
     """Receivers' losses train the senders' message networks (DIAL-style); False detaches them."""
+
+    def _params(self, obs_dim: int, n_actions: int) -> int:
+        h, k, v = self.hidden, self.key_dim, self.value_dim
+        per_agent = (_mlp(obs_dim, h, h, 1) + 2 * (h * k + k) + h * v + v
+                     + _mlp(h + v, h, n_actions, 1) + _mlp(h + v, h, 1, 1))
+        return self.agents * per_agent
+
+    def _activations_per_step(self, obs_dim: int, n_actions: int) -> int:
+        n = self.agents
+        # N x N: in backward, each agent's slice of a batched tensor (its hidden state, its message,
+        # its logits) gets a gradient as large as the whole tensor; the attention weights.
+        return n * n * (self.hidden + self.value_dim + n_actions) // 2 + n * (6 * self.hidden + 2 * self.key_dim)
 
 
 @dataclass
@@ -273,6 +361,17 @@ class NeurCommConfig(ActorCriticConfig):
     per_agent_loop: bool = setting(True)
     """Run agents one by one, as the original's Python loops do; False runs every agent in
     batched tensor ops (identical maths, far less per-agent overhead): compare the two profiles."""
+
+    def _params(self, obs_dim: int, n_actions: int) -> int:
+        h, k = self.hidden, 2  # a platoon: each vehicle's neighbours are the ones ahead and behind
+        inputs = (k + 1) * obs_dim + k * n_actions + k * h  # own and neighbours' obs, fingerprints, states
+        return self.agents * (inputs * h + 8 * h * h + 2 * h * (n_actions + 1))
+
+    def _activations_per_step(self, obs_dim: int, n_actions: int) -> int:
+        # Per agent: its LSTM's gates and states, its neighbours' inputs, and autograd's own records
+        # of many small tensors; measured 24 KB per agent and step with batched ops, 50-65 KB in
+        # the per-agent loop. 48 x hidden floats (x2 for backward) is the batched figure.
+        return self.agents * 48 * self.hidden
 
     def validate(self) -> None:
         from algorithms.envs import make_env

@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--record", default=None,
                      help="recording path (default: a new runs/ALGO-TIME.arrow); an existing file is refused")
     run.add_argument("--force", action="store_true", help="let --record overwrite an existing file")
+    run.add_argument("--ignore-limits", action="store_true",
+                     help="run even if it needs more memory than is available or more than 4 workers per core")
     run.add_argument("--headless", action="store_true", help="no terminal UI: a progress line and a summary")
     run.add_argument("--no-spans", dest="spans", action="store_false",
                      help="record no spans (iterations still counted): measure the overhead yourself")
@@ -248,6 +250,7 @@ def _run_config(args: argparse.Namespace, default_iterations: int | None):
         algo=args.algo, env=args.env, agents=args.agents, workers=args.workers or 0,
         iterations=args.iterations if args.iterations is not None else default_iterations,
         seed=args.seed, spans=args.spans, record=args.record, overwrite=args.force, keep_going=args.keep_going,
+        ignore_limits=args.ignore_limits,
         sample_hz=args.sample_hz, settings=dict(args.settings),
     )
 

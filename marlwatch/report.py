@@ -17,11 +17,11 @@ def plural(n: int | None, noun: str) -> str:
 def human_bytes(n: float | None) -> str:
     if n is None:
         return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} GB"
+    return f"{n:.1f} TB"
 
 
 def pct(x: float) -> str:

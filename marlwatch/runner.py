@@ -26,6 +26,7 @@ import pyarrow as pa
 from algorithms.base import AlgorithmSpec
 from marlwatch import recording, wire
 from marlwatch.collector import ProcStream, core_rows, event_row, proc_rows
+from marlwatch.limits import check_machine
 from marlwatch.process import ChildSpec, learner_main, worker_main
 from marlwatch.recording import SCHEMA, RecordingError, RecordingWriter, RunInfo
 from marlwatch.sysstats import CoreSampler, ProcSampler
@@ -48,6 +49,7 @@ class RunConfig:
     spans: bool = True
     record: str | None = None  # None: a new file under runs/ (recording.default_record_path)
     overwrite: bool = False  # `--force`: an existing `record` file is replaced, not refused
+    ignore_limits: bool = False  # `--ignore-limits`: skip the machine checks of marlwatch.limits
     keep_going: bool = False
     spans_ab: int = 0  # > 0: spans on/off in alternating blocks of this many iterations (overhead A/B)
     sample_hz: float = 10.0
@@ -106,6 +108,8 @@ class Run:
         self.workers = cfg.resolved_workers()
         self.algo_config = make_config(self.spec, env=cfg.env, agents=cfg.agents, workers=self.workers,
                                        seed=cfg.seed, settings=cfg.settings)
+        if not cfg.ignore_limits:  # memory and processes vs this machine: LimitError, a ValueError
+            check_machine(self.algo_config, self.workers, cfg.iterations)
         self.record_path = Path(cfg.record) if cfg.record else default_record_path(cfg.algo)
         cores = os.cpu_count() or 1
         can_pin = hasattr(os, "sched_setaffinity")

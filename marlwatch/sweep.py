@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None,
                    help="folder for the recordings and tables (default: a new runs/sweep-ALGO-TIME)")
     p.add_argument("--force", action="store_true", help="overwrite recordings an earlier sweep left in --out")
+    p.add_argument("--ignore-limits", action="store_true",
+                   help="run cells that need more memory than is available or more than 4 workers per core")
     p.add_argument("--set", dest="settings", type=_setting, action="append", default=[], metavar="KEY=VALUE",
                    help="algorithm setting for every cell, e.g. --set max_cycles=25")
 
@@ -224,7 +226,7 @@ def cli(args: argparse.Namespace) -> int:
         for a in args.agents:
             cfg = RunConfig(algo=args.algo, env=args.env, agents=a, workers=w, iterations=args.iterations,
                             seed=args.seed, record=f"{args.algo}-a{a}-w{w}.arrow", overwrite=args.force,
-                            settings=settings)
+                            ignore_limits=args.ignore_limits, settings=settings)
             cells.append(build_run(cfg))
     taken = [run.record_path.name for run in cells if (out / run.record_path.name).exists()]
     if args.out and taken and not args.force:

@@ -26,12 +26,17 @@ def refused(tmp_path: Path, *args: str, code: int = 2, stdout: str | None = None
         proc = subprocess.Popen([sys.executable, "-m", "marlwatch", *argv], cwd=REPO,
                                 stdout=out if stdout else subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
-    _, err = proc.communicate(timeout=100)
+    try:
+        _, err = proc.communicate(timeout=100)
+    finally:
+        left = group_members(proc.pid)
+        for p in left:  # whatever happened, nothing it started outlives the test
+            p.kill()
     assert proc.returncode == code, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("marlwatch: "), err
     assert not list(out_dir.iterdir()), "a file was created"
-    assert not group_members(proc.pid), "a process was left running"
+    assert not left, f"processes left running: {left}"
     return lines[0]
 
 
@@ -53,6 +58,10 @@ RUN = ["run", "--headless", "--workers", "1", "--iterations", "5", "--record", "
     (["--set", "workers=4"], "workers is set with --workers, not --set"),
     (["--seed", "-1"], "--seed must be a whole number from 0 to 4294967295, got -1"),
     (["--seed", str(2**32)], "--seed must be a whole number from 0 to 4294967295"),
+    # Against the machine (marlwatch.limits): before the recording or any process exists.
+    (["--agents", "1000"], "--agents 1000 --workers 1: the run would need at least"),
+    (["--algo", "tom2c", "--agents", "1000"], "mostly one update's activations"),
+    (["--workers", "1000"], "--workers 1000 is more than 4 per core"),
 ])
 def test_bad_settings_are_refused_before_anything_starts(tmp_path, args, expected):
     assert expected in refused(tmp_path, *RUN, *args)

@@ -293,8 +293,14 @@ def _settings() -> list[tuple[str, str]]:
 
 
 def test_every_setting_has_a_meaning_here():
-    for _, name in _settings():
+    """And every built-in setting declares its rule with setting() (a user's config may rely on
+    the plain rule of the field's type)."""
+    from algorithms import make_config
+    from algorithms.configs import _rule
+
+    for algo, name in _settings():
         _bad_values(name)
+        assert _rule(type(make_config(algo)), name) is not None, f"{algo}: {name} has no setting() rule"
 
 
 @FUZZ
