@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn, TextIO
 
 from marlwatch.outputs import OutputError
-from marlwatch.terminal import finite, say
+from marlwatch.terminal import finite, printable, say
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -300,7 +300,7 @@ def run_headless(args: argparse.Namespace) -> int:
     metrics = Metrics(run.info)
     if run.flame is not None:
         nl = "\n" if sys.stderr.isatty() else ""  # after the progress line
-        run.flame.on_message = lambda text: print(f"{nl}marlwatch: {text}", file=sys.stderr)
+        run.flame.on_message = lambda text: print(f"{nl}marlwatch: {printable(text)}", file=sys.stderr)
     run.listeners.append(metrics.add)
     interrupted = 0
 
@@ -318,9 +318,8 @@ def run_headless(args: argparse.Namespace) -> int:
     old_term = signal.signal(signal.SIGTERM, on_signal)
     tty = sys.stderr.isatty()
     start_run(run)
-    print(f"marlwatch: {run.cfg.algo} on {run.info.env}, {plural(run.cfg.agents, 'agent')}, "
-          f"{plural(run.workers, 'worker')}; "
-          f"recording to {run.record_path}", file=sys.stderr)
+    say(f"{run.cfg.algo} on {run.info.env}, {plural(run.cfg.agents, 'agent')}, {plural(run.workers, 'worker')}; "
+        f"recording to {run.record_path}")
     try:
         next_line = time.monotonic() + 1.0
         while run.alive:

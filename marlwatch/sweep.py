@@ -35,6 +35,7 @@ from marlwatch.outputs import atomic_output, numbered, write_text
 from marlwatch.recording import default_record_path
 from marlwatch.report import plural
 from marlwatch.runner import Run, RunConfig
+from marlwatch.terminal import say
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -253,8 +254,7 @@ def cli(args: argparse.Namespace) -> int:
             print(f"marlwatch: sweep interrupted; {len(done)} complete cells kept in {out}", file=sys.stderr)
             return EXIT_INTERRUPTED
         if run.failure:
-            print(f"marlwatch: sweep cell failed: {run.failure} (recording kept: {run.record_path})",
-                  file=sys.stderr)
+            say(f"sweep cell failed: {run.failure} (recording kept: {run.record_path})")  # the failure quotes user code
             return EXIT_FAILED
         done.append(run.record_path)
     rows = table(done)
