@@ -334,7 +334,7 @@ class FlameRequest:
     # While it waits for its phase to do real work (marlwatch.phase_activity):
     since: float | None = None  # monotonic time it was taken in
     said_at: float | None = None  # when the last waiting message was given
-    said_share: bool = False  # a waiting message gave the phase's share
+    said: str | None = None  # what the last waiting message said: "absent" (no process ran it) or "share"
     max_share: float = 0.0  # the largest top-level share seen while waiting
 
 
@@ -522,22 +522,23 @@ class FlameController:
             if share.share >= REAL_WORK_SHARE:
                 return True
         now = time.monotonic()
-        if req.said_at is not None and now - req.said_at < WAIT_REPORT_S:
+        kind = "share" if share is not None else "absent"
+        # Said at once when there is news (the phase runs now), else every WAIT_REPORT_S.
+        if req.said == kind and req.said_at is not None and now - req.said_at < WAIT_REPORT_S:
             return False
         waited = now - (req.since or now)
         if share is not None:
             top = top_segment(req.phase)
             what = f"'{req.phase}'" if top == req.phase else f"'{req.phase}' ('{top}')"
             state = (f"{top}: {self._share_text(share, slots)}; profiling starts at {100 * REAL_WORK_SHARE:g}%")
-            lead = "still waiting" if req.said_share else "waiting"
-            req.said_share = True
+            lead = "still waiting" if req.said == "share" else "waiting"
             self._say(f"flame: {lead} for {what} to do real work before profiling it "
                       f"({state}; {self._progress(waited)})")
-        elif self.activity is not None and self.activity.running_s() >= WINDOW_S and req.said_at is None:
+        elif self.activity is not None and self.activity.running_s() >= WINDOW_S and req.said is None:
             self._say(f"flame: waiting for a process to run '{req.phase}' (none has so far)")
         else:
-            return False  # nothing known yet (start-up): say nothing
-        req.said_at = now
+            return False  # nothing known yet (start-up), or said already: say nothing
+        req.said, req.said_at = kind, now
         return False
 
     def _share_text(self, share: Share, slots: list[int]) -> str:

@@ -58,6 +58,14 @@ def is_comm(name: str | None) -> bool:
     return name is not None and "comm" in name.split("/")
 
 
+def is_wait(name: str | None) -> bool:
+    """A phase spent waiting for other processes or moving data between them rather than
+    computing: everything under `sync` (`sync/wait`, `sync/gather`, `sync/broadcast`, ...), the
+    time execution time leaves out (docs/metrics.md). A py-spy flame graph of one shows
+    `Connection._recv`, not the algorithm's code."""
+    return name is not None and top_of(name) == "sync"
+
+
 def function_name(frame: str) -> str:
     """A folded-stack frame `backward (torch/_tensor.py:647)` -> `backward (torch/_tensor.py)`."""
     name, _, where = frame.partition(" (")
@@ -215,6 +223,14 @@ class Snapshot:
     def hottest(self) -> PhaseRow | None:
         leaves = [p for p in self.phases if p.depth > 0] or self.phases
         return max(leaves, key=lambda p: p.total_s, default=None)
+
+    @property
+    def hottest_work(self) -> PhaseRow | None:
+        """The hottest phase that is not a wait (`is_wait`), leaves first as for `hottest`; the
+        hottest phase when every phase is a wait. What the app selects (and `f` profiles) first."""
+        work = [p for p in self.phases if not is_wait(p.name)]
+        leaves = [p for p in work if p.depth > 0] or work
+        return max(leaves, key=lambda p: p.total_s, default=None) or self.hottest
 
     def to_json(self) -> dict[str, Any]:
         info = self.info

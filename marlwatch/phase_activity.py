@@ -22,7 +22,7 @@ last ITERATIONS iterations (at least MIN_ITERATIONS) of the processes that run P
   10 samples in the phase.
 - A process that reports no iterations (`marlwatch.tick()`, e.g. a user's script that does not
   call it) is judged on its last WINDOW_S seconds of top-level spans instead, once it has run
-  that long.
+  NO_TICKS_S seconds without one (a rollout worker may wait seconds for its first weights).
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ REAL_WORK_SHARE = 0.02
 ITERATIONS = 5
 MIN_ITERATIONS = 3
 WINDOW_S = 2.0  # processes without iterations: the window their share is taken over
+# ... once they have run this long without one (a worker can wait seconds for its first weights).
+NO_TICKS_S = 10.0
 MAX_SPANS = 20_000  # top-level spans kept per process (a bound for loops without ticks)
 
 
@@ -106,7 +108,7 @@ class PhaseActivity:
                     length = ticks[i] - ticks[i - 1]
                     if length > 0:
                         per_iteration.append(int(durs[edges[i - 1]:edges[i]].sum()) / length)
-            elif spans[-1][0] - self.first_ns[slot] >= WINDOW_S * 1e9 and not ticks:
+            elif spans[-1][0] - self.first_ns[slot] >= NO_TICKS_S * 1e9 and not ticks:
                 last = spans[-1][0]
                 lo = last - int(WINDOW_S * 1e9)
                 busy += sum(d for e, d, t in spans if t == top and e > lo)

@@ -47,9 +47,16 @@ def test_auto_flame_then_f_on_the_selected_phase(tmp_path: Path, no_leftovers):
             # The panel shows what Metrics counted: the stored samples, per phase.
             assert {p: sum(f.values()) for p, f in app.snapshot.stacks.items()} == run.flame.done[0]["phases"]
 
-            # Select `sample` with the arrow keys and press f: py-spy on the worker.
+            # A phase with no samples: the panel says how to get some on this screen (f here).
             table = app.query_one(PhaseTable)
             names = [p.name for p in table.displayed()]
+            for _ in range(len(names)):
+                if not panel.lines:
+                    break
+                await pilot.press("down")
+            assert not panel.lines and "; press f to profile it" in str(panel.render()), panel.render()
+
+            # Select `sample` with the arrow keys and press f: py-spy on the worker.
             for _ in range(len(names)):
                 if table.selected_phase == "sample":
                     break

@@ -14,6 +14,7 @@ from marlwatch.app.replay import ReplayApp, load
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "recordings" / "maddpg-3agents-2workers.arrow"
+FLAMED = REPO / "recordings" / "maddpg-flame.arrow"  # with py-spy samples of `update` and `sample`
 
 
 def paused_replay() -> ReplayApp:
@@ -30,3 +31,12 @@ def test_replay_layout(snap_compare, size):
 @pytest.mark.timeout(60)
 def test_replay_sorted_at_end(snap_compare):
     assert snap_compare(paused_replay(), press=["end", "s"], terminal_size=(100, 30))
+
+
+@pytest.mark.timeout(60)
+def test_replay_with_the_py_spy_panel_at_80x24(snap_compare):
+    # The panel open on the first selection (the hottest phase that is not a wait, highlighted):
+    # the phase table keeps 5 rows; Cores and Workers give their place to the panel (t brings them back).
+    playback, status, size = load(str(FLAMED))
+    app = ReplayApp(playback, "recordings/maddpg-flame.arrow", size, status, at_s=10_000, play=False)
+    assert snap_compare(app, terminal_size=(80, 24))

@@ -412,15 +412,16 @@ def test_real_work_is_the_median_iteration_share_of_the_top_level_phase():
 def test_real_work_without_iterations_uses_a_time_window():
     import numpy as np
 
-    from marlwatch.phase_activity import WINDOW_S, PhaseActivity
+    from marlwatch.phase_activity import NO_TICKS_S, PhaseActivity
 
     act = PhaseActivity()
-    # A process that never ticks: 10 ms of `update` every 100 ms, judged once it ran WINDOW_S.
-    for k in range(int(WINDOW_S * 10) + 1):
+    # A process that never ticks: 10 ms of `update` every 100 ms, judged on its last 2 s once it
+    # ran NO_TICKS_S without a tick.
+    for k in range(int(NO_TICKS_S * 10) + 1):
         t = k * 100_000_000
         act.add_spans(np.array([3, 3]), ["other", "update"], np.array([0, 1]), np.array([t, t + 90_000_000]),
                       np.array([90_000_000, 10_000_000]))
-        if k == 5:
+        if k == int(NO_TICKS_S * 10) - 5:
             assert act.share("update", [3]) is None  # not long enough yet
     s = act.share("update", [3])
     assert s is not None and s.iterations == 0 and s.share == pytest.approx(0.1, abs=0.01)

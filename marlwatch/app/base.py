@@ -36,7 +36,8 @@ HELP = """\
 [b]Phases[/b]: every span path; ✉ marks communication; the hottest leaf is red.
 [b]Cores[/b]: utilisation now, the processes pinned there, CPU and memory.
 [b]py-spy[/b]: ↑/↓ select a phase; the panel under the table lists the functions py-spy
-  found running while it ran (live: f profiles it; see docs/flame.md).
+  found running while it ran{flame_how}; t or escape hides the panel, t shows it
+  again (as new samples do). See docs/flame.md.
 
 {keys}
 
@@ -50,14 +51,15 @@ class HelpScreen(ModalScreen[None]):
                                   border: round $accent; background: $panel; padding: 0 1; }
     """
 
-    def __init__(self, keys: str) -> None:
+    def __init__(self, keys: str, flame_how: str = "") -> None:
         super().__init__()
         self.keys = keys
+        self.flame_how = flame_how
         self._dismissing = False
 
     def compose(self) -> ComposeResult:
         with VerticalScroll():
-            yield Static(HELP.format(keys=self.keys))
+            yield Static(HELP.format(keys=self.keys, flame_how=self.flame_how))
 
     def on_key(self, event: events.Key) -> None:
         event.stop()
@@ -81,10 +83,15 @@ class WatchApp(App[int]):
         Binding("p", "pause", "pause"),
         Binding("s", "sort", "sort"),
         Binding("question_mark", "help", "help", key_display="?"),
-        Binding("up", "select(-1)", "select phase", show=False, priority=True),
+        Binding("up", "select(-1)", "select", key_display="↑↓", priority=True),
         Binding("down", "select(1)", "select phase", show=False, priority=True),
+        # Shown only while there are py-spy samples (check_action).
+        Binding("t", "toggle_flame", "py-spy panel"),
+        Binding("escape", "close_flame", "close py-spy", show=False),
     ]
     KEYS_HELP = ""
+    FLAME_HINT = ""  # after "no py-spy samples taken while X ran": how to get some on this screen
+    FLAME_HOW = ""  # the same for the help screen
 
     def __init__(self) -> None:
         super().__init__()
@@ -103,7 +110,7 @@ class WatchApp(App[int]):
             yield ThroughputPanel(id="throughput")
             yield TimePanel(id="time")
         yield PhaseTable(id="phases")
-        yield TopFunctionsPanel(id="flame")  # hidden until py-spy samples exist (docs/flame.md)
+        yield TopFunctionsPanel(self.FLAME_HINT, id="flame")  # hidden until py-spy samples exist (docs/flame.md)
         with Horizontal(id="bottom"):
             yield CoresPanel(id="cores")
             yield WorkersPanel(id="workers")
@@ -120,8 +127,31 @@ class WatchApp(App[int]):
         for panel in (ThroughputPanel, TimePanel, PhaseTable, CoresPanel, WorkersPanel):
             self.query_one(panel).snapshot = snapshot
         flame = self.query_one(TopFunctionsPanel)
+        had = flame.has_samples
         flame.phase = self.query_one(PhaseTable).selected_phase
         flame.snapshot = snapshot
+        if flame.has_samples != had:
+            self.refresh_bindings()  # `t` appears in the footer with the first samples
+        self._flame_layout()
+
+    def _flame_layout(self) -> None:
+        """The screen's layout follows the py-spy panel (marlwatch.tcss: on a short screen it
+        takes the place of Cores and Workers while open)."""
+        self.screen.set_class(self.query_one(TopFunctionsPanel).is_open, "-flame-open")
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in ("toggle_flame", "close_flame"):
+            return self.query_one(TopFunctionsPanel).has_samples
+        return True
+
+    def action_toggle_flame(self) -> None:
+        """t: hide or show the py-spy panel (it opens again by itself when new samples arrive)."""
+        self.query_one(TopFunctionsPanel).toggle()
+        self._flame_layout()
+
+    def action_close_flame(self) -> None:
+        self.query_one(TopFunctionsPanel).set_closed(True)
+        self._flame_layout()
 
     def action_select(self, delta: int) -> None:
         """↑/↓: move the phase selection (the phase `f` profiles and the top-functions panel shows)."""
@@ -133,7 +163,7 @@ class WatchApp(App[int]):
         self.query_one(PhaseTable).cycle_sort()
 
     def action_help(self) -> None:
-        self.push_screen(HelpScreen(self.KEYS_HELP))
+        self.push_screen(HelpScreen(self.KEYS_HELP, self.FLAME_HOW))
 
     def action_interrupt(self) -> None:
         self.action_quit()

@@ -2,7 +2,8 @@
 
 It only displays `Snapshot.top_functions()` (Metrics counts the recording's `stack` rows), so
 the live view shows samples as soon as a capture is stored and replay shows them from their
-point in time on. Hidden until the snapshot holds samples. See docs/flame.md.
+point in time on. Hidden until the snapshot holds samples; the app's `t` (or escape) closes
+it, and it opens again with `t` or when new samples arrive. See docs/flame.md.
 """
 
 from __future__ import annotations
@@ -34,13 +35,33 @@ class TopFunctionsPanel(Static):
                         border-title-color: $text; border-title-style: bold;
                         text-wrap: nowrap; text-overflow: ellipsis; }
     TopFunctionsPanel.-has-samples { display: block; }
+    TopFunctionsPanel.-has-samples.-closed { display: none; }
     """
     snapshot: reactive[Snapshot | None] = reactive(None, always_update=True)
     phase: reactive[str | None] = reactive(None)
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, hint: str = "", **kwargs) -> None:
         super().__init__(**kwargs)
+        self.hint = hint  # after "no samples taken while X ran": how to get some on this screen
         self.lines: list[tuple[str, int]] = []  # what is shown, for tests
+        self.samples = 0  # samples in the snapshot (any phase)
+        self._closed_at: int | None = None  # `samples` when the user closed the panel
+
+    @property
+    def has_samples(self) -> bool:
+        return self.samples > 0
+
+    @property
+    def is_open(self) -> bool:
+        return self.has_samples and self._closed_at is None
+
+    def toggle(self) -> None:
+        """Close the panel when open, open it when closed (the app's `t`)."""
+        self.set_closed(self.is_open)
+
+    def set_closed(self, closed: bool) -> None:
+        self._closed_at = self.samples if closed else None
+        self.set_class(closed, "-closed")
 
     def watch_snapshot(self) -> None:
         self._update()
@@ -50,7 +71,13 @@ class TopFunctionsPanel(Static):
 
     def _update(self) -> None:
         s = self.snapshot
-        self.set_class(bool(s and s.stacks), "-has-samples")
+        self.samples = sum(sum(f.values()) for f in s.stacks.values()) if s else 0
+        if self._closed_at is not None:
+            if self.samples > self._closed_at:
+                self.set_closed(False)  # a new capture's samples: show them
+            else:
+                self._closed_at = self.samples  # fewer (replay seeked back): samples from here on are new
+        self.set_class(self.has_samples, "-has-samples")
         if not s or not s.stacks:
             self.lines = []
             return
@@ -60,10 +87,10 @@ class TopFunctionsPanel(Static):
         total = sum(sum(f.values()) for name, f in s.stacks.items()
                     if phase and (name == phase or name.startswith(phase + "/")))
         self.border_title = Text(f"py-spy: top functions in {shown}")  # Text: a str would be parsed as markup
-        self.border_subtitle = f"{total} samples"
+        self.border_subtitle = f"{total} samples · t closes"
         text = Text(no_wrap=True, overflow="ellipsis")
         if not self.lines:
-            text.append(f"no py-spy samples taken while {printable(phase) or 'this phase'} ran; press f to profile it",
+            text.append(f"no py-spy samples taken while {printable(phase) or 'this phase'} ran{self.hint}",
                         style="dim")
         for i, (func, n) in enumerate(self.lines):
             if i:

@@ -18,6 +18,7 @@ from textual.binding import Binding
 from textual.worker import get_current_worker
 
 from marlwatch.app.base import REFRESH_HZ, WatchApp
+from marlwatch.app.flame_panel import TopFunctionsPanel
 from marlwatch.app.messages import RunEnded, SnapshotUpdate
 from marlwatch.app.widgets import Status, clock
 from marlwatch.metrics import Metrics, Snapshot
@@ -32,7 +33,9 @@ class LiveApp(WatchApp):
 
     KEYS_HELP = ("[b]Keys[/b]: q quit (stops the run, finishes the recording)   p pause/resume the view\n"
                  "      s sort the phase table   ↑/↓ select a phase   f py-spy on it for 5 s\n"
-                 "      ? this help   Ctrl-C same as q")
+                 "      t or escape hide/show the py-spy panel   ? this help   Ctrl-C same as q")
+    FLAME_HINT = "; press f to profile it"
+    FLAME_HOW = " (f profiles the selected phase for 5 s, once it does real work)"
 
     BINDINGS = [Binding("f", "flame", "py-spy")]
     FLAME_SECONDS = 5.0
@@ -149,8 +152,11 @@ class LiveApp(WatchApp):
         if phase is None or self.ended is not None or self.stop_requested.is_set():
             self.notify("no running phase to profile", severity="warning")
             return
-        self.run_.flame.request(phase, self.FLAME_SECONDS, reason="f key")
-        self.notify(f"py-spy: profiling {phase} for {self.FLAME_SECONDS:g} s…", timeout=4)
+        # A newer `f` replaces one still waiting for its phase to do real work (docs/flame.md).
+        self.run_.flame.request(phase, self.FLAME_SECONDS, reason="f key", replace=True)
+        self.query_one(TopFunctionsPanel).set_closed(False)  # its samples will show there
+        self._flame_layout()
+        self.notify(f"py-spy: {phase} for {self.FLAME_SECONDS:g} s, once it does real work…", timeout=4)
 
     def action_pause(self) -> None:
         self.paused = not self.paused

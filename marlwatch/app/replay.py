@@ -23,7 +23,8 @@ class ReplayApp(WatchApp):
     # Priority: the focused phase table would take these keys for scrolling.
     BINDINGS = [
         Binding("space", "toggle", "play/pause", key_display="space", priority=True),
-        Binding("f", "faster", "speed"),
+        Binding("p", "pause", "play/pause", show=False),  # as space (the footer shows space)
+        Binding("f", "faster", "speed", key_display="f/d"),
         Binding("d", "slower", "slower", show=False),
         Binding("left", "step(-1)", "-1s", show=False, priority=True),
         Binding("right", "step(1)", "+1s", show=False, priority=True),
@@ -36,7 +37,11 @@ class ReplayApp(WatchApp):
     ]
     KEYS_HELP = ("[b]Keys[/b]: space or p play/pause   f faster, d slower (1x 4x 16x max)\n"
                  "      ← → step 1 s   [ ] step 10 s   home/g start   end/G end\n"
-                 "      s sort the phase table   ? this help   q quit")
+                 "      s sort the phase table   ↑/↓ select a phase   t or escape hide/show the py-spy panel\n"
+                 "      ? this help   q quit")
+    # In replay `f` is faster: samples come only from the recording (`marlwatch run --flame`).
+    FLAME_HINT = " up to this point of the recording"
+    FLAME_HOW = " (here: the samples the recording holds, from their time on)"
 
     def __init__(self, playback: Playback, path: str, size: int, status: str = "complete",
                  *, at_s: float | None = None, play: bool = True, speed: float = 1.0) -> None:

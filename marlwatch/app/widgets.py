@@ -221,11 +221,13 @@ class PhaseTable(Vertical):
     WIDTHS = (0, 9, 7, 8, 8, 8, 8)  # the phase column takes what is left
     snapshot: reactive[Snapshot | None] = reactive(None, always_update=True)
     sort_key: reactive[str] = reactive("tree")
-    selected: reactive[str | None] = reactive(None)  # the phase `f` profiles (↑/↓); None: the hottest
+    # The phase `f` profiles (↑/↓); None: the hottest that is not a wait (Snapshot.hottest_work).
+    selected: reactive[str | None] = reactive(None)
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.cells: list[list[str]] = []  # what is on screen, for tests and the curious
+        self._shown_choice: str | None = None
 
     def compose(self) -> ComposeResult:
         yield Static(id="phase-head")
@@ -256,8 +258,8 @@ class PhaseTable(Vertical):
         names = [p.name for p in self.displayed()]
         if self.selected in names:
             return self.selected
-        hottest = self.snapshot.hottest if self.snapshot else None
-        return hottest.name if hottest else (names[0] if names else None)
+        first = self.snapshot.hottest_work if self.snapshot else None
+        return first.name if first else (names[0] if names else None)
 
     def move_selection(self, delta: int) -> None:
         names = [p.name for p in self.displayed()]
@@ -291,8 +293,9 @@ class PhaseTable(Vertical):
             return
         hottest = s.hottest
         names = {p.name for p in s.phases}
-        # Highlighted once the user picks one (↑/↓); until then `f` takes the hottest (in red).
-        chosen = self.selected_phase if self.selected is not None else None
+        # The selection is always highlighted: at first the hottest phase that is not a wait,
+        # which the hottest (in red, often `sync/wait`) need not be.
+        chosen = self.selected_phase
         self.cells = []
         for p in self.displayed():
             label = printable(phase_label(p, names, self.sort_key == "tree")) + (" ✉" if p.comm else "")
@@ -309,6 +312,13 @@ class PhaseTable(Vertical):
             style = "bold red" if hot else ("magenta" if p.comm else "")
             body.append(self._line(cells, name_w), style=f"{style} reverse" if p.name == chosen else style)
         self.query_one("#phase-body", Static).update(body)
+        order = [p.name for p in self.displayed()]
+        scroll = self.query_one(VerticalScroll)
+        if chosen != self._shown_choice and chosen in order and scroll.size.height > 0:
+            self._shown_choice = chosen  # a new selection (at first: the default one) is scrolled into view
+            row, rows = order.index(chosen), scroll.size.height
+            if not scroll.scroll_offset.y <= row < scroll.scroll_offset.y + rows:
+                scroll.scroll_to(y=max(0, row - rows // 2), animate=False)
         if hottest is not None:
             # Text, not a str: a str title is parsed as markup, and phase names come from the recording.
             self.border_subtitle = Text(f"hottest: {printable(hottest.name)} {pct(hottest.share)}")
