@@ -140,6 +140,12 @@ def test_live_run_that_finishes_stays_on_screen(tmp_path):
             # The end-of-run marker reached the view through the same Metrics as every other row.
             assert app.snapshot.complete
             assert all(r.has_class("-finished") for r in app.query(WorkerRow))
+            # Nothing left to profile: `f` is no longer offered, by the footer or the py-spy panel.
+            from textual.widgets._footer import FooterKey
+
+            keys = {k.key_display for k in app.query(FooterKey)}
+            assert "f" not in keys and "q" in keys, keys
+            assert app.query_one("#flame").hint == ""
             await pilot.press("ctrl+c")  # same as q
         assert app.return_value == 130
 

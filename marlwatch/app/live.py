@@ -110,6 +110,9 @@ class LiveApp(WatchApp):
         if self.quitting:
             self.exit(self.exit_code_for(message))
             return
+        # Nothing runs any more: `f` leaves the footer and the py-spy panel's hint.
+        self.query_one(TopFunctionsPanel).hint = ""
+        self.refresh_bindings()
         self.snapshot = message.snapshot
         self.show(message.snapshot, self._status(message.recording_bytes))
         if message.failure:
@@ -143,6 +146,11 @@ class LiveApp(WatchApp):
     def action_interrupt(self) -> None:
         self.interrupted = True
         self.action_quit()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "flame" and self.ended is not None:
+            return False
+        return super().check_action(action, parameters)
 
     def action_flame(self) -> None:
         """f: py-spy on the processes running the selected phase (handled by the run's thread)."""
