@@ -139,7 +139,7 @@ def test_update_capture_waited_for_the_end_of_the_warm_up(flamed):
     # What it stored is update's own work: most of update's samples are in a gradient step.
     stacks = table.filter(pc.equal(table["kind"], "stack")).to_pylist()
     upd = [r for r in stacks if r["name"] == "update" or r["name"].startswith("update/")]
-    stepping = sum(r["value"] for r in upd if "backward" in r["text"] or "Adam.step" in r["text"])
+    stepping = sum(r["value"] for r in upd if "backward" in r["text"] or "torch/optim/" in r["text"])
     assert stepping >= 0.3 * sum(r["value"] for r in upd), Counter(r["name"] for r in upd)
 
 
@@ -148,8 +148,9 @@ def test_flame_text_lists_update_code_not_rollout(flamed, capsys):
     out = capsys.readouterr().out
     assert out.startswith("phase update: ")
     assert "MADDPGLearner.update" in out
-    # update's own code: the backward pass and the optimiser step.
-    assert "backward" in out and "Adam.step" in out, out
+    # update's own code: the backward pass and the optimiser (torch.optim: Adam.step, zero_grad;
+    # Adam.step alone is ~8% of update's samples, too few to be sure of in a 3 s capture).
+    assert "backward" in out and "torch/optim/" in out, out
     for rollout in ("MADDPGRollout", "collect", "env_step", "ParallelEnvRunner", "serve_rollout"):
         assert rollout not in out
     # And the other way round: the workers' `sample` is rollout code, not the update.
