@@ -246,19 +246,23 @@ def drive(run: Run, until, timeout: float = 120) -> None:
         run.pump(0.1)
 
 
-def pyspy_for(user: str) -> str:
-    """A copy of py-spy that `user` can run. The checkout and its venv may sit under a directory
+@pytest.fixture
+def pyspy_for_anyone():
+    """A copy of py-spy that any user can run. The checkout and its venv may sit under a directory
     other users cannot enter (a 0700 `mktemp -d`, a 0750 home), and so does pytest's tmp_path:
     the copy goes to a fresh directory under the system's temporary directory, opened to all."""
     src = shutil.which(pyspy_command()[0]) if pyspy_command() else None
     if src is None:
         pytest.skip("py-spy is not installed")
-    d = Path(tempfile.mkdtemp(prefix=f"marlwatch-pyspy-{user}-"))
-    d.chmod(0o755)
-    dst = d / "py-spy"
-    shutil.copy2(src, dst)
-    dst.chmod(0o755)
-    return str(dst)
+    d = Path(tempfile.mkdtemp(prefix="marlwatch-pyspy-"))
+    try:
+        d.chmod(0o755)
+        dst = d / "py-spy"
+        shutil.copy2(src, dst)
+        dst.chmod(0o755)
+        yield str(dst)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 # A denied attach made for real: py-spy run as user `nobody` may not ptrace our processes. That
@@ -269,8 +273,8 @@ can_deny = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("runuse
 
 @pytest.mark.timeout(150)
 @pytest.mark.skipif(not can_deny, reason="needs root and runuser, to run py-spy as user nobody against our processes")
-def test_denied_attach_keeps_the_run_going(tmp_path, monkeypatch, no_leftovers):
-    monkeypatch.setenv("MARLWATCH_PYSPY", f"runuser -u {DENY_USER} -- {pyspy_for(DENY_USER)}")
+def test_denied_attach_keeps_the_run_going(tmp_path, monkeypatch, no_leftovers, pyspy_for_anyone):
+    monkeypatch.setenv("MARLWATCH_PYSPY", f"runuser -u {DENY_USER} -- {pyspy_for_anyone}")
     # No iteration limit: the run must outlive the capture (finish() stops it).
     run = Run(RunConfig(agents=2, workers=1, iterations=100_000, record=str(tmp_path / "d.arrow"), settings=QUICK))
     ctl = FlameController(run)
