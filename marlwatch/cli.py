@@ -38,6 +38,10 @@ class UsageError(Exception):
     """Bad input: printed as one line, exit code 2."""
 
 
+class RunFailed(Exception):
+    """A run that failed, before or while running: printed as one line, exit code 1."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
@@ -234,6 +238,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return importlib.import_module(PLUGGED[args.command][0]).cli(args)
     except (UsageError, OutputError) as e:
         return _fail(str(e))
+    except RunFailed as e:
+        return _fail(f"run failed: {e}", EXIT_FAILED)
     except BrokenPipeError:
         _stdout_to_devnull()  # output piped into `head`, which has read what it wanted
         return EXIT_OK
@@ -275,6 +281,7 @@ def make_run(args: argparse.Namespace, default_iterations: int | None):
 
 def start_run(run) -> None:
     from marlwatch.recording import RecordingError, RecordingExists
+    from marlwatch.runner import RunError
 
     try:
         run.start()
@@ -282,6 +289,8 @@ def start_run(run) -> None:
         raise UsageError(f"{e} (--force overwrites it)") from None
     except RecordingError as e:
         raise UsageError(str(e)) from None
+    except RunError as e:  # its processes could not all be started: none is left
+        raise RunFailed(str(e)) from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:

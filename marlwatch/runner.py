@@ -7,6 +7,7 @@ Arrow batches (the same rows the recording holds, so live view and replay share 
 
 from __future__ import annotations
 
+import errno
 import multiprocessing as mp
 import os
 import platform
@@ -85,6 +86,17 @@ def _versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
+
+
+# What usually lies behind an OSError from creating a process or a pipe, for the user to act on.
+_LIMITS = {errno.EAGAIN: "is the limit on processes, ulimit -u or a cgroup's pids.max, reached?",
+           errno.EMFILE: "is the limit on open files, ulimit -n, reached?",
+           errno.ENOMEM: "is the memory full?"}
+
+
+def _os_reason(e: OSError) -> str:
+    hint = _LIMITS.get(e.errno) if e.errno is not None else None
+    return (e.strerror or str(e)) + (f" ({hint})" if hint else "")
 
 
 def _exit_reason(code: int | None) -> str:
@@ -167,31 +179,44 @@ class Run:
                                       unique=self.cfg.record is None)
         self.record_path = self.writer.path
         ctx = mp.get_context("spawn")
-        # Spawning starts multiprocessing's resource tracker on first use, and that code unblocks
-        # SIGINT on its way out: inside _spawn's window, the child would then start unprotected.
-        # Started here, out of the window, it is not started again in there.
-        resource_tracker.ensure_running()
-        # A pipe, not an Event: no semaphore, no resource-tracker process, and the learner also
-        # stops when the monitor dies (the pipe reads EOF).
-        stop_r, self._stop = ctx.Pipe(duplex=False)
         self.t0_ns = time.perf_counter_ns()
-        learner_data: list[Connection] = []
-        child_ends: list[Connection] = []
         for slot in self.procs:
             self.streams[slot] = ProcStream(slot, self.t0_ns)
-        for w in range(1, self.workers + 1):
+        child_ends: list[Connection] = []  # the children's ends of the pipes, and the learner's data ends
+        starting = "the resource tracker"
+        try:
+            # Spawning starts multiprocessing's resource tracker on first use, and that code unblocks
+            # SIGINT on its way out: inside _spawn's window, the child would then start unprotected.
+            # Started here, out of the window, it is not started again in there.
+            resource_tracker.ensure_running()
+            # A pipe, not an Event: no semaphore, no resource-tracker process, and the learner also
+            # stops when the monitor dies (the pipe reads EOF).
+            stop_r, self._stop = ctx.Pipe(duplex=False)
+            child_ends.append(stop_r)
+            learner_data: list[Connection] = []
+            for w in range(1, self.workers + 1):
+                starting = f"worker {w}"
+                tel_r, tel_w = ctx.Pipe(duplex=False)
+                child_ends.append(tel_w)
+                self._conns[tel_r] = w  # ours to close from here on, whatever happens
+                a, b = ctx.Pipe(duplex=True)
+                learner_data.append(a)
+                child_ends += [a, b]
+                p = ctx.Process(target=worker_main, name=f"marlwatch-worker-{w}",
+                                args=(self._child_spec("worker", w), tel_w, b), daemon=True)
+                self._spawn(w, p)
+            starting = "the learner"
             tel_r, tel_w = ctx.Pipe(duplex=False)
-            a, b = ctx.Pipe(duplex=True)
-            learner_data.append(a)
-            p = ctx.Process(target=worker_main, name=f"marlwatch-worker-{w}",
-                            args=(self._child_spec("worker", w), tel_w, b), daemon=True)
-            self._spawn(w, p, tel_r)
-            child_ends += [tel_w, b]
-        tel_r, tel_w = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=learner_main, name="marlwatch-learner",
-                        args=(self._child_spec("learner", 0), tel_w, learner_data, stop_r), daemon=True)
-        self._spawn(0, p, tel_r)
-        child_ends += [tel_w, stop_r, *learner_data]
+            child_ends.append(tel_w)
+            self._conns[tel_r] = 0
+            p = ctx.Process(target=learner_main, name="marlwatch-learner",
+                            args=(self._child_spec("learner", 0), tel_w, learner_data, stop_r), daemon=True)
+            self._spawn(0, p)
+        except OSError as e:
+            # Too many processes (ulimit -u, a cgroup's pids.max), open files or memory: no run,
+            # but no traceback either, no child left, and a recording that says what happened.
+            self._start_failed(f"cannot start {starting}: {_os_reason(e)}", child_ends)
+            raise RunError(f"{self.failure} (recording kept: {self.record_path})") from None
         # Our copies of the children's pipe ends must go, or a dead child's pipe never reads EOF.
         for c in child_ends:
             c.close()
@@ -203,12 +228,25 @@ class Run:
             # resource tracker unblocked SIGINT, say) had nothing to send on: send it now.
             self.request_stop(self.stop_reason)
 
+    def _start_failed(self, why: str, child_ends: list[Connection]) -> None:
+        self.failure = why
+        self.stop_reason = "could not start"
+        self._emit(event_row(self.now_ns(), None, "start_failed", error=why))
+        for slot in self._children:  # those started so far would wait for the others forever:
+            self.procs[slot].state = "stopped"  # we stop them, they did not crash
+        self.kill_children()
+        for c in [*child_ends, *self._conns, *([self._stop] if self._stop else [])]:
+            c.close()
+        self._conns.clear()
+        self._stop = None
+        self.finish(grace_s=0)  # closes the recording, with the failure in its end row
+
     def _child_spec(self, role: str, slot: int) -> ChildSpec:
         return ChildSpec(role=role, slot=slot, core=self.pinning[slot], algorithm=self.spec, config=self.algo_config,
                          iterations=self.cfg.iterations, spans=self.cfg.spans, keep_going=self.cfg.keep_going,
                          spans_ab=self.cfg.spans_ab)
 
-    def _spawn(self, slot: int, p: mp.process.BaseProcess, tel: Connection) -> None:
+    def _spawn(self, slot: int, p: mp.process.BaseProcess) -> None:
         # A spawned child spends a while importing before its bootstrap ignores SIGINT; a Ctrl-C to
         # the terminal's process group then killed it with KeyboardInterrupt and the run reported a
         # crash. So the child starts with SIGINT blocked: the signal mask survives fork and exec,
@@ -226,7 +264,6 @@ class Run:
             if main:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self._children[slot] = p
-        self._conns[tel] = slot
         st = self.procs[slot]
         st.pid, st.core = p.pid, self.pinning[slot]
         self.proc_sampler.watch(slot, p.pid)  # type: ignore[arg-type]
