@@ -10,7 +10,7 @@ Two rules, both lifted by `--ignore-limits`:
   and an env (PROCESS_BYTES), plus what its settings make it allocate: networks with their
   training state, replay buffers, one update's activations (`Footprint`, estimated from the
   largest arrays in algorithms/configs.py, so it errs low). A run that needs more than the memory
-  available now (psutil's estimate, or the cgroup's limit when that is lower) is refused: it
+  available now (psutil's estimate, or what the memory cgroup allows when that is lower) is refused: it
   would swap to a crawl or be killed by the kernel mid-run.
 """
 
@@ -40,17 +40,37 @@ def usable_cores() -> int:
 
 
 def available_memory() -> int:
-    """Bytes that can be allocated now without swapping: psutil's estimate, or what the cgroup
-    (a container, a systemd slice) still allows, whichever is lower."""
+    """Bytes that can be allocated now without swapping: psutil's estimate, or what this
+    process's memory cgroup (a container, a systemd slice) still allows, whichever is lower."""
     free = psutil.virtual_memory().available
-    cgroup = Path("/sys/fs/cgroup")
+    room = _cgroup_room()
+    return max(0, free if room is None else min(free, room))
+
+
+def _cgroup_room() -> int | None:
+    """Limit minus usage of this process's memory cgroup (v2 or v1), or None if it has no limit."""
     try:
-        limit = (cgroup / "memory.max").read_text().strip()
-        if limit != "max":
-            free = min(free, int(limit) - int((cgroup / "memory.current").read_text()))
-    except (OSError, ValueError):
-        pass  # no cgroup v2 memory controller here
-    return max(0, free)
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None  # not Linux
+    root = Path("/sys/fs/cgroup")
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        rel = path.lstrip("/")
+        if controllers == "":  # v2: one hierarchy, mounted at the root or beside v1 as `unified`
+            places = [(root / rel, "memory.max", "memory.current"), (root / "unified" / rel, "memory.max", "memory.current")]
+        elif "memory" in controllers.split(","):
+            places = [(root / "memory" / rel, "memory.limit_in_bytes", "memory.usage_in_bytes")]
+        else:
+            continue
+        for folder, limit_file, usage_file in places:
+            try:
+                limit = (folder / limit_file).read_text().strip()
+                if limit != "max" and int(limit) < 2**60:  # v1 writes "no limit" as a huge number
+                    return int(limit) - int((folder / usage_file).read_text())
+            except (OSError, ValueError):
+                continue
+    return None
 
 
 def run_memory(config: Any, workers: int, iterations: int | None) -> tuple[int, str]:

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ from tests.conftest import REPO, group_members
 pytestmark = pytest.mark.timeout(120)
 
 
-def refused(tmp_path: Path, *args: str, code: int = 2, stdout: str | None = None) -> str:
+def refused(tmp_path: Path, *args: str, code: int = 2, stdout: str | None = None, preexec=None) -> str:
     """Run `python -m marlwatch ARGS` in a session of its own ("{rec}" in ARGS is a recording path
     in an empty directory), its stdout into the file `stdout` if given; it must exit `code` with one
     `marlwatch:` line on stderr, write no file and leave no process of its session. Returns the line."""
@@ -25,7 +28,7 @@ def refused(tmp_path: Path, *args: str, code: int = 2, stdout: str | None = None
     with open(stdout or os.devnull, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "marlwatch", *argv], cwd=REPO,
                                 stdout=out if stdout else subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=preexec)
     try:
         _, err = proc.communicate(timeout=100)
     finally:
@@ -90,3 +93,30 @@ def test_stdout_on_a_full_device_is_one_line_and_exit_1(tmp_path, args):
 def test_export_to_a_full_stdout_fails_as_a_failed_write(tmp_path):
     line = refused(tmp_path, "export", SHIPPED, "--to", "perfetto", "-o", "-", code=1, stdout="/dev/full")
     assert line == "marlwatch: export to - failed: No space left on device"
+
+
+MEMORY_V1 = Path("/sys/fs/cgroup/memory")
+
+
+def test_a_memory_cgroup_limit_is_the_memory_available(tmp_path):
+    """In a container or a systemd slice the host's free memory is not ours: the cgroup's limit is."""
+    if os.geteuid() != 0 or not os.access(MEMORY_V1, os.W_OK):
+        pytest.skip("needs root and a writable cgroup v1 memory hierarchy")
+    group = MEMORY_V1 / f"marlwatch-test-{uuid.uuid4().hex[:8]}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(2 * 2**30))
+
+        def enter() -> None:
+            (group / "cgroup.procs").write_text(str(os.getpid()))
+
+        # A 6M-transition buffer (3 GB once full) fits the machine, not the group.
+        line = refused(tmp_path, *RUN[:5], "100000", *RUN[6:], "--set", "buffer_size=6000000", preexec=enter)
+        assert "mostly the replay buffer" in line, line
+        free = re.search(r"; ([0-9.]+) (MB|GB) is available", line)
+        assert free and (free[2] == "MB" or float(free[1]) <= 2.0), line
+    finally:
+        deadline = time.monotonic() + 10  # killed processes leave the group once they are reaped
+        while (group / "cgroup.procs").read_text().strip() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        group.rmdir()
