@@ -62,7 +62,7 @@ def check(capsys, argv: list[str]) -> int:
 def readers(path: Path, tmp: Path) -> list[list[str]]:
     out = [["summary", str(path)], ["summary", str(path), "--json"]]
     if has("marlwatch.diff"):
-        out.append(["diff", str(path), str(path), "--resamples", "50"])
+        out.append(["diff", str(path), str(path), "--resamples", "100"])  # the fewest diff takes
     if has("marlwatch.export"):
         out.append(["export", str(path), "--to", "perfetto", "-o", str(tmp / "trace.json")])
     return out
