@@ -35,8 +35,7 @@ def real_run(algo: str, spans: bool, iterations: int, record: Path, workers: int
              settings: dict[str, str] | None = None) -> dict:
     """One headless run, driven like `marlwatch run --headless`; its figures from Metrics."""
     from marlwatch.metrics import Metrics
-    from marlwatch.runner import Run, RunConfig
-    from marlwatch.sweep import execute
+    from marlwatch.runner import Run, RunConfig, drive
 
     run = Run(RunConfig(algo=algo, agents=agents, workers=workers, iterations=iterations, spans=spans,
                         record=str(record), settings=dict(settings or SETTINGS.get(algo, {}))))
@@ -48,7 +47,7 @@ def real_run(algo: str, spans: bool, iterations: int, record: Path, workers: int
     me = psutil.Process()
     mon: list[tuple[int, float]] = []
     run.hooks.append(lambda final: final or mon.append((run.streams[0].iteration, sum(me.cpu_times()[:2]))))
-    execute(run)
+    drive(run)
     if run.failure:
         raise RuntimeError(f"benchmark run failed: {run.failure}")
     ticks = m.iteration_times_ns()
@@ -119,14 +118,13 @@ def ab_run(algo: str, iterations: int, record: Path, block: int = AB_BLOCK, resa
     load moment by moment. Figure: time per iteration on / off - 1 over (on, off) block pairs
     after the first 20%, with a 95% bootstrap interval over pairs."""
     from marlwatch.metrics import Metrics
-    from marlwatch.runner import Run, RunConfig
-    from marlwatch.sweep import execute
+    from marlwatch.runner import Run, RunConfig, drive
 
     run = Run(RunConfig(algo=algo, agents=3, workers=2, iterations=iterations, spans=True, spans_ab=block,
                         record=str(record), settings=dict(SETTINGS.get(algo, {}))))
     m = Metrics(run.info)
     run.listeners.append(m.add)
-    execute(run)
+    drive(run)
     if run.failure:
         raise RuntimeError(f"benchmark run failed: {run.failure}")
     # Every iteration's latency, the first (start-up) too, so that index k is iteration k and the

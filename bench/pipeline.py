@@ -2,10 +2,10 @@
 
 Each producer is a real process using the real span API (`marlwatch.instrument`: preallocated
 buffers, batch frames over a `multiprocessing` Pipe) and emits nested spans as fast as it can:
-100 iterations of `sample { act, env_step }` per `tick()`. The monitor (this process) does
-what `Run.pump` does with every frame: `wire.decode`, `collector.ProcStream.rows`, the real
-`RecordingWriter` (zstd, flushed every 0.5 s) and `Metrics.add` (as the headless CLI and the
-live view do). Figures: the span rate end to end (spans found in the file over the time from
+100 iterations of `sample { act, env_step }` per `tick()`. The monitor (this process) is the
+real one (`marlwatch.monitor.Monitor`, driven by `marlwatch.runner.drive` as `marlwatch run`
+drives it, with its core and process sampling), with `Metrics` listening as the headless CLI and
+the live view do; the producers are started by a small launcher of this benchmark's own. Figures: the span rate end to end (spans found in the file over the time from
 the start signal to the last frame), the span counts sent vs recorded (they must be equal:
 producers wait on a full pipe, nothing is dropped), the monitor's peak RSS and its CPU.
 
@@ -22,7 +22,6 @@ import multiprocessing as mp
 import os
 import tempfile
 import time
-from multiprocessing.connection import wait
 from pathlib import Path
 
 import psutil
@@ -52,76 +51,95 @@ def _producer(conn, slot: int, go, duration_s: float) -> None:
     tel.close()
 
 
-def run_pipeline(workers: int, duration_s: float, path: Path, *, metrics: bool = True) -> dict:
-    from marlwatch import wire
-    from marlwatch.collector import ProcStream
-    from marlwatch.metrics import Metrics
-    from marlwatch.recording import RecordingWriter, RunInfo
+class ProducerLauncher:
+    """A launcher (marlwatch.launchers) for W synthetic producers, so the benchmark drives the real
+    monitor with the same loop as `marlwatch run` (marlwatch.runner.drive)."""
 
-    ctx = mp.get_context("spawn")
-    go = ctx.Event()
-    info = RunInfo(algo="synthetic", env="none", agents=0, workers=workers, seed=0, iterations=None,
-                   procs={str(s): f"producer {s}" for s in range(1, workers + 1)})
-    t_origin = time.perf_counter_ns()
-    conns, procs, streams = {}, [], {}
-    for slot in range(1, workers + 1):
-        r, w = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_producer, args=(w, slot, go, duration_s), daemon=True)
-        p.start()
-        w.close()
-        conns[r] = slot
-        procs.append(p)
-        streams[slot] = ProcStream(slot, t_origin)
+    def __init__(self, workers: int, duration_s: float) -> None:
+        self.workers, self.duration_s = workers, duration_s
+        self.ctx = mp.get_context("spawn")
+        self.go = self.ctx.Event()
+        self.procs: list = []
+
+    def run_info(self):
+        from marlwatch.recording import RunInfo
+
+        return RunInfo(algo="synthetic", env="none", agents=0, workers=self.workers, seed=0, iterations=None,
+                       procs={str(s): f"producer {s + 1}" for s in range(self.workers)})
+
+    def record_stem(self) -> str:
+        return "pipeline"
+
+    def start(self, monitor) -> None:
+        for i in range(self.workers):
+            r, w = self.ctx.Pipe(duplex=False)
+            p = self.ctx.Process(target=_producer, args=(w, i, self.go, self.duration_s), daemon=True)
+            p.start()
+            w.close()
+            monitor.attach(monitor.add_process(f"producer {i + 1}", pid=p.pid), r)
+            self.procs.append(p)
+
+    def waitables(self) -> list:
+        return []
+
+    def poll(self, monitor, ready) -> None:
+        for slot, p in enumerate(self.procs):
+            if monitor.procs[slot].exitcode is None and not p.is_alive():
+                monitor.process_exited(slot, p.exitcode)
+
+    @property
+    def running(self) -> bool:
+        return any(p.is_alive() for p in self.procs)
+
+    def request_stop(self, reason: str) -> None:
+        pass  # producers stop after their duration
+
+    def kill(self, monitor) -> None:
+        for p in self.procs:
+            p.join(timeout=10)
+        self.poll(monitor, [])
+
+
+def run_pipeline(workers: int, duration_s: float, path: Path, *, metrics: bool = True) -> dict:
+    from marlwatch.metrics import Metrics
+    from marlwatch.runner import Run, RunConfig, drive
+
+    launcher = ProducerLauncher(workers, duration_s)
+    run = Run(RunConfig(record=str(path)), launcher=launcher)
+    if metrics:
+        run.listeners.append(Metrics(run.info).add)
     me = psutil.Process()
-    m = Metrics(info) if metrics else None
     sent: dict[int, int] = {}
     producer_cpu = 0.0
-    hello = 0
-    rss_peak = me.memory_info().rss
-    rss_start = rss_peak
-    t_go = t_end = None
-    cpu0 = None
-    next_sample = 0.0
-    with RecordingWriter(path, info) as writer:
-        while conns:
-            for c in wait(list(conns), timeout=0.1):
-                slot = conns[c]
-                try:
-                    frame = c.recv_bytes()
-                except (EOFError, OSError):
-                    del conns[c]
-                    continue
-                msg = wire.decode(frame)
-                if isinstance(msg, wire.Control):
-                    if msg.message["type"] == "hello":
-                        hello += 1
-                        if hello == workers:
-                            rss_start = me.memory_info().rss
-                            cpu0 = me.cpu_times()
-                            t_go = time.perf_counter()
-                            go.set()
-                    elif msg.message.get("name") == "finished":
-                        sent[slot] = int(msg.message["spans"])
-                        producer_cpu += float(msg.message["cpu_s"])
-                    continue
-                rows = streams[slot].rows(msg)
-                if rows is not None:
-                    writer.append(rows)
-                    if m is not None:
-                        m.add(rows)
-            now = time.monotonic()
-            if now >= next_sample:
-                next_sample = now + 0.1
-                rss_peak = max(rss_peak, me.memory_info().rss)
-        t_end = time.perf_counter()
-        cpu1 = me.cpu_times()
-    for p in procs:
-        p.join(timeout=10)
+    state = {"rss_peak": me.memory_info().rss, "rss_start": 0, "t_go": None, "cpu0": None}
+    policy = run.monitor.on_process_event
+
+    def on_event(st, name: str, detail: dict) -> None:
+        nonlocal producer_cpu
+        if name == "finished":
+            sent[st.slot] = int(detail["spans"])
+            producer_cpu += float(detail["cpu_s"])
+        policy(st, name, detail)
+
+    run.monitor.on_process_event = on_event
+
+    def every() -> None:
+        state["rss_peak"] = max(state["rss_peak"], me.memory_info().rss)
+        if not launcher.go.is_set() and all(st.state == "running" for st in run.procs.values()):
+            state["rss_start"] = me.memory_info().rss
+            state["cpu0"] = me.cpu_times()
+            state["t_go"] = time.perf_counter()
+            launcher.go.set()
+
+    drive(run, every=every, period_s=0.1)
+    t_end = time.perf_counter()
+    cpu1 = me.cpu_times()
     import pyarrow.compute as pc
 
     from marlwatch.recording import open_recording
 
     recorded = sum(pc.sum(pc.equal(b.column("kind"), "span")).as_py() or 0 for b in open_recording(path).batches())
+    cpu0, t_go = state["cpu0"], state["t_go"]
     elapsed = t_end - (t_go or t_end)
     cpu = ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / elapsed if cpu0 and elapsed else float("nan")
     cpu_per_span = cpu * elapsed / recorded if recorded else float("nan")
@@ -134,8 +152,8 @@ def run_pipeline(workers: int, duration_s: float, path: Path, *, metrics: bool =
             # What the machine could sustain with all its cores on this pipeline and nothing else.
             "idle_machine_capacity": cores / (cpu_per_span + producer_per_span) if recorded else float("nan"),
             "lossless": sum(sent.values()) == recorded and len(sent) == workers, "elapsed_s": elapsed,
-            "rate": recorded / elapsed if elapsed else 0.0, "monitor_rss_peak": rss_peak,
-            "monitor_rss_start": rss_start, "monitor_cpu": cpu, "file_bytes": path.stat().st_size}
+            "rate": recorded / elapsed if elapsed else 0.0, "monitor_rss_peak": state["rss_peak"],
+            "monitor_rss_start": state["rss_start"], "monitor_cpu": cpu, "file_bytes": path.stat().st_size}
 
 
 def measure(quick: bool = False) -> dict:

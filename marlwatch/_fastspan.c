@@ -27,6 +27,10 @@
 #include <stdint.h>
 #include <time.h>
 
+/* Bumped whenever the Python side's calls change: instrument.py refuses a stale build (an
+   in-place .so left from an older checkout) and uses the Python spans instead of crashing. */
+#define FASTSPAN_ABI 2
+
 #ifndef __linux__
 #error "the C span path is built on Linux only; elsewhere marlwatch uses its Python spans"
 #endif
@@ -647,7 +651,8 @@ PyInit__fastspan(void)
         return NULL;
     if (PyModule_AddObjectRef(m, "SpanBuffer", (PyObject *)&SpanBufferType) < 0 ||
         PyModule_AddObjectRef(m, "Span", (PyObject *)&SpanType) < 0 ||
-        PyModule_AddObjectRef(m, "NullSpan", (PyObject *)&NullSpanType) < 0) {
+        PyModule_AddObjectRef(m, "NullSpan", (PyObject *)&NullSpanType) < 0 ||
+        PyModule_AddIntConstant(m, "ABI", FASTSPAN_ABI) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -10,9 +10,7 @@ import argparse
 import importlib
 import json
 import os
-import signal
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import NoReturn, TextIO
 
@@ -98,36 +96,47 @@ def _flame(text: str) -> tuple[str, float]:
     return parse_flame_arg(text)
 
 
+def _add_watch_arguments(p: argparse.ArgumentParser) -> None:
+    """What every monitor takes, whatever started the processes it watches."""
+    p.add_argument("--record", default=None,
+                   help="recording path (default: a new runs/NAME-TIME.arrow); an existing file is refused")
+    p.add_argument("--force", action="store_true", help="let --record overwrite an existing file")
+    p.add_argument("--headless", action="store_true", help="no terminal UI: a progress line and a summary")
+    p.add_argument("--json", action="store_true", help="headless: print the final summary as JSON")
+    p.add_argument("--sample-hz", type=float, default=10.0, help="core/process sampling rate")
+    p.add_argument("--refresh", type=float, default=4.0, metavar="HZ",
+                   help="live view: redraws per second (default 4; lower costs the run less CPU)")
+    p.add_argument("--latency-bound", type=_latency_bound, default=None, metavar="MS",
+                   help="also show latency-bounded IPS: only iterations that took at most MS ms count")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="marlwatch", description="See where the time of a MARL training run goes.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
-    run = sub.add_parser("run", help="start a training run and watch it (default: MADDPG, 3 agents)")
-    run.add_argument("--algo", default="maddpg", help="algorithm (see `marlwatch algorithms`)")
-    run.add_argument("--env", default="", help="environment (default: the algorithm's)")
-    run.add_argument("--agents", type=positive_int("--agents"), default=3)
-    run.add_argument("--workers", type=positive_int("--workers"), default=None,
-                     help="rollout worker processes (default: one per core)")
-    run.add_argument("--iterations", type=positive_int("--iterations"), default=None,
-                     help="stop after this many learner iterations (default: 500 headless, until q live)")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--record", default=None,
-                     help="recording path (default: a new runs/ALGO-TIME.arrow); an existing file is refused")
-    run.add_argument("--force", action="store_true", help="let --record overwrite an existing file")
-    run.add_argument("--ignore-limits", action="store_true",
-                     help="run even if it needs more memory than is available or more than 4 workers per core")
-    run.add_argument("--headless", action="store_true", help="no terminal UI: a progress line and a summary")
+    run = sub.add_parser("run", help="start a training run and watch it (default: MADDPG, 3 agents)",
+                         usage="marlwatch run [options] [-- COMMAND [ARGS...]]",
+                         description="Watch a built-in algorithm, or your own command: marlwatch run -- python train.py")
+    builtin = run.add_argument_group("built-in algorithms (not with a COMMAND)")
+    builtin.add_argument("--algo", default=None, help="algorithm (see `marlwatch algorithms`; default maddpg)")
+    builtin.add_argument("--env", default=None, help="environment (default: the algorithm's)")
+    builtin.add_argument("--agents", type=positive_int("--agents"), default=None, help="agents (default 3)")
+    builtin.add_argument("--workers", type=positive_int("--workers"), default=None,
+                         help="rollout worker processes (default: one per core)")
+    builtin.add_argument("--iterations", type=positive_int("--iterations"), default=None,
+                         help="stop after this many learner iterations (default: 500 headless, until q live)")
+    builtin.add_argument("--seed", type=int, default=None)
+    builtin.add_argument("--keep-going", action="store_true", default=None,
+                         help="a crashed worker does not stop the run")
+    builtin.add_argument("--ignore-limits", action="store_true", default=None,
+                         help="run even if it needs more memory than is available or more than 4 workers per core")
+    builtin.add_argument("--set", dest="settings", type=_setting, action="append", default=None,
+                         metavar="KEY=VALUE", help="algorithm setting, e.g. --set batch_size=512")
+    run.add_argument("--no-auto-phases", dest="auto_phases", action="store_false",
+                     help="with a COMMAND: no hooks in its processes; only your own spans are recorded")
+    _add_watch_arguments(run)
     run.add_argument("--no-spans", dest="spans", action="store_false",
                      help="record no spans (iterations still counted): measure the overhead yourself")
-    run.add_argument("--keep-going", action="store_true", help="a crashed worker does not stop the run")
-    run.add_argument("--sample-hz", type=float, default=10.0, help="core/process sampling rate")
-    run.add_argument("--set", dest="settings", type=_setting, action="append", default=[],
-                     metavar="KEY=VALUE", help="algorithm setting, e.g. --set batch_size=512")
-    run.add_argument("--json", action="store_true", help="headless: print the final summary as JSON")
-    run.add_argument("--refresh", type=float, default=4.0, metavar="HZ",
-                     help="live view: redraws per second (default 4; lower costs the run less CPU)")
-    run.add_argument("--latency-bound", type=_latency_bound, default=None, metavar="MS",
-                     help="also show latency-bounded IPS: only iterations that took at most MS ms count")
     run.add_argument("--flame", type=_flame, action="append", default=[], metavar="PHASE[:SECONDS]",
                      help="run py-spy on the processes running PHASE for SECONDS (default 5) once it runs; "
                           "samples are stored in the recording (see `marlwatch flame`)")
@@ -135,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run py-spy once, when a phase becomes the hottest or its p95 jumps")
     run.add_argument("--flame-rate", type=positive_int("--flame-rate"), default=100, metavar="HZ",
                      help="py-spy samples per second (default 100)")
+
+    listen = sub.add_parser("listen", help="watch processes started elsewhere: they connect to this monitor")
+    listen.add_argument("--address", default=None, metavar="HOST:PORT|unix:PATH",
+                        help="where to listen (default: a Unix socket in a private temporary folder)")
+    listen.add_argument("--allow-remote", action="store_true",
+                        help="allow an --address other machines can reach (the key is still required)")
+    _add_watch_arguments(listen)
 
     summ = sub.add_parser("summary", help="summarise a recording")
     summ.add_argument("file")
@@ -220,16 +236,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout = real_stdout
 
 
+def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """`marlwatch [run] [options] -- COMMAND ...`: marlwatch's own arguments, and the user's command.
+    For other subcommands `--` keeps its usual meaning (the end of options)."""
+    if "--" not in argv:
+        return argv, None
+    i = argv.index("--")
+    subcommand = next((a for a in argv[:i] if not a.startswith("-")), "run")
+    if subcommand != "run":
+        return argv, None
+    return argv[:i], argv[i + 1:]
+
+
 def _main(argv: Sequence[str] | None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, user_command = _split_command(argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(own)
+        if args.command is None:
+            args = build_parser().parse_args(["run", *own])
     except UsageError as e:
         return _fail(str(e))
-    if args.command is None:
-        args = build_parser().parse_args(["run", *(argv or [])])
+    args.user_command = user_command
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "listen":
+            return cmd_listen(args)
         if args.command == "summary":
             return cmd_summary(args)
         if args.command == "algorithms":
@@ -247,39 +280,86 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 # -- run ------------------------------------------------------------------------------------
+_BUILTIN_ONLY = {"algo": "--algo", "env": "--env", "agents": "--agents", "workers": "--workers",
+                 "iterations": "--iterations", "seed": "--seed", "keep_going": "--keep-going", "settings": "--set",
+                 "ignore_limits": "--ignore-limits"}
+
+
 def _run_config(args: argparse.Namespace, default_iterations: int | None):
     from marlwatch.runner import RunConfig
 
     if not 0 < args.sample_hz <= 1000:  # also NaN, which every comparison lets through
         raise UsageError(f"--sample-hz must be in (0, 1000], got {args.sample_hz}")
+    common = dict(spans=getattr(args, "spans", True), record=args.record, overwrite=args.force,
+                  sample_hz=args.sample_hz)
+    if args.command == "listen":
+        return RunConfig(listen=_listen_address(args), **common)
+    command = getattr(args, "user_command", None)
+    if command is not None:
+        given = [flag for key, flag in _BUILTIN_ONLY.items() if getattr(args, key, None) not in (None, [])]
+        if given:
+            raise UsageError(f"{', '.join(given)}: for the built-in algorithms, not with a command after --")
+        if not command:
+            raise UsageError("no command after --: marlwatch run -- python train.py")
+        return RunConfig(command=command, auto_phases=args.auto_phases, **common)
     return RunConfig(
-        algo=args.algo, env=args.env, agents=args.agents, workers=args.workers or 0,
+        algo=args.algo or "maddpg", env=args.env or "", agents=args.agents or 3, workers=args.workers or 0,
         iterations=args.iterations if args.iterations is not None else default_iterations,
-        seed=args.seed, spans=args.spans, record=args.record, overwrite=args.force, keep_going=args.keep_going,
-        ignore_limits=args.ignore_limits,
-        sample_hz=args.sample_hz, settings=dict(args.settings),
+        seed=args.seed or 0, keep_going=bool(args.keep_going), ignore_limits=bool(args.ignore_limits),
+        settings=dict(args.settings or []), **common,
     )
 
 
-def make_run(args: argparse.Namespace, default_iterations: int | None):
-    """Build (not start) a Run, turning every configuration problem into a UsageError."""
+def _listen_address(args: argparse.Namespace) -> str:
+    import tempfile
+
+    from marlwatch.monitor import Address
+
+    if args.address is None:
+        return f"unix:{tempfile.mkdtemp(prefix='marlwatch-')}/monitor.sock"  # 0700: this user only
+    try:
+        address = Address(args.address)
+    except ValueError as e:
+        raise UsageError(f"--address: {e}") from None
+    if not address.is_local and not args.allow_remote:
+        raise UsageError(f"--address {args.address} can be reached from other machines: add --allow-remote "
+                         "(connections still need the key)")
+    return args.address
+
+
+def make_run(args: argparse.Namespace, default_iterations: int | None, *, command_log: bool = False):
+    """Build (not start) a Run, turning every configuration problem into a UsageError.
+    `command_log`: a command's output goes to a log beside the recording (the live app owns the terminal)."""
+    from marlwatch.launchers import LaunchError
     from marlwatch.runner import Run
 
     cfg = _run_config(args, default_iterations)
+    cfg.command_log = command_log and cfg.command is not None
     try:
         run = Run(cfg)
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, LaunchError) as e:
         raise UsageError(str(e).strip("'\"")) from None
     if getattr(args, "latency_bound", None) is not None:
         # In the run info, so every Metrics of this run (live, replay, summary) shows it.
         run.info.extra["latency_bound_ms"] = args.latency_bound
-    from marlwatch.flame import attach
-
-    run.flame = attach(run, args)  # None unless --flame / --auto-flame; the live app uses it too
     return run
 
 
+def make_flame(run, args: argparse.Namespace, *, always: bool = False):
+    """The py-spy controller of `run`: when --flame / --auto-flame asked for one, or `always` (the
+    live app's `f` key needs one)."""
+    from marlwatch.flame import FlameController, attach
+
+    flame = attach(run, args)
+    if flame is None and always:
+        flame = FlameController(run)
+    return flame
+
+
 def start_run(run) -> None:
+    """Start `run`: bad paths and commands are usage errors (exit 2); processes that cannot be
+    created fail the run (exit 1) with what was recorded kept."""
+    from marlwatch.launchers import LaunchError
     from marlwatch.recording import RecordingError, RecordingExists
     from marlwatch.runner import RunError
 
@@ -287,7 +367,7 @@ def start_run(run) -> None:
         run.start()
     except RecordingExists as e:
         raise UsageError(f"{e} (--force overwrites it)") from None
-    except RecordingError as e:
+    except (RecordingError, LaunchError) as e:
         raise UsageError(str(e)) from None
     except RunError as e:  # its processes could not all be started: none is left
         raise RunFailed(str(e)) from None
@@ -301,53 +381,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_headless(args)
 
 
+def cmd_listen(args: argparse.Namespace) -> int:
+    return cmd_run(args)
+
+
 def run_headless(args: argparse.Namespace) -> int:
     from marlwatch.metrics import Metrics
-    from marlwatch.report import plural, progress_line, summary_text
+    from marlwatch.report import progress_line, summary_text
+    from marlwatch.runner import drive, stop_on_signals
 
     run = make_run(args, default_iterations=500)
+    flame = make_flame(run, args)
     metrics = Metrics(run.info)
-    if run.flame is not None:
-        nl = "\n" if sys.stderr.isatty() else ""  # after the progress line
-        run.flame.on_message = lambda text: print(f"{nl}marlwatch: {printable(text)}", file=sys.stderr)
+    tty = sys.stderr.isatty() and run.cfg.command is None  # a command's own output shares the terminal
+    if flame is not None:
+        nl = "\n" if tty else ""  # after the progress line
+        flame.on_message = lambda text: say(f"{nl}{text}")
     run.listeners.append(metrics.add)
-    interrupted = 0
 
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal interrupted
-        interrupted += 1
-        if interrupted == 1:
-            run.request_stop("stopped by " + signal.Signals(signum).name)
-            print(f"\nmarlwatch: stopping (recording to {run.record_path}); press Ctrl-C again to force",
-                  file=sys.stderr)
-        else:
-            raise KeyboardInterrupt
-
-    old_int = signal.signal(signal.SIGINT, on_signal)
-    old_term = signal.signal(signal.SIGTERM, on_signal)
-    tty = sys.stderr.isatty()
-    start_run(run)
-    say(f"{run.cfg.algo} on {run.info.env}, {plural(run.cfg.agents, 'agent')}, {plural(run.workers, 'worker')}; "
-        f"recording to {run.record_path}")
-    try:
-        next_line = time.monotonic() + 1.0
-        while run.alive:
-            run.pump(0.2)
-            if time.monotonic() >= next_line:
-                line = progress_line(metrics.snapshot(), run.cfg.iterations, run.recording_bytes)
-                print(("\r" + line + "\x1b[K") if tty else line, end="" if tty else "\n", file=sys.stderr,
-                      flush=True)
-                next_line = time.monotonic() + (1.0 if tty else 5.0)
-        run.finish()
-    except KeyboardInterrupt:
-        run.kill_children()
-        if run.writer is not None:
-            run.writer.close(t_ns=run.now_ns(), detail={"stop_reason": "forced"})
+    def on_first_signal(signum: int) -> None:
         print(file=sys.stderr)
-        return _fail(f"forced stop; recording kept up to now in {run.record_path}", EXIT_INTERRUPTED)
-    finally:
-        signal.signal(signal.SIGINT, old_int)
-        signal.signal(signal.SIGTERM, old_term)
+        say(f"stopping (recording to {run.record_path}); press Ctrl-C again to force")
+
+    def progress() -> None:
+        line = progress_line(metrics.snapshot(), run.cfg.iterations if run.cfg.command is None else None,
+                             run.recording_bytes)
+        print(("\r" + line + "\x1b[K") if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+
+    with stop_on_signals(run, on_first_signal):
+        try:
+            start_run(run)
+            say(f"{run.describe()}; recording to {run.record_path}")
+            if run.cfg.listen is not None:
+                _print_exports(run)
+            drive(run, every=progress, period_s=1.0 if tty else (10.0 if run.cfg.command else 5.0))
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return _fail(f"forced stop; recording kept up to now in {run.record_path}", EXIT_INTERRUPTED)
     if tty:
         print(file=sys.stderr)
     snap = metrics.snapshot()
@@ -355,10 +425,45 @@ def run_headless(args: argparse.Namespace) -> int:
         print(json.dumps(finite(snap.to_json()), indent=2, default=str, allow_nan=False))
     else:
         print(summary_text(snap, str(run.record_path), "complete" if snap.complete else "truncated"))
+    return finish_message(run, snap)
+
+
+def _print_exports(run) -> None:
+    """What a user pastes into the shell that starts the processes to watch (stdout: scriptable)."""
+    print(f"export MARLWATCH_ADDRESS={run.monitor.address}")
+    print(f"export MARLWATCH_AUTHKEY={run.monitor.authkey.hex()}", flush=True)
+
+
+def finish_message(run, snap) -> int:
+    """The last lines after a run, and marlwatch's exit code: the command's own for a command
+    (a command that fails is not a marlwatch failure), 1 for a failed run, 128+N after signal N."""
+    from marlwatch.runner import signal_exit_code
+
+    command = run.cfg.command is not None
+    if (command or run.cfg.listen is not None) and not snap.phases:
+        if not command:
+            why = "no process connected with the key"
+        elif run.cfg.auto_phases:
+            why = "the command's processes never connected (is it a Python program?)"
+        else:
+            why = "the command never used marlwatch's span API (auto phases were off: --no-auto-phases)"
+        say(f"no spans arrived: {why}")
+    if command:
+        code = run.launcher.exit_code
+        tail = run.launcher.output_tail()
+        if code not in (None, 0) and run.stop_signal is None:
+            if tail:
+                print("marlwatch: the command's last output:\n  "
+                      + "\n  ".join(printable(line) for line in tail), file=sys.stderr)
+            say(f"the command {run.describe()} exited with code {code} (recording kept: {run.record_path})")
+            return code
+        if run.stop_signal is not None:
+            return signal_exit_code(run.stop_signal)
+        return code or EXIT_OK
     if run.failure:
         return _fail(f"run failed: {run.failure} (recording kept: {run.record_path})", EXIT_FAILED)
-    if interrupted:
-        return EXIT_INTERRUPTED
+    if run.stop_signal is not None:
+        return signal_exit_code(run.stop_signal)
     return EXIT_OK
 
 

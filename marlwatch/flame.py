@@ -998,7 +998,7 @@ def cli(args: argparse.Namespace) -> int:
         per_slot = read.per_slot if args.lines else {k: by_function(v) for k, v in read.per_slot.items()}
         text = json.dumps(speedscope(per_slot, phase, rec.info.procs))
     else:
-        text = flame_svg(stacks, f"marlwatch: {phase} ({rec.info.algo}, {rec.info.agents} agents)")
+        text = flame_svg(stacks, f"marlwatch: {phase} ({rec.info.title()})")
     if args.out is None:
         print(text)
         warn_skipped(rec)

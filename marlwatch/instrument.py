@@ -194,12 +194,17 @@ class PyNullSpan:
         return None
 
 
+FASTSPAN_ABI = 2  # what _fastspan.c's FASTSPAN_ABI must be for this file's calls
+
+
 def _c_spans() -> tuple[type, type, type] | None:
     """The C span types, if they were built here and stamp with the same clock as `_now`."""
     try:
         from marlwatch import _fastspan
     except ImportError:
         return None
+    if getattr(_fastspan, "ABI", None) != FASTSPAN_ABI:
+        return None  # built from another version of _fastspan.c: `pip install -e .` rebuilds it
     a, c, b = _now(), _fastspan.now_ns(), _now()
     if not a <= c <= b:
         return None

@@ -575,6 +575,8 @@ class Metrics:
             p = self._proc(slot)
             if name == "started":
                 p.state, p.pid, p.core = "running", detail.get("pid"), detail.get("core", p.core)
+                if isinstance(detail.get("role"), str):  # processes that connected by themselves
+                    p.role = detail["role"]
                 p.first_t = t
             elif name == "crashed":
                 p.state, p.error = "crashed", detail.get("error")
@@ -582,6 +584,8 @@ class Metrics:
                 p.state = "finished"
             elif name == "stopped":
                 p.state = "stopped"
+            elif name == "left" and p.state not in ("finished", "crashed", "stopped"):
+                p.state = "left"  # closed its connection (a process that connected by itself)
             elif name == "exited" and p.state not in ("finished", "crashed", "stopped"):
                 state = detail.get("state", "exited")
                 p.state = state if isinstance(state, str) else "exited"

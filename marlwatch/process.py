@@ -1,7 +1,7 @@
 """What every child process of a run does first, and the learner and worker loops.
 
-Children die with the monitor (parent-death signal), ignore Ctrl-C (the monitor decides how a
-run stops), use one torch thread and are pinned to their core where the OS allows it.
+Children die with the monitor (parent-death signal), ignore Ctrl-C, SIGTERM and SIGHUP (the
+monitor decides how a run stops), use one torch thread and are pinned to their core where the OS allows it.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -34,23 +34,32 @@ class ChildSpec:
     spans: bool
     spans_ab: int = 0  # > 0: spans on and off in alternating blocks of this many iterations
     keep_going: bool = False
+    monitor_pid: int = field(default_factory=os.getpid)  # made in the monitor: its pid
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(monitor_pid: int) -> None:
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
         pass  # not Linux: the monitor's own clean-up still ends children
+    # The signal only comes for a death after the prctl: a monitor that died while this child
+    # was starting has already left it with another parent.
+    if os.getppid() != monitor_pid:
+        os._exit(1)
 
 
 def _bootstrap(spec: ChildSpec, telemetry_conn: Connection) -> None:
-    _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Started with SIGINT blocked (Run._spawn): unblock it now that it is ignored, so that a
-    # Ctrl-C pending from the spawn is dropped rather than kept pending for the process's life.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent(spec.monitor_pid)
+    # Ctrl-C, a SIGTERM to the whole process group (`timeout`, systemd, a job scheduler) and a
+    # closed terminal reach the children too: the monitor decides how the run stops (through the
+    # stop pipe, so every span is flushed), not each child on its own.
+    stop_signals = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    for sig in stop_signals:
+        signal.signal(sig, signal.SIG_IGN)
+    # Started with them blocked (BuiltinLauncher._spawn): unblock them now that they are ignored,
+    # so that one pending from the spawn is dropped rather than kept pending for the process's life.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
     if spec.core is not None and hasattr(os, "sched_setaffinity"):
         try:
             os.sched_setaffinity(0, {spec.core})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -116,6 +117,24 @@ class RunInfo:
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
+
+    @property
+    def launcher(self) -> str:
+        """What started the processes: ``builtin`` (an algorithm), ``command`` or ``listen``."""
+        kind = self.extra.get("launcher")
+        return kind if kind in ("command", "listen") else "builtin"
+
+    def title(self) -> str:
+        """One line naming the run, the same in the title bar, `summary` and flame graphs."""
+        if self.launcher == "command":
+            command = self.extra.get("command")
+            if isinstance(command, list) and all(isinstance(a, str) for a in command):
+                return shlex.join(command)
+            return "a command"
+        if self.launcher == "listen":
+            return "processes that connected (marlwatch listen)"
+        return (f"{self.algo} {self.env} {self.agents} agent{'s' * (self.agents != 1)} "
+                f"{self.workers} worker{'s' * (self.workers != 1)}")
 
     @classmethod
     def from_json(cls, text: str | bytes) -> RunInfo:

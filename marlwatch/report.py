@@ -74,8 +74,14 @@ def summary_text(s: Snapshot, path: str = "", status: str = "") -> str:
     lines = []
     if info:
         lines.append(f"{path}  [{status}]" if path else f"[{status}]")
-        lines.append(f"{info.algo} on {info.env}, {plural(info.agents, 'agent')}, {plural(info.workers, 'worker')}, "
-                     f"seed {info.seed}, spans {'on' if info.spans else 'off'}")
+        if info.launcher == "builtin":
+            what = (f"{info.algo} on {info.env}, {plural(info.agents, 'agent')}, {plural(info.workers, 'worker')}, "
+                    f"seed {info.seed}")
+        else:
+            what = printable(info.title())
+            if isinstance(info.extra.get("git_commit"), str):
+                what += f" (git {printable(info.extra['git_commit'][:12])})"
+        lines.append(f"{what}, spans {'on' if info.spans else 'off'}")
     lines.append(f"iterations {s.iterations}  {startup_line(s)}")
     lines.append(f"IPS {s.ips:.2f} ({plural(s.steady_iterations, 'iteration')} after the first, in "
                  f"{s.steady_s:.2f} s)  "

@@ -1,42 +1,40 @@
-"""A run: the learner and worker processes, their telemetry, the system sampler, the recording.
+"""A run: a monitor driven together with a launcher (or none, for `marlwatch listen`).
 
-`Run` is driven by whoever shows it: the headless CLI loop or the live app's reader thread call
-`pump()` repeatedly; each call reads what arrived, writes it to the recording and returns it as
-Arrow batches (the same rows the recording holds, so live view and replay share one path).
+`Run` is what headless `run`, `listen`, `sweep`, the live app and `bench/` drive, all through
+`drive()`: start, pump until the launcher's processes end or a stop is asked, finish. Each pump
+reads what arrived, writes it to the recording and hands it to `listeners` (Metrics, flame), so
+the live view and a replay of the file read the same rows.
 """
 
 from __future__ import annotations
 
-import errno
-import multiprocessing as mp
+import contextlib
 import os
 import platform
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from multiprocessing import resource_tracker
-from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from algorithms.base import AlgorithmSpec
-from marlwatch import recording, wire
-from marlwatch.collector import ProcStream, core_rows, event_row, proc_rows
-from marlwatch.limits import check_machine
-from marlwatch.process import ChildSpec, learner_main, worker_main
-from marlwatch.recording import SCHEMA, RecordingError, RecordingWriter, RunInfo
-from marlwatch.sysstats import CoreSampler, ProcSampler
+from marlwatch import recording
+from marlwatch.collector import event_row
+from marlwatch.launchers import Launcher, LaunchError, StartFailed
+from marlwatch.monitor import Monitor, ProcState
+from marlwatch.recording import RunInfo
 
 STOP_GRACE_S = 10.0
 
-
 class RunError(Exception):
-    """A run that cannot start; the message is one line for the user."""
+    """A run whose processes could not all be started; the message is one line for the user."""
+
+
+__all__ = ["RunError", "STOP_GRACE_S", "ProcState", "Run", "RunConfig", "default_record_path", "drive", "stop_on_signals"]
 
 
 @dataclass
@@ -55,25 +53,18 @@ class RunConfig:
     spans_ab: int = 0  # > 0: spans on/off in alternating blocks of this many iterations (overhead A/B)
     sample_hz: float = 10.0
     settings: dict[str, str] = field(default_factory=dict)
+    command: list[str] | None = None  # a user's command instead of a built-in algorithm
+    auto_phases: bool = True  # with `command`: hooks in its processes find phases (docs/your-training.md)
+    command_log: bool = False  # with `command`: its output goes to NAME.log beside the recording (live app)
+    listen: str | None = None  # an address to accept telemetry connections on (`marlwatch listen`)
 
     def resolved_workers(self) -> int:
         return self.workers or (os.cpu_count() or 1)
 
 
-@dataclass
-class ProcState:
-    slot: int
-    role: str
-    pid: int | None = None
-    core: int | None = None
-    state: str = "starting"  # starting, running, finished, crashed, stopped
-    error: str | None = None
-    exitcode: int | None = None
-
-
-def default_record_path(algo: str) -> Path:
+def default_record_path(stem: str) -> Path:
     """The base of a run's default name; the writer takes the first free one of it, -2, -3, ..."""
-    return recording.default_record_path(algo)
+    return recording.default_record_path(stem)
 
 
 def _versions() -> dict[str, str]:
@@ -88,400 +79,284 @@ def _versions() -> dict[str, str]:
     return out
 
 
-# What usually lies behind an OSError from creating a process or a pipe, for the user to act on.
-_LIMITS = {errno.EAGAIN: "is the limit on processes, ulimit -u or a cgroup's pids.max, reached?",
-           errno.EMFILE: "is the limit on open files, ulimit -n, reached?",
-           errno.ENOMEM: "is the memory full?"}
+def make_launcher(cfg: RunConfig, algorithm: Any = None) -> Launcher | None:
+    """The launcher `cfg` asks for: a command, the built-in algorithms, or none (listen)."""
+    if cfg.command is not None:
+        from marlwatch.launchers.command import CommandLauncher
 
+        return CommandLauncher(cfg.command, auto_phases=cfg.auto_phases, spans=cfg.spans)
+    if cfg.listen is not None:
+        return None
+    from marlwatch.launchers.builtin import BuiltinLauncher
 
-def _os_reason(e: OSError) -> str:
-    hint = _LIMITS.get(e.errno) if e.errno is not None else None
-    return (e.strerror or str(e)) + (f" ({hint})" if hint else "")
-
-
-def _exit_reason(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
+    return BuiltinLauncher(cfg, algorithm)
 
 
 class Run:
-    def __init__(self, cfg: RunConfig, algorithm: AlgorithmSpec | None = None) -> None:
-        """`algorithm` overrides the registry lookup of `cfg.algo` (a user's own algorithm)."""
-        from algorithms import get_algorithm, make_config
+    """A monitor and its launcher; `pump` until not `alive`, then `finish`."""
 
+    def __init__(self, cfg: RunConfig, algorithm: Any = None, *, launcher: Launcher | None = None) -> None:
+        """`algorithm` overrides the registry lookup of `cfg.algo` (a user's own AlgorithmSpec)."""
         self.cfg = cfg
-        self.spec = algorithm or get_algorithm(cfg.algo)  # raises KeyError with a message
-        self.workers = cfg.resolved_workers()
-        self.algo_config = make_config(self.spec, env=cfg.env, agents=cfg.agents, workers=self.workers,
-                                       seed=cfg.seed, settings=cfg.settings)
-        if not cfg.ignore_limits:  # memory and processes vs this machine: LimitError, a ValueError
-            check_machine(self.algo_config, self.workers, cfg.iterations)
-        self.record_path = Path(cfg.record) if cfg.record else default_record_path(cfg.algo)
-        cores = os.cpu_count() or 1
-        can_pin = hasattr(os, "sched_setaffinity")
-        # The learner takes core 0; workers spread over the cores after it, wrapping around.
-        self.pinning = {0: 0 if can_pin else None}
-        for w in range(1, self.workers + 1):
-            self.pinning[w] = (w % cores) if can_pin else None
-        self.procs: dict[int, ProcState] = {0: ProcState(0, "learner")}
-        for w in range(1, self.workers + 1):
-            self.procs[w] = ProcState(w, f"worker {w}")
-        self.info = RunInfo(
-            algo=cfg.algo,
-            env=self.algo_config.env,
-            agents=cfg.agents,
-            workers=self.workers,
-            seed=cfg.seed,
-            iterations=cfg.iterations,
-            spans=cfg.spans,
-            host=socket.gethostname(),
-            cores=cores,
-            start_unix=time.time(),
-            versions=_versions(),
-            pinning={str(k): v for k, v in self.pinning.items()},
-            procs={str(k): p.role for k, p in self.procs.items()},
-            extra={"settings": cfg.settings, "config": {k: v for k, v in vars(self.algo_config).items()
-                                                        if isinstance(v, int | float | str | bool)},
-                   **({"spans_ab": cfg.spans_ab} if cfg.spans_ab else {})},
-        )
-        self.writer: RecordingWriter | None = None
-        self.t0_ns = time.perf_counter_ns()
-        self.streams: dict[int, ProcStream] = {}
-        self._conns: dict[Connection, int] = {}
-        self._children: dict[int, mp.process.BaseProcess] = {}
-        self._stop: Connection | None = None  # monitor's end of the learner's stop pipe
-        self._stopping = False
-        self.core_sampler = CoreSampler()
-        self.proc_sampler = ProcSampler()
-        self._next_sample = 0.0
+        self.launcher = launcher if launcher is not None else make_launcher(cfg, algorithm)
+        if self.launcher is not None:
+            info = self.launcher.run_info()
+            stem = self.launcher.record_stem()
+        else:
+            info = RunInfo(algo="listen", env="", agents=0, workers=0, seed=0, iterations=None, spans=cfg.spans,
+                           extra={"launcher": "listen"})
+            stem = "listen"
+        info.host, info.cores = socket.gethostname(), os.cpu_count() or 1
+        info.start_unix, info.versions = time.time(), _versions()
+        self.info = info
+        record_path = Path(cfg.record) if cfg.record else default_record_path(stem)
+        self.monitor = Monitor(info, record_path, sample_hz=cfg.sample_hz)
+        self.monitor.on_process_event = self._on_process_event
         self.stop_reason: str | None = None
-        self.failure: str | None = None  # why the run ended badly (worker crash, disk full)
+        self.stop_signal: int | None = None  # the signal that asked for the stop, if one did
+        self.failure: str | None = None  # why the run ended badly (a crash, a full disk)
         self._failure_is_consequence = False
         self.started = False
-        self.listeners: list[Callable[[pa.RecordBatch], None]] = []
-        # Called with final=False at the end of every pump() and with final=True by finish()
-        # before the recording closes: lets a helper (marlwatch.flame) act in the pumping thread.
-        self.hooks: list[Callable[[bool], None]] = []
-        self.flame: Any = None  # a marlwatch.flame.FlameController when --flame / --auto-flame asked for one
-        self._out: list[pa.RecordBatch] = []
-        self._pending: list[pa.RecordBatch] = []  # rows not yet delivered (see _deliver)
+        self.finished = False
+
+    @property
+    def record_path(self) -> Path:
+        """Where the recording is (set before `start`; a default name may move to -2, -3, ...)."""
+        return self.monitor.record_path
+
+    @record_path.setter
+    def record_path(self, path: Path) -> None:
+        self.monitor.record_path = Path(path)
+
+    # The monitor's surface, for the views, flame and tests.
+    @property
+    def procs(self) -> dict[int, ProcState]:
+        return self.monitor.procs
+
+    @property
+    def streams(self) -> dict[int, Any]:
+        return self.monitor.streams
+
+    @property
+    def listeners(self) -> list[Callable[[pa.RecordBatch], None]]:
+        return self.monitor.listeners
+
+    @property
+    def hooks(self) -> list[Callable[[bool], None]]:
+        return self.monitor.hooks
+
+    @property
+    def writer(self) -> Any:
+        return self.monitor.writer
+
+    @property
+    def workers(self) -> int:
+        return self.info.workers
+
+    @property
+    def recording_bytes(self) -> int:
+        return self.monitor.recording_bytes
+
+    def now_ns(self) -> int:
+        return self.monitor.now_ns()
+
+    def emit(self, batch: pa.RecordBatch) -> None:
+        """Add rows of our own (SCHEMA) to the run: recorded and passed to listeners."""
+        self.monitor.emit(batch)
+
+    def describe(self) -> str:
+        if self.launcher is not None and hasattr(self.launcher, "describe"):
+            return self.launcher.describe()
+        return f"listening on {self.monitor.address}"
 
     # -- starting --------------------------------------------------------------------------
     def start(self) -> None:
+        """Create the recording, then start the processes (the recording first: a path that cannot
+        be written fails before anything starts). Raises RecordingError, LaunchError, OSError."""
+        if self.cfg.listen is not None:  # before the file exists: an address in use is a usage error
+            try:
+                self.monitor.listen(self.cfg.listen, _authkey())
+            except (OSError, ValueError) as e:
+                raise LaunchError(f"cannot listen on {self.cfg.listen}: {getattr(e, 'strerror', None) or e}") from None
         # Fails before any process starts. A default name is made unique when the file is created.
-        self.writer = RecordingWriter(self.record_path, self.info, overwrite=self.cfg.overwrite,
-                                      unique=self.cfg.record is None)
-        self.record_path = self.writer.path
-        ctx = mp.get_context("spawn")
-        self.t0_ns = time.perf_counter_ns()
-        for slot in self.procs:
-            self.streams[slot] = ProcStream(slot, self.t0_ns)
-        child_ends: list[Connection] = []  # the children's ends of the pipes, and the learner's data ends
-        starting = "the resource tracker"
-        try:
-            # Spawning starts multiprocessing's resource tracker on first use, and that code unblocks
-            # SIGINT on its way out: inside _spawn's window, the child would then start unprotected.
-            # Started here, out of the window, it is not started again in there.
-            resource_tracker.ensure_running()
-            # A pipe, not an Event: no semaphore, no resource-tracker process, and the learner also
-            # stops when the monitor dies (the pipe reads EOF).
-            stop_r, self._stop = ctx.Pipe(duplex=False)
-            child_ends.append(stop_r)
-            learner_data: list[Connection] = []
-            for w in range(1, self.workers + 1):
-                starting = f"worker {w}"
-                tel_r, tel_w = ctx.Pipe(duplex=False)
-                child_ends.append(tel_w)
-                self._conns[tel_r] = w  # ours to close from here on, whatever happens
-                a, b = ctx.Pipe(duplex=True)
-                learner_data.append(a)
-                child_ends += [a, b]
-                p = ctx.Process(target=worker_main, name=f"marlwatch-worker-{w}",
-                                args=(self._child_spec("worker", w), tel_w, b), daemon=True)
-                self._spawn(w, p)
-            starting = "the learner"
-            tel_r, tel_w = ctx.Pipe(duplex=False)
-            child_ends.append(tel_w)
-            self._conns[tel_r] = 0
-            p = ctx.Process(target=learner_main, name="marlwatch-learner",
-                            args=(self._child_spec("learner", 0), tel_w, learner_data, stop_r), daemon=True)
-            self._spawn(0, p)
-        except OSError as e:
-            # Too many processes (ulimit -u, a cgroup's pids.max), open files or memory: no run,
-            # but no traceback either, no child left, and a recording that says what happened.
-            self._start_failed(f"cannot start {starting}: {_os_reason(e)}", child_ends)
-            raise RunError(f"{self.failure} (recording kept: {self.record_path})") from None
-        # Our copies of the children's pipe ends must go, or a dead child's pipe never reads EOF.
-        for c in child_ends:
-            c.close()
+        self.monitor.open(overwrite=self.cfg.overwrite, unique=self.cfg.record is None)
+        if self.cfg.command_log and self.launcher is not None:
+            self.launcher.log_path = self.record_path.with_suffix(".log")  # NAME.log beside NAME.arrow
         self.started = True
-        self._emit(event_row(self.now_ns(), None, "run_started", workers=self.workers, algo=self.cfg.algo))
-        self._deliver()
-        if self.stop_reason is not None:
-            # A stop asked for before the stop pipe existed (a Ctrl-C delivered when starting the
-            # resource tracker unblocked SIGINT, say) had nothing to send on: send it now.
-            self.request_stop(self.stop_reason)
+        if self.launcher is not None:
+            try:
+                self.launcher.start(self.monitor)
+            except StartFailed as e:
+                # Too many processes (ulimit -u, a cgroup's pids.max), open files or memory: no run,
+                # but no traceback either, no child left, and a recording that says what happened.
+                self._start_failed(str(e))
+                raise RunError(f"{self.failure} (recording kept: {self.record_path})") from None
+            except BaseException:
+                self._start_failed("interrupted while starting")
+                raise
+        self.emit(event_row(self.now_ns(), None, "run_started", workers=self.info.workers, algo=self.info.algo))
+        self.monitor.deliver()
+        if self.stop_reason is not None and self.launcher is not None:
+            self.launcher.request_stop(self.stop_reason)
 
-    def _start_failed(self, why: str, child_ends: list[Connection]) -> None:
+    def _start_failed(self, why: str) -> None:
         self.failure = why
         self.stop_reason = "could not start"
-        self._emit(event_row(self.now_ns(), None, "start_failed", error=why))
-        for slot in self._children:  # those started so far would wait for the others forever:
-            self.procs[slot].state = "stopped"  # we stop them, they did not crash
-        self.kill_children()
-        for c in [*child_ends, *self._conns, *([self._stop] if self._stop else [])]:
-            c.close()
-        self._conns.clear()
-        self._stop = None
-        self.finish(grace_s=0)  # closes the recording, with the failure in its end row
-
-    def _child_spec(self, role: str, slot: int) -> ChildSpec:
-        return ChildSpec(role=role, slot=slot, core=self.pinning[slot], algorithm=self.spec, config=self.algo_config,
-                         iterations=self.cfg.iterations, spans=self.cfg.spans, keep_going=self.cfg.keep_going,
-                         spans_ab=self.cfg.spans_ab)
-
-    def _spawn(self, slot: int, p: mp.process.BaseProcess) -> None:
-        # A spawned child spends a while importing before its bootstrap ignores SIGINT; a Ctrl-C to
-        # the terminal's process group then killed it with KeyboardInterrupt and the run reported a
-        # crash. So the child starts with SIGINT blocked: the signal mask survives fork and exec,
-        # a blocked SIGINT stays pending, and the child's bootstrap ignores it before unblocking.
-        # The monitor only blocks it in this thread, and keeps its own handler meanwhile: a Ctrl-C
-        # in the window goes to another of its threads (pyarrow's) or waits for the unblock, and is
-        # handled either way. (It used to be ignored here as well, and a Ctrl-C that the kernel
-        # gave to another thread was then dropped: the run went on to its last iteration.)
-        main = threading.current_thread() is threading.main_thread()
-        if main:  # the live app spawns from its worker thread: it cannot touch signals, nor needs to
-            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            p.start()
-        finally:
-            if main:
-                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        self._children[slot] = p
-        st = self.procs[slot]
-        st.pid, st.core = p.pid, self.pinning[slot]
-        self.proc_sampler.watch(slot, p.pid)  # type: ignore[arg-type]
+        self.emit(event_row(self.now_ns(), None, "start_failed", error=why))
+        for st in self.monitor.procs.values():  # those started would wait for the others forever:
+            if st.pid is not None and not st.ended:
+                st.state = "stopped"  # we stop them, they did not crash
+        self.abort()
 
     # -- running ---------------------------------------------------------------------------
-    def now_ns(self) -> int:
-        return time.perf_counter_ns() - self.t0_ns
-
     @property
     def alive(self) -> bool:
-        return any(p.is_alive() for p in self._children.values()) or bool(self._conns)
+        if self.finished:
+            return False
+        if self.launcher is None:  # listen: until stopped
+            return self.stop_reason is None
+        return self.launcher.running or self.monitor.connected
 
-    def pump(self, timeout: float = 0.1) -> list[pa.RecordBatch]:
-        """Read whatever arrived within `timeout` s; record it; return the new rows."""
-        self._out = out = []
-        sentinels = {p.sentinel: slot for slot, p in self._children.items() if self.procs[slot].exitcode is None}
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = max(0.0, min(deadline - time.monotonic(), self._next_sample - time.monotonic()))
-            ready = wait([*self._conns, *sentinels], remaining) if (self._conns or sentinels) else []
-            if not (self._conns or sentinels):
-                time.sleep(remaining)
-            for obj in ready:
-                if obj in self._conns:
-                    self._drain(obj)  # type: ignore[arg-type]
-            for obj in ready:
-                if obj in sentinels:
-                    self._child_exited(sentinels.pop(obj))  # type: ignore[index]
-            if time.monotonic() >= self._next_sample:
-                self._sample()
-            if time.monotonic() >= deadline or not self.alive:
-                break
-        self._deliver()
-        for hook in self.hooks:
-            hook(False)
-        self._deliver()  # what the hooks emitted
-        return out
+    def pump(self, timeout: float = 0.1) -> None:
+        """Read whatever arrives within `timeout` s; record it and feed the listeners."""
+        waitables = self.launcher.waitables() if self.launcher is not None else []
+        ready = self.monitor.pump(timeout, waitables)
+        if self.launcher is not None:
+            self.launcher.poll(self.monitor, ready)
+        if self.monitor.write_failure and self.failure is None:
+            self.fail(self.monitor.write_failure)  # disk full or alike: a run nobody records is not worth it
+        self.monitor.deliver()
+        self.monitor.run_hooks(False)
 
-    def _drain(self, conn: Connection, limit: int = 64) -> None:
-        slot = self._conns[conn]
-        for _ in range(limit):
-            try:
-                if not conn.poll():
-                    return
-                frame = conn.recv_bytes()
-            except (EOFError, OSError):
-                del self._conns[conn]
-                conn.close()
-                return
-            try:
-                msg = wire.decode(frame)
-            except wire.ProtocolError as e:
-                self._emit(event_row(self.now_ns(), slot, "protocol_error", error=str(e)))
-                continue
-            if isinstance(msg, wire.Control):
-                self._control(slot, msg.message)
-            else:
-                try:
-                    rows = self.streams[slot].rows(msg)
-                except ValueError as e:
-                    self._emit(event_row(self.now_ns(), slot, "protocol_error", error=str(e)))
-                    continue
-                if rows is not None:
-                    self._emit(rows)
-
-    def _control(self, slot: int, m: dict[str, Any]) -> None:
-        st = self.procs[slot]
-        t = int(m.get("t_ns", self.t0_ns)) - self.t0_ns
-        if m["type"] == "hello":
-            st.state = "running"
-            self._emit(event_row(t, slot, "started", role=st.role, pid=m.get("pid"), core=m.get("core"),
-                                 spans_impl=m.get("spans_impl")))
-        elif m["type"] == "event":
-            name = m.get("name", "event")
-            detail = {k: v for k, v in m.items() if k not in ("type", "name", "t_ns")}
-            if name == "crashed":
-                st.state, st.error = "crashed", str(detail.get("error", "unknown error"))
-                self._fail(f"{st.role} crashed: {st.error}")
-            elif name == "finished":
-                st.state = "finished"
-            elif name == "stopped":
-                st.state = "stopped"
-                if not self.failure and not self._stopping:
-                    self._fail(f"{st.role} stopped: {detail.get('reason')}", consequence=True)
-            self._emit(event_row(t, slot, name, **detail))
-
-    def _child_exited(self, slot: int) -> None:
-        p, st = self._children[slot], self.procs[slot]
-        p.join(timeout=1)
-        st.exitcode = p.exitcode
-        self.proc_sampler.forget(slot)
-        # Read what it sent before it died, so its last flushed spans are not lost.
-        for conn, s in list(self._conns.items()):
-            if s == slot:
-                self._drain(conn, limit=10_000)
-        if st.state not in ("finished", "crashed", "stopped"):
-            if p.exitcode == 0:
-                st.state = "finished"
-            else:
-                st.state = "crashed"
-                st.error = _exit_reason(p.exitcode)
-                self._fail(f"{st.role} (pid {st.pid}) {st.error}")
-        self._emit(event_row(self.now_ns(), slot, "exited", exitcode=p.exitcode, state=st.state, error=st.error))
-        if slot == 0:
-            self.request_stop("learner ended")  # workers have nothing to do without it
-        elif st.state == "crashed" and not self.cfg.keep_going:
-            self.request_stop(f"{st.role} crashed")
-
-    def _fail(self, why: str, *, consequence: bool = False) -> None:
+    def _on_process_event(self, st: ProcState, name: str, detail: dict[str, Any]) -> None:
         # A worker's death reaches us twice, in either order: the learner's "stopped: worker N is
         # gone" (a consequence) and the worker's own exit status (the cause, with how it died).
-        # The cause is what the user must read, whichever arrived first.
+        main = st.slot == 0 and self.launcher is not None
+        if name == "crashed":
+            self.fail(f"{st.role} crashed: {st.error}", main=main)
+        elif name == "stopped" and self.stop_reason is None:
+            self.fail(f"{st.role} stopped: {detail.get('reason')}", consequence=True, main=main)
+        elif name == "exited":
+            if st.state == "crashed" and st.exitcode is not None and not self._stopped_by_us(st.exitcode):
+                self.fail(f"{st.role} (pid {st.pid}) {st.error}", main=main)
+            if main:
+                self.request_stop("learner ended" if self.cfg.command is None else "command ended")
+
+    def _stopped_by_us(self, exitcode: int) -> bool:
+        # A command we asked to stop (SIGINT, then SIGTERM) dies of it: that is the stop, not a crash.
+        return self.cfg.command is not None and self.stop_reason is not None and exitcode in (
+            -signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL, 130, 143)
+
+    def fail(self, why: str, *, consequence: bool = False, main: bool = False) -> None:
         if self.failure is None or (self._failure_is_consequence and not consequence):
             first = self.failure is None
             self.failure = why
             self._failure_is_consequence = consequence
-            if first and (not self.cfg.keep_going or why.startswith("learner")):
+            if first and (not self.cfg.keep_going or main):
                 self.request_stop(why)
-
-    def _sample(self) -> None:
-        self._next_sample = time.monotonic() + 1.0 / self.cfg.sample_hz
-        t = self.now_ns()
-        self._emit(core_rows(t, self.core_sampler.sample()))
-        procs = self.proc_sampler.sample()
-        if procs:
-            self._emit(proc_rows(t, procs))
-
-    def emit(self, batch: pa.RecordBatch) -> None:
-        """Add rows of our own (SCHEMA) to the run: recorded, passed to listeners, returned by pump."""
-        self._emit(batch)
-
-    def _emit(self, batch: pa.RecordBatch) -> None:
-        self._pending.append(batch)
-
-    def _deliver(self) -> None:
-        """Hand the rows that came in since the last call to the listeners and the writer as ONE
-        batch. Their cost is mostly per call (a dozen Arrow kernels, ~0.1 ms each, in Metrics and
-        in the writer), so one call per pump instead of one per telemetry frame and per system
-        sample (with the 0.25 s flush) cut the monitor's busy time by about 40%: time the run's
-        own processes would have lost on a machine they fill (docs/benchmarks.md)."""
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, []
-        if len(pending) == 1:
-            batch = pending[0]
-        else:
-            combined = pa.Table.from_batches(pending, schema=SCHEMA).combine_chunks().to_batches()
-            if not combined:  # only empty batches
-                return
-            batch = combined[0]
-        self._out.append(batch)
-        for fn in self.listeners:
-            fn(batch)
-        if self.writer is not None and self.writer.failed is None:
-            try:
-                self.writer.append(batch)
-            except RecordingError as e:
-                # Disk full or alike: a run nobody records is not worth the user's time.
-                self._fail(str(e))
 
     # -- stopping --------------------------------------------------------------------------
     def request_stop(self, reason: str = "stopped by user") -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
-        if self._stop is not None and not self._stopping:
-            self._stopping = True
-            try:
-                self._stop.send_bytes(b"stop")
-            except OSError:
-                pass  # the learner is gone already
+        if self.launcher is not None and self.started:
+            self.launcher.request_stop(reason)
 
-    def finish(self, grace_s: float = STOP_GRACE_S) -> list[pa.RecordBatch]:
-        """Stop the run (if it still runs), wait for the children, close the recording."""
+    def finish(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Stop the run (if it still runs), wait for its processes, close the recording."""
+        if self.finished:
+            return
         self.request_stop()
-        out: list[pa.RecordBatch] = []
         deadline = time.monotonic() + grace_s
         while self.alive and time.monotonic() < deadline:
-            out += self.pump(0.1)
-        out += self.kill_children()
-        self._out = out
-        for hook in self.hooks:
-            hook(True)
-        self._deliver()
-        if self.writer is not None:
-            end = self.writer.close(t_ns=self.now_ns(), detail={"stop_reason": self.stop_reason, "failure": self.failure})
-            if end is not None:  # listeners (Metrics) see the recording complete, as a reader of the file would
-                for listener in self.listeners:
-                    listener(end)
-                out.append(end)
-        return out
+            self.pump(0.1)
+        self.abort()
 
-    def kill_children(self) -> list[pa.RecordBatch]:
-        """Terminate, then kill, whatever is still running; nothing may outlive the run."""
-        out: list[pa.RecordBatch] = []
-        for sig_method in ("terminate", "kill"):
-            left = [p for p in self._children.values() if p.is_alive()]
-            if not left:
+    def abort(self, reason: str | None = None) -> None:
+        """End now: kill what is left, close the recording with what arrived (a forced stop)."""
+        if self.finished:
+            return
+        if reason is not None and self.stop_reason is None:
+            self.stop_reason = reason
+        if self.launcher is not None and self.started:
+            self.launcher.kill(self.monitor)
+        self.monitor.deliver()
+        self.monitor.run_hooks(True)
+        self.monitor.close({"stop_reason": self.stop_reason, "failure": self.failure})
+        self.finished = True
+
+    # compatibility with the tests and benchmarks written against the old Run
+    def kill_children(self) -> None:
+        self.abort("forced")
+
+
+def _authkey() -> bytes:
+    key = os.environ.get("MARLWATCH_AUTHKEY")
+    if key:
+        with contextlib.suppress(ValueError):
+            return bytes.fromhex(key)
+    return os.urandom(32)
+
+
+def drive(run: Run, *, every: Callable[[], None] | None = None, period_s: float = 1.0,
+          should_stop: Callable[[], bool] | None = None, time_limit_s: float | None = None) -> Run:
+    """Start `run` if needed and pump it to its end: the launcher's processes are done, a stop was
+    asked (`run.request_stop`, `should_stop()`), or `time_limit_s` passed. `every` is called each
+    `period_s`. The recording is closed on return; a KeyboardInterrupt (a second Ctrl-C) forces
+    the end, keeps what was recorded, and is re-raised."""
+    if not run.started:
+        run.start()
+    deadline = time.monotonic() + time_limit_s if time_limit_s else None
+    try:
+        next_call = time.monotonic() + period_s
+        while run.alive:
+            if should_stop is not None and should_stop():
                 break
-            for p in left:
-                getattr(p, sig_method)()
-            for p in left:
-                p.join(timeout=2)
-        for slot, p in self._children.items():
-            if self.procs[slot].exitcode is None and not p.is_alive():
-                out += self._collect_exit(slot)
-        self._out = []
-        self._deliver()  # rows of a pump that a forced stop (second Ctrl-C) cut short
-        return out + self._out
+            if deadline is not None and time.monotonic() >= deadline:
+                run.request_stop("time limit")
+                break
+            run.pump(min(0.2, period_s))
+            if every is not None and time.monotonic() >= next_call:
+                next_call = time.monotonic() + period_s
+                every()
+        run.finish()
+    except KeyboardInterrupt:
+        run.abort("forced")
+        raise
+    return run
 
-    def _collect_exit(self, slot: int) -> list[pa.RecordBatch]:
-        self._out = []
-        self._child_exited(slot)
-        self._deliver()
-        return self._out
 
-    @property
-    def recording_bytes(self) -> int:
-        try:
-            return self.record_path.stat().st_size
-        except OSError:
-            return 0
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def stop_on_signals(run: Run, on_first: Callable[[int], None] | None = None) -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP (a closed terminal or SSH session) stop the run cleanly: the
+    recording is completed. A second one forces the end (KeyboardInterrupt in the driving loop)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set in the main thread (the live app has its own)
+        return
+    count = 0
+
+    def handler(signum: int, frame: object) -> None:
+        nonlocal count
+        count += 1
+        if count == 1:
+            run.stop_signal = signum
+            run.request_stop("stopped by " + signal.Signals(signum).name)
+            if on_first is not None:
+                on_first(signum)
+        else:
+            raise KeyboardInterrupt
+
+    old = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def signal_exit_code(signum: int | None) -> int:
+    """The exit code of a run stopped by `signum`: 128 + N, as a shell reports it (130 for Ctrl-C)."""
+    return 128 + int(signum) if signum else 0

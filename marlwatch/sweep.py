@@ -17,7 +17,6 @@ import csv
 import json
 import math
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from marlwatch.cli import (
 from marlwatch.outputs import atomic_output, numbered, write_text
 from marlwatch.recording import default_record_path
 from marlwatch.report import plural
-from marlwatch.runner import Run, RunConfig
+from marlwatch.runner import Run, RunConfig, drive
 from marlwatch.terminal import say
 
 
@@ -65,22 +64,9 @@ def build_run(cfg: RunConfig) -> Run:
 
 def execute(run: Run, time_limit_s: float | None = None) -> Run:
     """Start `run` and drive it to its end (its iteration count, or `time_limit_s`), headless and
-    quietly; the recording is closed on return. Ctrl-C kills the children and re-raises."""
+    quietly; the recording is closed on return. Ctrl-C forces the end and re-raises."""
     start_run(run)
-    deadline = time.monotonic() + time_limit_s if time_limit_s else None
-    try:
-        while run.alive:
-            run.pump(0.2)
-            if deadline is not None and time.monotonic() >= deadline:
-                run.request_stop("time limit")
-                break
-        run.finish()
-    except KeyboardInterrupt:
-        run.kill_children()
-        if run.writer is not None:
-            run.writer.close(t_ns=run.now_ns(), detail={"stop_reason": "interrupted"})
-        raise
-    return run
+    return drive(run, time_limit_s=time_limit_s)
 
 
 # -- the table -----------------------------------------------------------------------------------

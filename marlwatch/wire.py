@@ -26,6 +26,9 @@ import numpy as np
 CONTROL = b"J"[0]
 BATCH = b"B"[0]
 _HEADER = struct.Struct("<I")
+# The largest frame a monitor accepts (a full span buffer is ~100 KB): past it, a connection is
+# garbage or hostile and is dropped before the monitor allocates what its length field claims.
+MAX_FRAME = 64 << 20
 
 
 # Warm-up progress (`marlwatch.warmup`) travels as two gauges: `warmup/UNIT` = how much is done,

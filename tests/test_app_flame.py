@@ -11,7 +11,7 @@ import pytest
 from marlwatch.app.flame_panel import TopFunctionsPanel
 from marlwatch.app.live import LiveApp
 from marlwatch.app.widgets import PhaseTable, ThroughputPanel
-from marlwatch.cli import build_parser, make_run, start_run
+from marlwatch.cli import build_parser, make_flame, make_run, start_run
 from marlwatch.recording import open_recording
 from tests.conftest import wait_for
 
@@ -26,7 +26,7 @@ def test_auto_flame_then_f_on_the_selected_phase(tmp_path: Path, no_leftovers):
          "--latency-bound", "500", "--set", "batch_size=256", "--set", "warmup=25600"])
     run = make_run(args, default_iterations=None)
     start_run(run)
-    app = LiveApp(run)
+    app = LiveApp(run, make_flame(run, args, always=True))
     app.FLAME_SECONDS = 2
 
     async def scenario() -> None:
@@ -39,13 +39,13 @@ def test_auto_flame_then_f_on_the_selected_phase(tmp_path: Path, no_leftovers):
             ips = app.query_one(ThroughputPanel).query_one("#ips").content
             ips_text = " ".join(t.plain for t in ips.renderables)
             assert "≤500 ms" in ips_text, ips_text
-            await wait_for(pilot, lambda: bool(run.flame.done), 120, "auto-flame to profile a phase",
-                           lambda: f"{app.snapshot.iterations} iterations, messages {run.flame.messages}")
-            auto = [m for m in run.flame.messages if m.startswith("flame: auto: ")]
-            assert len(auto) == 1, run.flame.messages
+            await wait_for(pilot, lambda: bool(app.flame.done), 120, "auto-flame to profile a phase",
+                           lambda: f"{app.snapshot.iterations} iterations, messages {app.flame.messages}")
+            auto = [m for m in app.flame.messages if m.startswith("flame: auto: ")]
+            assert len(auto) == 1, app.flame.messages
             await wait_for(pilot, lambda: panel.has_class("-has-samples"), 10, "the top-functions panel")
             # The panel shows what Metrics counted: the stored samples, per phase.
-            assert {p: sum(f.values()) for p, f in app.snapshot.stacks.items()} == run.flame.done[0]["phases"]
+            assert {p: sum(f.values()) for p, f in app.snapshot.stacks.items()} == app.flame.done[0]["phases"]
 
             # A phase with no samples: the panel says how to get some on this screen (f here).
             table = app.query_one(PhaseTable)
@@ -63,8 +63,8 @@ def test_auto_flame_then_f_on_the_selected_phase(tmp_path: Path, no_leftovers):
                 await pilot.press("down")
             assert table.selected_phase == "sample"
             await pilot.press("f")
-            await wait_for(pilot, lambda: len(run.flame.done) >= 2, 60, "the f capture")
-            assert run.flame.done[1]["phase"] == "sample" and run.flame.done[1]["slots"] == [1]
+            await wait_for(pilot, lambda: len(app.flame.done) >= 2, 60, "the f capture")
+            assert app.flame.done[1]["phase"] == "sample" and app.flame.done[1]["slots"] == [1]
             await wait_for(pilot, lambda: bool(panel.lines), 10, "top functions of sample")
             assert "sample" in str(panel.border_title)
             assert sum(n for _, n in panel.lines) > 0

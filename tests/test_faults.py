@@ -6,6 +6,7 @@ reads back); repairing a file cut mid-batch is in test_repair.py.
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import resource
@@ -269,6 +270,27 @@ def test_ctrl_c_once_stops_cleanly_with_a_complete_recording(tmp_path, when):
     assert not group_members(proc.pid)
 
 
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_or_sighup_to_the_group_is_a_clean_stop(tmp_path, sig):
+    # `timeout`, a systemd stop or a job scheduler send SIGTERM to the whole group; closing the
+    # terminal or SSH session sends SIGHUP. Neither is a crash: the children leave it to the
+    # monitor, which stops the run and completes the recording.
+    path = tmp_path / "term.arrow"
+    proc = _start_headless(path, "running")
+    children = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert "Traceback" not in err and "run failed" not in err and "[complete]" in out
+    rec = open_recording(path)
+    ends = [row for b in rec.batches() for row in b.filter(pc.equal(b.column("kind"), "end")).to_pylist()]
+    end = json.loads(ends[-1]["text"])
+    assert rec.complete and end["failure"] is None and signal.Signals(sig).name in end["stop_reason"]
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive
+
+
 @pytest.mark.timeout(60)
 def test_ctrl_c_while_importing_exits_130_without_a_traceback(tmp_path):
     # Ctrl-C before `run` has its handler (importing pyarrow, building the run: ~0.25 s after
@@ -316,9 +338,19 @@ def test_the_cause_of_a_failure_wins_over_its_consequence(tmp_path):
     """The learner's "worker 1 is gone" may reach the monitor before worker 1's exit status; the
     failure shown must still say how the worker died."""
     run = Run(RunConfig(workers=2, record=str(tmp_path / "x.arrow")))
-    run._control(0, {"type": "event", "name": "stopped", "reason": "worker 1 is gone (pipe closed)", "t_ns": 0})
+    monitor = run.monitor
+    monitor.open()
+    learner, w1, w2 = (monitor.add_process(role) for role in ("learner", "worker 1", "worker 2"))
+    for slot, pid in ((w1, 42), (w2, 43)):
+        monitor.procs[slot].pid = pid
+    r, w = mp.Pipe(duplex=False)
+    monitor.attach(learner, r)
+    w.send_bytes(wire.encode_control({"type": "event", "name": "stopped", "t_ns": 0,
+                                      "reason": "worker 1 is gone (pipe closed)"}))
+    monitor.pump(0.5)
     assert run.failure == "learner stopped: worker 1 is gone (pipe closed)"
-    run._fail("worker 1 (pid 42) was killed by SIGKILL")
+    monitor.process_exited(w1, -signal.SIGKILL, error="was killed by SIGKILL")
     assert run.failure == "worker 1 (pid 42) was killed by SIGKILL"
-    run._fail("worker 2 (pid 43) was killed by SIGKILL")  # a later, unrelated failure does not replace it
+    monitor.process_exited(w2, -signal.SIGKILL, error="was killed by SIGKILL")  # later, unrelated: kept
     assert run.failure == "worker 1 (pid 42) was killed by SIGKILL"
+    run.abort()

@@ -110,4 +110,8 @@ def test_too_few_processes_allowed_to_start_every_process(tmp_path, pids_cgroup)
 
     result, path, left = start_failing_run(tmp_path, enter)
     check_failed_start(result, path, left, "Resource temporarily unavailable (is the limit on processes")
+    # The resource tracker ends when the monitor does, a moment after it: wait for that, not longer.
+    deadline = time.monotonic() + 10
+    while (pids_cgroup / "pids.current").read_text().strip() != "0" and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert (pids_cgroup / "pids.current").read_text().strip() == "0"

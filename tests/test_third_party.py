@@ -24,11 +24,7 @@ import pytest
 from marlwatch.recording import open_recording
 from tests.conftest import REPO, marlwatch
 
-pytestmark = [
-    pytest.mark.timeout(420),
-    pytest.mark.xfail(strict=True, reason="`marlwatch run -- COMMAND` (the monitor and the command launcher) "
-                                          "is not on main yet"),
-]
+pytestmark = pytest.mark.timeout(420)
 
 ENV_STEP, BACKWARD, OPTIMIZER = "sample/env_step", "update/backward", "update/optimizer"
 

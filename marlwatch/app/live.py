@@ -1,17 +1,17 @@
 """`marlwatch run`: start a run and watch it live.
 
-One thread owns the run: it calls `run.pump()` (which records every row and feeds `Metrics`
-through `run.listeners`) and posts a `SnapshotUpdate` at most REFRESH_HZ times a second. When
-asked to stop it calls `run.finish()` itself, so the run is never touched from two threads.
-The UI thread only displays what it is sent.
+One thread owns the run: it drives it (`marlwatch.runner.drive`, the loop headless `run` uses
+too), which records every row and feeds `Metrics` through `run.listeners`, and posts a
+`SnapshotUpdate` at most REFRESH_HZ times a second. When asked to stop, the same thread finishes
+the run, so the run is never touched from two threads. The UI thread only displays what it is sent.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import threading
-import time
 
 from textual import work
 from textual.binding import Binding
@@ -22,10 +22,11 @@ from marlwatch.app.flame_panel import TopFunctionsPanel
 from marlwatch.app.messages import RunEnded, SnapshotUpdate
 from marlwatch.app.widgets import Status, clock
 from marlwatch.metrics import Metrics, Snapshot
-from marlwatch.runner import STOP_GRACE_S
+from marlwatch.runner import STOP_GRACE_S, STOP_SIGNALS, drive
 from marlwatch.terminal import say
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+NO_SPANS_NOTICE_S = 10.0
 
 
 class LiveApp(WatchApp):
@@ -40,15 +41,16 @@ class LiveApp(WatchApp):
     BINDINGS = [Binding("f", "flame", "py-spy")]
     FLAME_SECONDS = 5.0
 
-    def __init__(self, run, refresh_hz: float = REFRESH_HZ) -> None:
+    def __init__(self, run, flame=None, refresh_hz: float = REFRESH_HZ) -> None:
+        """`flame`: the run's py-spy controller (marlwatch.flame); one is made for the `f` key if None."""
         super().__init__()
         self.run_ = run
-        if run.flame is None:
-            # Before the run's thread starts: the `f` key needs a controller (marlwatch.flame).
+        if flame is None:
             from marlwatch.flame import FlameController
 
-            run.flame = FlameController(run)
-        run.flame.on_message = lambda text: self.notify(text, timeout=8)  # notify is thread-safe, and plain text
+            flame = FlameController(run)
+        self.flame = flame
+        flame.on_message = lambda text: self.notify(text, timeout=8)  # notify is thread-safe, and plain text
         self.refresh_hz = refresh_hz
         self.metrics = Metrics(run.info)
         run.listeners.append(self.metrics.add)
@@ -62,7 +64,11 @@ class LiveApp(WatchApp):
         self.latest: SnapshotUpdate | None = None
 
     def on_mount(self) -> None:
-        self.title = f"marlwatch: {self.run_.cfg.algo}"
+        self.title = f"marlwatch: {self.run_.describe()}"
+        if self.run_.cfg.listen is not None:
+            self.notify(f"export MARLWATCH_ADDRESS={self.run_.monitor.address}\n"
+                        f"export MARLWATCH_AUTHKEY={self.run_.monitor.authkey.hex()}",
+                        title="listening: run these where your processes start", markup=False, timeout=120)
         self.show(self.metrics.snapshot(), self._status(0))
         self.pumping = True
         self.pump_run()
@@ -70,15 +76,23 @@ class LiveApp(WatchApp):
     # -- the run's thread ---------------------------------------------------------------------
     @work(thread=True, exclusive=True, name="run", exit_on_error=True)
     def pump_run(self) -> None:
-        run, period = self.run_, 1.0 / self.refresh_hz
+        run = self.run_
         worker = get_current_worker()
-        next_post = time.monotonic()
+        no_spans_said = False
+
+        def post() -> None:
+            nonlocal no_spans_said
+            snap = self.metrics.snapshot()
+            self.post_message(SnapshotUpdate(snap, run.recording_bytes))
+            if not no_spans_said and not snap.phases and snap.t_s > NO_SPANS_NOTICE_S and run.launcher is not None \
+                    and run.cfg.command is not None:
+                no_spans_said = True
+                self.notify("no spans so far: the command's processes have not connected (CPU and memory "
+                            "are still shown)", severity="warning", timeout=15)
+
         try:
-            while run.alive and not self.stop_requested.is_set() and not worker.is_cancelled:
-                run.pump(min(0.1, period))
-                if time.monotonic() >= next_post:
-                    next_post = time.monotonic() + period
-                    self.post_message(SnapshotUpdate(self.metrics.snapshot(), run.recording_bytes))
+            drive(run, every=post, period_s=1.0 / self.refresh_hz,
+                  should_stop=lambda: self.stop_requested.is_set() or worker.is_cancelled)
         finally:
             try:
                 run.finish()
@@ -161,7 +175,7 @@ class LiveApp(WatchApp):
             self.notify("no running phase to profile", severity="warning")
             return
         # A newer `f` replaces one still waiting for its phase to do real work (docs/flame.md).
-        self.run_.flame.request(phase, self.FLAME_SECONDS, reason="f key", replace=True)
+        self.flame.request(phase, self.FLAME_SECONDS, reason="f key", replace=True)
         self.query_one(TopFunctionsPanel).set_closed(False)  # its samples will show there
         self._flame_layout()
         self.notify(f"py-spy: {phase} for {self.FLAME_SECONDS:g} s, once it does real work…", timeout=4)
@@ -178,47 +192,48 @@ class LiveApp(WatchApp):
 
 def run_live(args: argparse.Namespace) -> int:
     """`marlwatch run` with the app. Bad input fails before the terminal is taken over."""
-    from marlwatch.cli import UsageError, make_run, start_run
+    from marlwatch.cli import UsageError, finish_message, make_flame, make_run, start_run
     from marlwatch.report import human_bytes, summary_text
 
     refresh = getattr(args, "refresh", REFRESH_HZ)
     if not 0.1 <= refresh <= 30:
         raise UsageError(f"--refresh must be between 0.1 and 30 redraws per second, got {refresh}")
-    run = make_run(args, default_iterations=None)
-    start_run(run)
-    app = LiveApp(run, refresh_hz=refresh)
+    run = make_run(args, default_iterations=None, command_log=True)
+    flame = make_flame(run, args, always=True)
+    app = LiveApp(run, flame, refresh_hz=refresh)
 
-    def on_term(signum: int, frame: object) -> None:
+    def on_signal(signum: int, frame: object) -> None:
+        run.stop_signal = run.stop_signal or signum
         app.interrupted = True
         app.stop()
 
-    # Ctrl-C reaches the app as a key (the terminal is in raw mode); these are for `kill`.
-    old_term = signal.signal(signal.SIGTERM, on_term)
-    old_int = signal.signal(signal.SIGINT, on_term)
+    # Ctrl-C reaches the app as a key (the terminal is in raw mode); these are for `kill`, and
+    # SIGHUP for a terminal or SSH session that closes under the app: a clean stop, like q.
+    old = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
     try:
+        start_run(run)
         code = app.run()
     finally:
-        signal.signal(signal.SIGTERM, old_term)
-        signal.signal(signal.SIGINT, old_int)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
         # Whatever ended the app, the run's thread finishes the run (never two threads on it),
         # then no child may outlive us and the recording gets its end marker.
         app.stop()
         if app.pumping:
             app.run_done.wait(STOP_GRACE_S + 10)
         if run.started:
-            run.kill_children()
-            if run.writer is not None and not run.writer.closed:
-                run.writer.close(t_ns=run.now_ns(), detail={"stop_reason": "app exited"})
+            run.abort("app exited")
     snap: Snapshot = app.snapshot or app.metrics.snapshot()
     if app.ended is not None:
         snap = app.ended.snapshot
     # The status is the file's: the run's thread may not have finished it (the fallback above).
     complete = run.writer is not None and run.writer.closed and run.writer.failed is None
-    print(summary_text(snap, str(run.record_path), "complete" if complete else "truncated"))
-    say(f"recording {run.record_path} ({human_bytes(run.recording_bytes)})")
-    if run.failure:
-        say(f"run failed: {run.failure}")
-        return EXIT_FAILED
-    if app.return_code:  # the app itself failed (Textual printed why)
+    with contextlib.suppress(OSError):  # a terminal that went away (SIGHUP) cannot show it
+        print(summary_text(snap, str(run.record_path), "complete" if complete else "truncated"))
+        say(f"recording {run.record_path} ({human_bytes(run.recording_bytes)})")
+    if app.return_code and run.failure is None and run.cfg.command is None:  # the app itself failed
         return app.return_code if code is None else code
-    return EXIT_OK if code is None else code
+    result = finish_message(run, snap)
+    if result == EXIT_OK and app.interrupted and run.stop_signal is None:
+        return EXIT_INTERRUPTED  # Ctrl-C as a key
+    return result

@@ -14,7 +14,7 @@ from textual.widgets import Static
 
 from marlwatch.app.charts import column_plot, hbar, stacked_bar
 from marlwatch.metrics import PhaseRow, ProcRow, Snapshot
-from marlwatch.report import human_bytes, ms, plural, warming_up
+from marlwatch.report import human_bytes, ms, warming_up
 from marlwatch.terminal import printable
 
 TOP_STYLES = {"sample": "dodger_blue2", "update": "magenta", "sync": "yellow", "other": "grey50"}
@@ -72,8 +72,7 @@ class RunHeader(Static):
             text.append(f" {st.elapsed}", style="bold")
         info = self.snapshot.info if self.snapshot else None
         if info:
-            text.append(printable(f"  {info.algo} {info.env} {plural(info.agents, 'agent')} "
-                                  f"{plural(info.workers, 'worker')}"))
+            text.append(printable(f"  {info.title()}"))
         rec = Text(no_wrap=True, overflow="ellipsis")
         rec.append(f"  rec {human_bytes(st.size)} ", style="bold")
         rec.append(printable(st.path))

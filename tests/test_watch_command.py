@@ -1,0 +1,96 @@
+"""`marlwatch run -- COMMAND`: a user's own program, watched with real processes and sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import psutil
+import pyarrow.compute as pc
+import pytest
+
+from marlwatch.recording import open_recording
+from tests.conftest import marlwatch
+from tests.watch_helpers import env_with_repo, start_marlwatch, write_loop
+
+
+def _rows(path, kind: str):
+    rec = open_recording(path)
+    out = []
+    for b in rec.batches():
+        sel = b.filter(pc.equal(b.column("kind"), kind))
+        out += sel.to_pylist()
+    return rec, out
+
+
+@pytest.mark.timeout(120)
+def test_a_command_is_watched_and_its_exit_code_is_marlwatchs(tmp_path, no_leftovers):
+    loop = write_loop(tmp_path)
+    path = tmp_path / "cmd.arrow"
+    r = marlwatch("run", "--headless", "--record", str(path), "--", sys.executable, str(loop), "60", "3",
+                  env=env_with_repo())
+    assert r.returncode == 3, r.stderr  # the command's own exit code
+    assert "Traceback" not in r.stderr
+    assert "exited with code 3" in r.stderr and "loop done" in r.stdout  # its output is the user's to see
+    rec = open_recording(path)
+    assert rec.info.launcher == "command"
+    assert rec.info.extra["command"] == [sys.executable, str(loop), "60", "3"]
+    assert rec.info.extra["cwd"] and isinstance(rec.info.extra["git_commit"], str | type(None))
+    summary = json.loads(marlwatch("summary", "--json", str(path)).stdout)
+    assert summary["status"] == "complete" and summary["iterations"] == 60 and summary["ips"] > 0
+    assert {"sample/env_step", "update", "update/comm/messages"} <= set(summary["phases"])
+    assert summary["comm_share"] > 0
+
+
+@pytest.mark.timeout(60)
+def test_a_command_that_does_not_exist_is_one_line_and_exit_2(tmp_path):
+    path = tmp_path / "none.arrow"
+    r = marlwatch("run", "--headless", "--record", str(path), "--", "no-such-command-here", "x")
+    assert r.returncode == 2
+    assert r.stderr.strip() == "marlwatch: no-such-command-here: command not found"
+    assert not path.exists()
+    r = marlwatch("run", "--headless", "--agents", "4", "--", "true")
+    assert r.returncode == 2 and r.stderr.startswith("marlwatch: --agents") and "Traceback" not in r.stderr
+    r = marlwatch("summary", "--", "x")  # elsewhere `--` only ends the options
+    assert r.returncode == 2 and r.stderr.strip() == "marlwatch: x: no such file"
+
+
+@pytest.mark.timeout(60)
+def test_a_command_that_never_connects_still_gets_cpu_and_memory(tmp_path, no_leftovers):
+    path = tmp_path / "quiet.arrow"
+    burn = "import time\nt = time.time()\nwhile time.time() - t < 2.5: sum(i * i for i in range(1000))"
+    r = marlwatch("run", "--headless", "--no-auto-phases", "--record", str(path), "--", sys.executable, "-c", burn)
+    assert r.returncode == 0, r.stderr
+    assert "no spans arrived" in r.stderr
+    rec, procs = _rows(path, "proc")
+    assert rec.complete
+    cpu = [row["value"] for row in procs if row["proc"] == 0 and row["name"] == "cpu_percent"]
+    assert len(cpu) >= 10 and max(cpu) > 30  # the busy command, sampled at 10 Hz
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_group_stops_the_command_cleanly(tmp_path, sig):
+    loop = write_loop(tmp_path)
+    path = tmp_path / "stop.arrow"
+    proc = start_marlwatch("run", "--headless", "--record", str(path), "--", sys.executable, str(loop), "100000")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not path.exists() or path.stat().st_size < 3000):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    members = psutil.Process(proc.pid).children(recursive=True)
+    assert members, "the command is not running"
+    os.killpg(proc.pid, sig)  # `timeout`, systemd, a job scheduler: the whole group
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    # The command got SIGINT, as from Ctrl-C: its own KeyboardInterrupt traceback is its business.
+    assert "marlwatch/" not in err and "run failed" not in err
+    rec, ends = _rows(path, "end")
+    assert rec.complete
+    detail = json.loads(ends[-1]["text"])
+    assert detail["failure"] is None and signal.Signals(sig).name in detail["stop_reason"]
+    _, alive = psutil.wait_procs(members, timeout=10)
+    assert not alive
