@@ -449,16 +449,17 @@ def finish_message(run, snap) -> int:
             why = "the command never used marlwatch's span API (auto phases were off: --no-auto-phases)"
         say(f"no spans arrived: {why}")
     if command:
+        if run.stop_signal is not None:
+            return signal_exit_code(run.stop_signal)
+        if run.launcher.stopped_by_us:  # q in the live app: the command's death by our SIGINT is the stop
+            return EXIT_OK
         code = run.launcher.exit_code
-        tail = run.launcher.output_tail()
-        if code not in (None, 0) and run.stop_signal is None:
+        if code not in (None, 0):
+            tail = run.launcher.output_tail()
             if tail:
                 print("marlwatch: the command's last output:\n  "
                       + "\n  ".join(printable(line) for line in tail), file=sys.stderr)
             say(f"the command {run.describe()} exited with code {code} (recording kept: {run.record_path})")
-            return code
-        if run.stop_signal is not None:
-            return signal_exit_code(run.stop_signal)
         return code or EXIT_OK
     if run.failure:
         return _fail(f"run failed: {run.failure} (recording kept: {run.record_path})", EXIT_FAILED)

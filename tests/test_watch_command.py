@@ -94,3 +94,38 @@ def test_a_signal_to_the_group_stops_the_command_cleanly(tmp_path, sig):
     assert detail["failure"] is None and signal.Signals(sig).name in detail["stop_reason"]
     _, alive = psutil.wait_procs(members, timeout=10)
     assert not alive
+
+
+@pytest.mark.timeout(150)
+def test_the_live_app_watches_a_command_and_q_stops_it_cleanly(tmp_path, no_leftovers):
+    import asyncio
+
+    from marlwatch.app.live import LiveApp
+    from marlwatch.app.widgets import RunHeader
+    from marlwatch.cli import build_parser, finish_message, make_run, start_run
+    from tests.conftest import wait_for
+
+    loop = write_loop(tmp_path)
+    args = build_parser().parse_args(["run", "--record", str(tmp_path / "live.arrow")])
+    args.user_command = [sys.executable, str(loop), "100000"]
+    run = make_run(args, default_iterations=None, command_log=True)
+    start_run(run)
+    app = LiveApp(run)
+
+    async def scenario() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_for(pilot, lambda: app.snapshot is not None and app.snapshot.ips > 0
+                           and {"sample/env_step", "update/comm/messages"} <= {p.name for p in app.snapshot.phases},
+                           60, "the command's phases and IPS")
+            assert "loop.py" in app.query_one(RunHeader).render().plain
+            assert app.snapshot.comm_share > 0
+            await pilot.press("q")
+            await wait_for(pilot, lambda: app.run_done.is_set(), 30, "the command to stop")
+
+    asyncio.run(scenario())
+    assert run.launcher.stopped_by_us and run.failure is None
+    assert finish_message(run, app.metrics.snapshot()) == 0  # q is a clean stop, whatever the command's code
+    rec = open_recording(run.record_path)
+    list(rec.batches())
+    assert rec.complete
+    assert (tmp_path / "live.log").exists()  # the command's output, which the app's screen could not show

@@ -38,6 +38,13 @@ def command_title(command: list[str], width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def command_role(command: list[str]) -> str:
+    """A short name for the command's own process in the Workers panel: `python train.py`."""
+    script = next((a for a in command[1:] if a.endswith(".py")), None)
+    name = Path(command[0]).name + (f" {Path(script).name}" if script else "")
+    return name if len(name) <= 28 else name[:27] + "…"
+
+
 def _git_commit(cwd: str) -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=3)
@@ -81,7 +88,7 @@ class CommandLauncher:
     def run_info(self) -> RunInfo:
         return RunInfo(
             algo="command", env="", agents=0, workers=0, seed=0, iterations=None, spans=self.spans,
-            procs={"0": command_title(self.command, 40)},
+            procs={"0": command_role(self.command)},
             extra={"launcher": "command", "command": self.command, "cwd": self.cwd,
                    "git_commit": _git_commit(self.cwd), "auto_phases": self.auto_phases},
         )
@@ -110,7 +117,7 @@ class CommandLauncher:
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = out = open(self.log_path, "ab")  # noqa: SIM115 - closed in kill()
-        slot = monitor.add_process(command_title(self.command, 40))
+        slot = monitor.add_process(command_role(self.command))
         try:
             self.proc = subprocess.Popen(self.command, env=env, process_group=0, stdout=out,
                                          stderr=subprocess.STDOUT if out is not None else None,
@@ -210,6 +217,11 @@ class CommandLauncher:
             self._log.close()
         if self._sock_dir is not None:  # the command is gone: nobody else may connect
             shutil.rmtree(self._sock_dir, ignore_errors=True)
+
+    @property
+    def stopped_by_us(self) -> bool:
+        """The command was asked to stop (q, Ctrl-C, a signal to marlwatch) before it ended."""
+        return self._stop_sent_at is not None
 
     @property
     def exit_code(self) -> int | None:
