@@ -367,8 +367,12 @@ class Metrics:
         if info:
             for slot, role in info.procs.items():
                 self.procs[int(slot)] = _Proc(int(slot), role, core=info.pinning.get(slot))
-        self.main_ticks: list[np.ndarray] = []  # proc 0's iteration times
+        self.main_ticks: list[np.ndarray] = []  # the main process's iteration times
         self.main_iterations = 0
+        # The run's main process, whose iterations are the run's: the learner (slot 0) of a built-in
+        # run; for a command or `listen`, the first process that ticks (the command itself may be a
+        # shell or launcher script that never does). docs/metrics.md.
+        self.main_slot: int | None = 0 if info is None or info.launcher == "builtin" else None
         self.per_second: deque[tuple[int, int]] = deque(maxlen=HISTORY_S)
         self.core_sum: np.ndarray = np.zeros(0)
         self.core_n: np.ndarray = np.zeros(0)
@@ -493,7 +497,9 @@ class Metrics:
                 p.state = "running"
             p.last_tick = int(ts.max())
             p.recent.extend(ts.tolist())
-            if int(slot) == 0:
+            if self.main_slot is None:
+                self.main_slot = int(slot)
+            if int(slot) == self.main_slot:
                 self.main_ticks.append(ts.astype(np.int64))
                 self.main_iterations = p.iterations
                 for sec, count in zip(*np.unique(ts // 1_000_000_000, return_counts=True), strict=True):
@@ -628,7 +634,7 @@ class Metrics:
         exec_ns = top_ns["sample"] + top_ns["update"]
         ticks = self.iteration_times_ns()
         iterations = self.main_iterations
-        main = self.procs.get(0)
+        main = self.procs.get(self.main_slot) if self.main_slot is not None else None
         first_tick = main.first_tick if main is not None else None
         wall_ns = int(ticks[-1]) if len(ticks) else self.t_ns
         steady_ns = int(ticks[-1]) - first_tick if first_tick is not None else 0

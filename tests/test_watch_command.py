@@ -129,3 +129,18 @@ def test_the_live_app_watches_a_command_and_q_stops_it_cleanly(tmp_path, no_left
     list(rec.batches())
     assert rec.complete
     assert (tmp_path / "live.log").exists()  # the command's output, which the app's screen could not show
+
+
+@pytest.mark.timeout(120)
+def test_a_command_behind_a_shell_gets_its_iterations_from_the_process_that_ticks(tmp_path, no_leftovers):
+    # The command is often a shell script or a launcher that starts the training process: the run's
+    # iterations are those of the first process that ticks, not of the shell that never does.
+    loop = write_loop(tmp_path)
+    path = tmp_path / "shell.arrow"
+    r = marlwatch("run", "--headless", "--record", str(path), "--", "sh", "-c", f"'{sys.executable}' '{loop}' 40",
+                  env=env_with_repo())
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(marlwatch("summary", "--json", str(path)).stdout)
+    assert summary["iterations"] == 40 and summary["ips"] > 0
+    roles = {p["role"] for p in summary["procs"]} if isinstance(summary.get("procs"), list) else None
+    assert roles is None or any("sh" in role for role in roles)
