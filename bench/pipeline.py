@@ -14,6 +14,10 @@ measured is the highest rate that the pipeline sustains without loss on this mac
 W. On a shared machine the producers' share of the CPU varies, so the monitor's CPU time per
 span is given too: it does not depend on the load, and its inverse is what one core of monitor
 could take.
+
+`--socket` (and `measure_socket`): the producers connect to the monitor's listener over TCP on
+127.0.0.1 (the way Ray actors on other machines report: an authenticated socket, each answering
+the monitor's clock requests) instead of pipes; 32 of them, as a cluster's worth of actors.
 """
 
 from __future__ import annotations
@@ -33,7 +37,10 @@ TARGET = 1_000_000
 def _producer(conn, slot: int, go, duration_s: float) -> None:
     from marlwatch import instrument
 
-    tel = instrument.connect(conn, role="producer", slot=slot, pid=os.getpid())
+    if isinstance(conn, tuple):  # (address, key): over the monitor's listener
+        tel = instrument.connect_monitor(conn[0], conn[1], role=f"producer {slot + 1}", pid=os.getpid())
+    else:
+        tel = instrument.connect(conn, role="producer", slot=slot, pid=os.getpid())
     outer, act, env = tel.span("sample"), tel.span("sample/act"), tel.span("sample/env_step")
     go.wait()
     cpu0 = time.process_time()
@@ -55,8 +62,8 @@ class ProducerLauncher:
     """A launcher (marlwatch.launchers) for W synthetic producers, so the benchmark drives the real
     monitor with the same loop as `marlwatch run` (marlwatch.runner.drive)."""
 
-    def __init__(self, workers: int, duration_s: float) -> None:
-        self.workers, self.duration_s = workers, duration_s
+    def __init__(self, workers: int, duration_s: float, socket: bool = False) -> None:
+        self.workers, self.duration_s, self.socket = workers, duration_s, socket
         self.ctx = mp.get_context("spawn")
         self.go = self.ctx.Event()
         self.procs: list = []
@@ -71,6 +78,16 @@ class ProducerLauncher:
         return "pipeline"
 
     def start(self, monitor) -> None:
+        if self.socket:
+            key = os.urandom(32)
+            address = monitor.listen("127.0.0.1:0", key)
+            for i in range(self.workers):
+                monitor.add_process(f"producer {i + 1}")  # the hello's role finds its slot
+                p = self.ctx.Process(target=_producer, args=((address, key), i, self.go, self.duration_s),
+                                     daemon=True)
+                p.start()
+                self.procs.append(p)
+            return
         for i in range(self.workers):
             r, w = self.ctx.Pipe(duplex=False)
             p = self.ctx.Process(target=_producer, args=(w, i, self.go, self.duration_s), daemon=True)
@@ -100,11 +117,11 @@ class ProducerLauncher:
         self.poll(monitor, [])
 
 
-def run_pipeline(workers: int, duration_s: float, path: Path, *, metrics: bool = True) -> dict:
+def run_pipeline(workers: int, duration_s: float, path: Path, *, metrics: bool = True, socket: bool = False) -> dict:
     from marlwatch.metrics import Metrics
     from marlwatch.runner import Run, RunConfig, drive
 
-    launcher = ProducerLauncher(workers, duration_s)
+    launcher = ProducerLauncher(workers, duration_s, socket)
     run = Run(RunConfig(record=str(path)), launcher=launcher)
     if metrics:
         run.listeners.append(Metrics(run.info).add)
@@ -182,5 +199,24 @@ def measure(quick: bool = False) -> dict:
     return out
 
 
+def measure_socket(quick: bool = False, workers: int = 32) -> dict:
+    """32 producers over the listener (TCP on 127.0.0.1), as a cluster's actors report."""
+    duration = 3.0 if quick else 6.0
+    with tempfile.TemporaryDirectory(prefix="mw-pipe-") as tmp:
+        r = run_pipeline(workers, duration, Path(tmp) / "socket.arrow", socket=True)
+    r["duration_s"] = duration
+    r["rows"] = [row(f"telemetry over the socket, {workers} producers: spans/s recorded", f"{r['rate'] / 1e6:.2f} M",
+                     "no loss", r["lossless"],
+                     f"sent {r['spans_sent']:,} recorded {r['spans_recorded']:,} "
+                     f"({'no loss' if r['lossless'] else 'LOSS'}); monitor CPU {r['monitor_cpu_ns_per_span']:.0f} ns "
+                     f"per span, RSS peak {r['monitor_rss_peak'] / 2**20:.0f} MB")]
+    return r
+
+
 if __name__ == "__main__":
+    import sys
+
+    if "--socket" in sys.argv:
+        sys.argv.remove("--socket")
+        raise SystemExit(main_for(measure_socket))
     raise SystemExit(main_for(measure))

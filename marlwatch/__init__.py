@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["auto_phases", "autostart_dir", "connect", "counter", "disconnect", "gauge", "phase", "span",
+__all__ = ["auto_phases", "autostart_dir", "ray_env", "connect", "counter", "disconnect", "gauge", "phase", "span",
            "spans_off", "telemetry", "tick", "warmup"]
-_SPAN_API = frozenset(__all__) - {"auto_phases", "autostart_dir"}  # loaded from marlwatch.instrument
+_SPAN_API = frozenset(__all__) - {"auto_phases", "autostart_dir", "ray_env"}  # loaded from marlwatch.instrument
 __version__ = "0.1.0"
 
 
@@ -28,6 +28,14 @@ def autostart_dir() -> str:
     starts, whether or not that process imports marlwatch. It does nothing in a process whose
     environment has no MARLWATCH_ADDRESS, and chains to any other `sitecustomize` on sys.path."""
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "_autostart")
+
+
+def ray_env() -> dict[str, str]:
+    """The MARLWATCH_* variables of this process, to hand to a Ray program's actors where they do
+    not inherit them (a cluster): ``ray.init(runtime_env={"env_vars": marlwatch.ray_env()})``.
+    Empty when no monitor watches this process. docs/distributed.md."""
+    names = ("MARLWATCH_ADDRESS", "MARLWATCH_AUTHKEY", "MARLWATCH_AUTO_PHASES", "MARLWATCH_SPANS_ENABLED")
+    return {k: os.environ[k] for k in names if k in os.environ}
 
 
 def auto_phases() -> None:

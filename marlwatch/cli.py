@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="run even if it needs more memory than is available or more than 4 workers per core")
     builtin.add_argument("--set", dest="settings", type=_setting, action="append", default=None,
                          metavar="KEY=VALUE", help="algorithm setting, e.g. --set batch_size=512")
+    builtin.add_argument("--backend", choices=("local", "ray"), default=None,
+                         help="local processes (default), or rollout workers as Ray actors (docs/distributed.md)")
+    builtin.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                         help="with --backend ray: the Ray cluster to run on (default: start one on this machine)")
     run.add_argument("--no-auto-phases", dest="auto_phases", action="store_false",
                      help="with a COMMAND: no hooks in its processes; only your own spans are recorded")
     _add_watch_arguments(run)
@@ -282,7 +286,7 @@ def _main(argv: Sequence[str] | None) -> int:
 # -- run ------------------------------------------------------------------------------------
 _BUILTIN_ONLY = {"algo": "--algo", "env": "--env", "agents": "--agents", "workers": "--workers",
                  "iterations": "--iterations", "seed": "--seed", "keep_going": "--keep-going", "settings": "--set",
-                 "ignore_limits": "--ignore-limits"}
+                 "ignore_limits": "--ignore-limits", "backend": "--backend", "ray_address": "--ray-address"}
 
 
 def _run_config(args: argparse.Namespace, default_iterations: int | None):
@@ -302,11 +306,17 @@ def _run_config(args: argparse.Namespace, default_iterations: int | None):
         if not command:
             raise UsageError("no command after --: marlwatch run -- python train.py")
         return RunConfig(command=command, auto_phases=args.auto_phases, **common)
+    backend = args.backend or "local"
+    if args.ray_address is not None:
+        if backend != "ray":
+            raise UsageError("--ray-address goes with --backend ray")
+        if not args.ray_address.strip():
+            raise UsageError("--ray-address takes auto or HOST:PORT")
     return RunConfig(
         algo=args.algo or "maddpg", env=args.env or "", agents=args.agents or 3, workers=args.workers or 0,
         iterations=args.iterations if args.iterations is not None else default_iterations,
         seed=args.seed or 0, keep_going=bool(args.keep_going), ignore_limits=bool(args.ignore_limits),
-        settings=dict(args.settings or []), **common,
+        settings=dict(args.settings or []), backend=backend, ray_address=args.ray_address, **common,
     )
 
 

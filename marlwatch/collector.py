@@ -97,13 +97,14 @@ class ProcStream:
         return pa.Table.from_batches(parts, schema=SCHEMA).combine_chunks().to_batches()[0]
 
 
-def core_rows(t_ns: int, utilisation: list[float]) -> pa.RecordBatch:
+def core_rows(t_ns: int, utilisation: list[float], first: int = 0) -> pa.RecordBatch:
+    """One row per core; a node's cores are numbered from its `first` (marlwatch.nodes)."""
     n = len(utilisation)
     return _batch(
         n,
         kind=_const(CORE, n, _STR),
         t_ns=_const(t_ns, n, pa.int64()),
-        core=pa.array(range(n), pa.int16()),
+        core=pa.array(range(first, first + n), pa.int16()),
         value=pa.array(utilisation, pa.float64()),
     )
 

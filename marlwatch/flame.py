@@ -614,6 +614,10 @@ class FlameController:
             if not cmd:
                 self._fail(slot, pid, role, "py-spy not found (pip install py-spy, or set MARLWATCH_PYSPY)")
                 continue
+            if st is not None and not getattr(st, "same_machine", True):
+                self._fail(slot, pid, role, f"it runs on another machine ({st.node or 'another node'}); py-spy can "
+                                            "only attach to processes on the monitor's machine")
+                continue
             if pid is None or (st is not None and st.exitcode is not None):
                 self._fail(slot, pid, role, "process gone")
                 continue
@@ -642,7 +646,8 @@ class FlameController:
 
     def _fail(self, slot: int, pid: int | None, role: str, why: str) -> None:
         self.run.emit(event_row(self.run.now_ns(), slot, "flame_failed", pid=pid, error=why))
-        self._say(f"flame: py-spy could not profile {role} (pid {pid}): {why}; the run goes on")
+        who = f"{role} (pid {pid})" if pid is not None else role
+        self._say(f"flame: py-spy could not profile {who}: {why}; the run goes on")
 
     def _advance(self, final: bool) -> None:
         cap = self.capture

@@ -379,6 +379,22 @@ class Telemetry:
                 self.flush()
                 self._send(encode_control({"type": "event", "name": name, "t_ns": _now(), **detail}))
 
+    def control(self, message: dict[str, Any]) -> None:
+        """Any other control frame (``nodes``, ``sys``: docs/distributed.md), sent at once."""
+        self._send_locked(encode_control({"t_ns": _now(), **message}))
+
+    def _send_locked(self, payload: bytes) -> None:
+        with self._lock:
+            if self.sink is not None:
+                self._send(payload)
+
+    def answer_clock(self, conn: Any) -> None:
+        """Answer the monitor's clock requests arriving on `conn` (a socket to a monitor on
+        another machine, maybe: marlwatch.clock), from a thread of their own."""
+        from marlwatch.clock import Responder
+
+        Responder(conn, self._send_locked)
+
     # -- connecting ----------------------------------------------------------------------
     def attach(self, sink: Sink, *, spans_enabled: bool = True, **hello: Any) -> None:
         """Ship to `sink` from now on, starting with a hello frame carrying `hello`."""
@@ -406,6 +422,7 @@ class Telemetry:
                 _warn_unreachable(text, e)
                 return
             self.attach(sink, **_hello())
+            self.answer_clock(sink)
 
     def _forked(self) -> None:
         """In a child made by fork: forget the parent's connection and spans (never write to the
@@ -495,9 +512,22 @@ class Telemetry:
                     # The root belongs to a thread that has ended (the one that imported
                     # marlwatch first): nobody writes to it any more, so it is safe to ship here.
                     self._ship(self._buf)
+                _wake_reader(self.sink)
                 with contextlib.suppress(OSError):
                     self.sink.close()  # type: ignore[union-attr]
                 self.sink = None
+
+
+def _wake_reader(sink: Any) -> None:
+    """A thread blocked reading a socket (the clock responder) is not woken by close(): shut it down."""
+    fileno = getattr(sink, "fileno", None)
+    if fileno is None:
+        return
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        sock = socket.socket(fileno=os.dup(fileno()))
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
 
 
 # -- connecting from the environment -------------------------------------------------------
@@ -600,6 +630,9 @@ def _role() -> str:
             if module.startswith(prefix):
                 return f"{worker} ({proc.name})"
         return proc.name
+    actor = _ray_actor()
+    if actor is not None:
+        return actor
     argv = getattr(sys, "orig_argv", None) or sys.argv or ["python"]
     # `/usr/bin/python3 /home/me/rl/train.py --lr 3e-4` -> `python3 train.py --lr 3e-4`
     words = [os.path.basename(argv[0])] + [os.path.basename(a) if a.endswith(".py") else a for a in argv[1:]]
@@ -615,9 +648,49 @@ def _hello() -> dict[str, Any]:
         size += len(a)
         if size >= _ARGV_CHARS:
             break
+    from marlwatch.clock import capability
+
     auto = sys.modules.get("marlwatch.autophases")
-    return {"pid": os.getpid(), "ppid": os.getppid(), "argv": argv, "role": _role(),
-            "auto_phases": bool(auto is not None and auto.installed())}
+    hello = {"pid": os.getpid(), "ppid": os.getppid(), "argv": argv, "role": _role(),
+             "auto_phases": bool(auto is not None and auto.installed()), "clock": capability()}
+    node = ray_node()
+    if node is not None:
+        hello["node"] = node
+    return hello
+
+
+def _ray_actor() -> str | None:
+    """``ray actor ClassName`` inside a Ray actor (its argv is Ray's default_worker.py)."""
+    ray = sys.modules.get("ray")
+    if ray is None:
+        return None
+    try:
+        if not ray.is_initialized():
+            return None
+        ctx = ray.get_runtime_context()
+        if not ctx.get_actor_id():
+            return None
+        name = ctx.current_actor._ray_actor_creation_function_descriptor.class_name
+        return f"ray actor {name}"[:_ROLE_CHARS]
+    except Exception:  # noqa: BLE001 - Ray's internals moved: the plain role will do
+        return None
+
+
+def ray_node() -> dict[str, str] | None:
+    """The Ray node this process runs on, when it is a Ray worker or driver (Ray imported and
+    initialised): the monitor groups processes and cores by node."""
+    ray = sys.modules.get("ray")
+    if ray is None:
+        return None
+    try:
+        if not ray.is_initialized():
+            return None
+        from ray.util import get_node_ip_address
+
+        return {"id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+                "ip": get_node_ip_address()}
+    except Exception:  # noqa: BLE001 - a node we cannot name is no reason to stop the program
+        return None
 
 
 def _close_at_exit(tel: Telemetry) -> None:
@@ -665,6 +738,17 @@ def connect(sink: Sink, *, spans_enabled: bool = True, implementation: str = DEF
     _telemetry._closes_at_exit = True
     _close_at_exit(_telemetry)
     return _telemetry
+
+
+def connect_monitor(address: str, authkey: bytes, *, spans_enabled: bool = True, **hello: Any) -> Telemetry:
+    """Connect to the monitor listening at `address` (the MARLWATCH_ADDRESS format) with `authkey`,
+    saying `hello`, and answer its clock requests (a process on another machine: a Ray actor)."""
+    from marlwatch.clock import capability
+
+    sink = dial(parse_address(address), authkey)
+    tel = connect(sink, spans_enabled=spans_enabled, clock=capability(), **hello)
+    tel.answer_clock(sink)
+    return tel
 
 
 def disconnect() -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from marlwatch.nodes import MAX_NODES
 from marlwatch.recording import (
     CORE,
     COUNTER,
@@ -133,6 +134,9 @@ class ProcRow:
     core: int | None
     pid: int | None
     error: str | None = None
+    node: str | None = None  # a run across machines: the node it runs on (marlwatch.nodes)
+    clock_offset_ms: float | None = None  # its clock minus the monitor's, as estimated (marlwatch.clock)
+    clock_rtt_ms: float | None = None  # the round trip of that estimate: |error| <= rtt / 2
 
 
 @dataclass
@@ -209,6 +213,18 @@ class Snapshot:
     # The learner's warm-up, when it reported one; while `warmup.active` there has been no model
     # update, so update and communication shares of zero are not measurements of the algorithm.
     warmup: Warmup | None = None
+    # The nodes of a run across machines (``node`` events: name, id, host, ip, cores, first_core,
+    # local), in the order they were named; empty on one machine.
+    nodes: list[dict[str, Any]] = field(default_factory=list)
+
+    def core_label(self, core: int) -> str:
+        """``cpu3`` on one machine; ``node-b/cpu1`` when the run spans several."""
+        if len(self.nodes) > 1:
+            for n in self.nodes:
+                first, count = n.get("first_core"), n.get("cores")
+                if isinstance(first, int) and isinstance(count, int) and first <= core < first + count:
+                    return f"{n.get('node')}/cpu{core - first}"
+        return f"cpu{core}"
 
     def top_functions(self, phase: str, n: int = 10) -> list[tuple[str, int]]:
         """The functions py-spy found running (leaf frames) while `phase` or a phase below it ran."""
@@ -259,6 +275,8 @@ class Snapshot:
                 p.name: {k: v for k, v in asdict(p).items() if k not in ("name",)} for p in self.phases
             },
             "cores": [round(c, 2) for c in self.cores_mean],
+            **({"core_labels": [self.core_label(i) for i in range(len(self.cores_mean))], "nodes": self.nodes}
+               if self.nodes else {}),
             "procs": [asdict(p) for p in self.procs],
             "counters": self.counters,
         }
@@ -287,6 +305,8 @@ class _Proc:
     pid: int | None = None
     core: int | None = None
     recent: deque = field(default_factory=lambda: deque(maxlen=64))  # recent tick times
+    node: str | None = None
+    clock: tuple[float, float] | None = None  # the latest estimate: offset, rtt (ms)
 
 
 @dataclass
@@ -383,6 +403,7 @@ class Metrics:
         self.complete = False
         self.stacks: dict[str, dict[str, int]] = {}  # bounded by phases x functions sampled
         self.warmup: Warmup | None = None
+        self.nodes: dict[str, dict[str, Any]] = {}  # by name, from `node` events (bounded: marlwatch.nodes)
         # `marlwatch run --latency-bound MS` stores the bound in the run info, so the live view,
         # replay and summary of that recording all show it; `summary --latency-bound` overrides.
         bound = info.extra.get("latency_bound_ms") if info else None
@@ -577,8 +598,16 @@ class Metrics:
                 detail = {}
             self.events.append({"t_s": t / 1e9, "proc": slot, "name": name, **detail})
             if slot is None:
+                if name == "node" and isinstance(detail.get("node"), str) and \
+                        (detail["node"] in self.nodes or len(self.nodes) < MAX_NODES):
+                    self.nodes[detail["node"]] = detail  # the latest says most (its cores, once sampled)
                 continue
             p = self._proc(slot)
+            if isinstance(detail.get("node"), str) and name in ("started", "on_node"):
+                p.node = detail["node"]
+            if name == "clock" and isinstance(detail.get("offset_ns"), int | float) \
+                    and isinstance(detail.get("rtt_ns"), int | float):
+                p.clock = (detail["offset_ns"] / 1e6, detail["rtt_ns"] / 1e6)
             if name == "started":
                 p.state, p.pid, p.core = "running", detail.get("pid"), detail.get("core", p.core)
                 if isinstance(detail.get("role"), str):  # processes that connected by themselves
@@ -675,7 +704,9 @@ class Metrics:
             procs.append(ProcRow(slot=slot, role=p.role, state=state, iterations=p.iterations,
                                  ips=(p.iterations - p.first_tick_iter) / span_s if span_s > 0 else 0.0,
                                  cpu_percent=p.cpu,
-                                 rss_bytes=p.rss, core=p.core, pid=p.pid, error=p.error))
+                                 rss_bytes=p.rss, core=p.core, pid=p.pid, error=p.error, node=p.node,
+                                 clock_offset_ms=p.clock[0] if p.clock else None,
+                                 clock_rtt_ms=p.clock[1] if p.clock else None))
         return Snapshot(
             info=self.info,
             t_s=self.t_ns / 1e9,
@@ -708,6 +739,7 @@ class Metrics:
             bound_met=bounded[1],
             stacks={k: dict(v) for k, v in self.stacks.items()},
             warmup=None if self.warmup is None else replace(self.warmup),
+            nodes=list(self.nodes.values()),
         )
 
 

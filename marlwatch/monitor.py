@@ -26,11 +26,15 @@ from typing import Any
 import pyarrow as pa
 
 from marlwatch import wire
+from marlwatch.clock import ClockSync, boot_id
 from marlwatch.collector import ProcStream, core_rows, event_row, proc_rows
+from marlwatch.nodes import Node, Nodes
 from marlwatch.recording import SCHEMA, RecordingError, RecordingWriter, RunInfo
-from marlwatch.sysstats import CoreSampler, ProcSampler
+from marlwatch.sysstats import CoreSampler, ProcSample, ProcSampler
 
 HANDSHAKE_TIMEOUT_S = 5.0
+_FRAMES_PER_PASS = 64  # frames one pass of the pump reads, over all connections (at most 6 MB of spans)
+_BACKLOG_FRAMES = 256  # frames a connection may send before its clock offset is known
 MAX_SLOTS = 1024  # a bound on what connecting processes can make the monitor (and every reader) hold
 
 
@@ -47,6 +51,10 @@ class ProcState:
     state: str = "starting"
     error: str | None = None
     exitcode: int | None = None
+    node: str | None = None  # the node's name (a run across machines, docs/distributed.md)
+    # False for a process on another machine: no psutil, no py-spy, its clock aligned by estimate
+    same_machine: bool = True
+    clock_offset_ns: int = 0  # applied to its times (marlwatch.clock)
 
     @property
     def ended(self) -> bool:
@@ -176,6 +184,12 @@ class Monitor:
         self._acceptor: _Acceptor | None = None
         self.core_sampler = CoreSampler()
         self.proc_sampler = ProcSampler()
+        self.boot_id = boot_id()
+        self.nodes = Nodes(self.core_sampler.cores)
+        self._clock: dict[Connection, ClockSync] = {}
+        self._backlog: dict[Connection, list[bytes]] = {}  # frames waiting for their clock offset
+        self._slot_by_node_pid: dict[tuple[str, int], int] = {}
+        self._hello_pids: dict[int, int] = {}  # slot -> pid its process gave (on its own machine)
         self._next_sample = 0.0
         self._pending: list[pa.RecordBatch] = []
         self.write_failure: str | None = None
@@ -247,9 +261,13 @@ class Monitor:
             ready = wait(watch, remaining) if watch else []
             if not watch:
                 time.sleep(remaining)
+            # A socket's buffer holds many frames (a pipe's, one): with dozens of sockets, 64 frames
+            # each made one pass hold ~0.7 GB of rows before `deliver`. A pass reads a bounded share.
+            per_conn = max(1, _FRAMES_PER_PASS // max(1, len(self._conns)))
             for obj in ready:
                 if obj in self._conns:
-                    self.drain(obj)
+                    if time.monotonic() < deadline or obj is ready[0]:
+                        self.drain(obj, limit=per_conn)  # the others are still ready at the next pump
                 elif obj in self._hello_pending:
                     self._greet(obj)
                 elif self._acceptor is not None and obj is self._acceptor.wake_r:
@@ -258,6 +276,8 @@ class Monitor:
                     woke.append(obj)
             if time.monotonic() >= self._next_sample:
                 self._sample()
+            if self._clock:
+                self._clock_requests()
             if woke or time.monotonic() >= deadline:
                 break
         return woke
@@ -293,18 +313,47 @@ class Monitor:
             return
         hello = msg.message
         pid = hello.get("pid") if isinstance(hello.get("pid"), int) else None
-        slot = self.slot_for_pid(pid) if pid is not None else None
+        clock = hello.get("clock") if isinstance(hello.get("clock"), dict) else None
+        # A process without clock information is from an older marlwatch: taken as local, as before.
+        same_machine = clock is None or (self.boot_id is not None and clock.get("boot_id") == self.boot_id)
+        slot = self.slot_for_pid(pid) if pid is not None and same_machine else None
+        if slot is None:
+            slot = self._reserved_slot(_role_of(hello))
         if slot is None or (self.procs[slot].state == "running" and any(s == slot for s in self._conns.values())):
             if len(self.procs) >= MAX_SLOTS:
                 conn.close()
                 self.emit(event_row(self.now_ns(), None, "connection_dropped", reason="too many processes"))
                 return
-            slot = self.add_process(_role_of(hello), pid=pid)
+            slot = self.add_process(_role_of(hello))
         elif self.procs[slot].role.startswith("pid "):  # found by the process watch: now it has a name
             self.procs[slot].role = _role_of(hello)
+        self.procs[slot].same_machine = same_machine
+        if pid is not None:
+            self._hello_pids[slot] = pid
+        if pid is not None and same_machine and self.procs[slot].pid is None:
+            self.set_pid(slot, pid)
         self._conns[conn] = slot
         self._sockets.add(conn)
+        if clock is not None and clock.get("v") == 1:
+            hello_t = hello.get("t_ns") if isinstance(hello.get("t_ns"), int) else None
+            sync = self._clock[conn] = ClockSync(time.perf_counter_ns(), same_clock=same_machine, hello_t_ns=hello_t)
+            if not same_machine:
+                self._backlog[conn] = []  # its rows wait for the first estimate (a few round trips)
+                self._align(slot, sync)
         self._control(slot, hello)
+
+    def _align(self, slot: int, sync: ClockSync) -> None:
+        self.procs[slot].clock_offset_ns = sync.applied_ns
+        self.streams[slot].t_origin_ns = self.t0_ns + sync.applied_ns
+
+    def _reserved_slot(self, role: str) -> int | None:
+        """A slot a launcher reserved for a process that will connect by itself (a Ray actor):
+        the first one of that role still waiting."""
+        for slot, st in self.procs.items():
+            if st.role == role and st.state == "starting" and st.pid is None and \
+                    not any(s == slot for s in self._conns.values()):
+                return slot
+        return None
 
     def drain(self, conn: Connection, limit: int = 64) -> None:
         slot = self._conns[conn]
@@ -316,25 +365,85 @@ class Monitor:
             except (EOFError, OSError):
                 self._disconnected(conn, slot)
                 return
-            try:
-                msg = wire.decode(frame)
-                if isinstance(msg, wire.Control):
-                    self._control(slot, msg.message)
+            backlog = self._backlog.get(conn)
+            if backlog is not None:
+                if self._clock_frame(conn, frame):
                     continue
-                rows = self.streams[slot].rows(msg)
-            except (wire.ProtocolError, ValueError) as e:
-                self.emit(event_row(self.now_ns(), slot, "protocol_error", error=str(e)))
-                if conn in self._sockets:
-                    # A socket that sent one bad frame cannot be trusted to be in step: drop it,
-                    # keep what it sent before, and every other process's data.
-                    self._notice(f"{self.procs[slot].role}: bad telemetry, connection dropped ({e})")
-                    self._disconnected(conn, slot)
-                    return
+                backlog.append(frame)  # until the process's clock offset is known
+                if len(backlog) >= _BACKLOG_FRAMES:
+                    self._settle(conn, slot)
                 continue
-            if rows is not None:
-                self.emit(rows)
+            if not self._frame(conn, slot, frame):
+                return
+
+    def _frame(self, conn: Connection, slot: int, frame: bytes) -> bool:
+        """Record one frame; False if the connection was dropped for it."""
+        if conn in self._clock and self._clock_frame(conn, frame):
+            return True
+        try:
+            msg = wire.decode(frame)
+            if isinstance(msg, wire.Control):
+                self._control(slot, msg.message)
+                return True
+            rows = self.streams[slot].rows(msg)
+        except (wire.ProtocolError, ValueError) as e:
+            self.emit(event_row(self.now_ns(), slot, "protocol_error", error=str(e)))
+            if conn in self._sockets:
+                # A socket that sent one bad frame cannot be trusted to be in step: drop it,
+                # keep what it sent before, and every other process's data.
+                self._notice(f"{self.procs[slot].role}: bad telemetry, connection dropped ({e})")
+                self._disconnected(conn, slot)
+                return False
+            return True
+        if rows is not None:
+            self.emit(rows)
+        return True
+
+    # -- clocks (marlwatch.clock) ------------------------------------------------------------
+    def _clock_requests(self) -> None:
+        now = time.perf_counter_ns()
+        for conn, sync in list(self._clock.items()):
+            req = sync.request(now)
+            if req is not None:
+                try:
+                    conn.send_bytes(wire.encode_control(req))
+                except OSError:
+                    continue  # its reading side is gone: the drain finds out
+            if conn in self._backlog and sync.settled(now):
+                self._settle(conn, self._conns[conn])
+
+    def _clock_frame(self, conn: Connection, frame: bytes) -> bool:
+        """Handle `frame` if it answers a clock request (stamped as soon as it is read)."""
+        if not frame.startswith(b'J{"type": "clock_resp"'):
+            return False
+        now = time.perf_counter_ns()
+        try:
+            m = wire.decode(frame).message  # type: ignore[union-attr]
+        except wire.ProtocolError:
+            return False
+        sync = self._clock[conn]
+        est = sync.response(m.get("seq"), m.get("t_ns"), now)
+        if est is not None:
+            slot = self._conns[conn]
+            self._align(slot, sync)
+            self.emit(event_row(self.now_ns(), slot, "clock", offset_ns=est.offset_ns, rtt_ns=est.rtt_ns,
+                                samples=est.samples, applied_ns=sync.applied_ns, same_clock=sync.same_clock))
+            if conn in self._backlog:
+                self._settle(conn, slot)
+        return True
+
+    def _settle(self, conn: Connection, slot: int) -> None:
+        """The offset is known (or waited for long enough): what waited for it goes out."""
+        for frame in self._backlog.pop(conn, []):
+            if not self._frame(conn, slot, frame):
+                return
 
     def _disconnected(self, conn: Connection, slot: int) -> None:
+        if conn in self._backlog:
+            self._settle(conn, slot)
+        self._clock.pop(conn, None)
+        if conn not in self._conns:
+            return  # a bad frame in the backlog dropped it already
         del self._conns[conn]
         with contextlib.suppress(OSError):
             conn.close()
@@ -351,16 +460,32 @@ class Monitor:
     def _control(self, slot: int, m: dict[str, Any]) -> None:
         st = self.procs[slot]
         t_raw = m.get("t_ns")
-        t = (t_raw - self.t0_ns) if isinstance(t_raw, int) else self.now_ns()
+        t = (t_raw - self.streams[slot].t_origin_ns) if isinstance(t_raw, int) else self.now_ns()
         kind = m.get("type")
         if kind == "hello":
             st.state = "running"
-            if isinstance(m.get("pid"), int) and st.pid is None:
+            if isinstance(m.get("pid"), int) and st.pid is None and st.same_machine:
                 self.set_pid(slot, m["pid"])
             if isinstance(m.get("core"), int):
                 st.core = m["core"]
             detail = {k: m.get(k) for k in ("pid", "core", "spans_impl", "argv", "ppid", "auto_phases") if k in m}
+            if "node" in m:
+                self._place(slot, m["node"])
+            if st.node is not None:
+                detail["node"] = st.node
+            if not st.same_machine:
+                detail["same_machine"] = False
             self.emit(event_row(t, slot, "started", role=st.role, **detail))
+        elif kind == "node":  # a process that learnt its node after its hello (a Ray driver)
+            self._place(slot, m.get("node"))
+            if st.node is not None:
+                self.emit(event_row(t, slot, "on_node", node=st.node))
+        elif kind == "nodes":  # the nodes of a cluster, the monitor's first (docs/distributed.md)
+            local = m.get("local")
+            for info in m.get("nodes", []) if isinstance(m.get("nodes"), list) else []:
+                self._node(info, local=isinstance(info, dict) and info.get("id") == local)
+        elif kind == "sys" and st.node is not None:
+            self._node_sample(st, t, m)
         elif kind == "event":
             name = str(m.get("name", "event"))
             detail = {k: v for k, v in m.items() if k not in ("type", "name", "t_ns")}
@@ -372,6 +497,50 @@ class Monitor:
             if self.on_process_event is not None:
                 self.on_process_event(st, name, detail)
 
+    # -- nodes (marlwatch.nodes) -----------------------------------------------------------
+    def _node(self, info: Any, *, local: bool = False) -> Node | None:
+        node, changed = self.nodes.add(info, local=local)
+        if changed and node is not None:
+            self.emit(event_row(self.now_ns(), None, "node", **node.detail()))
+        return node
+
+    def _place(self, slot: int, info: Any) -> None:
+        """The process in `slot` runs on the node `info` names."""
+        st = self.procs[slot]
+        # The first node named from this machine is the monitor's (a Ray backend names it first).
+        node = self._node(info, local=st.same_machine and self.nodes.local is None)
+        if node is None:
+            return
+        st.node = node.name
+        pid = self._hello_pids.get(slot)
+        if pid is not None:
+            self._slot_by_node_pid[(node.id, pid)] = slot
+        if not node.local and node.first_core is not None:
+            self.proc_sampler.forget(slot)  # its node's sampler reports it (one row per sample, not two)
+
+    def _node_sample(self, st: ProcState, t: int, m: dict[str, Any]) -> None:
+        """A node's sampler reports its cores and the processes it watches (``sys`` frames)."""
+        node = next((n for n in self.nodes.by_id.values() if n.name == st.node), None)
+        if node is None or node.local:
+            return  # the monitor samples its own node
+        cores = m.get("cores")
+        if isinstance(cores, list) and 0 < len(cores) <= 1024 and all(isinstance(c, int | float) for c in cores):
+            if self.nodes.place_cores(node, len(cores)):
+                self.emit(event_row(self.now_ns(), None, "node", **node.detail()))
+                for slot, other in self.procs.items():
+                    if other.node == node.name:
+                        self.proc_sampler.forget(slot)  # the node's sampler reports them from now on
+            if node.first_core is not None and len(cores) == node.cores:
+                self.emit(core_rows(t, [float(c) for c in cores], first=node.first_core))
+        samples = []
+        for item in m.get("procs", []) if isinstance(m.get("procs"), list) else []:
+            if isinstance(item, list) and len(item) == 3 and all(isinstance(v, int | float) for v in item):
+                slot = self._slot_by_node_pid.get((node.id, int(item[0])))
+                if slot is not None:
+                    samples.append(ProcSample(slot, float(item[1]), int(item[2])))
+        if samples:
+            self.emit(proc_rows(t, samples))
+
     def process_exited(self, slot: int, exitcode: int | None, *, error: str | None = None) -> None:
         """A launcher's report that the process in `slot` ended; reads what it sent before it died."""
         st = self.procs[slot]
@@ -379,7 +548,13 @@ class Monitor:
         self.proc_sampler.forget(slot)
         for conn, s in list(self._conns.items()):
             if s == slot:
-                self.drain(conn, limit=10_000)
+                # A socket may still hold megabytes the process sent before it ended: read them in
+                # passes, each handed on before the next, so memory stays bounded.
+                for _ in range(10_000 // _FRAMES_PER_PASS):
+                    self.drain(conn, limit=_FRAMES_PER_PASS)
+                    self.deliver()
+                    if conn not in self._conns or not _readable(conn):
+                        break
         if not st.ended or st.state == "left":
             if exitcode == 0:
                 st.state = "finished"
@@ -456,6 +631,13 @@ class Monitor:
             return self.record_path.stat().st_size
         except OSError:
             return 0
+
+
+def _readable(conn: Connection) -> bool:
+    try:
+        return conn.poll()
+    except (OSError, EOFError):
+        return True  # the drain finds out and reports it
 
 
 def _role_of(hello: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from marlwatch import instrument
-from marlwatch.workers import PipeWorkerPool, WorkerLost, serve_rollout
+from marlwatch.workers import PipeWorkerPool, WorkerLost, WorkerPool, serve_rollout
 
 PR_SET_PDEATHSIG = 1
 
@@ -35,6 +35,14 @@ class ChildSpec:
     spans_ab: int = 0  # > 0: spans on and off in alternating blocks of this many iterations
     keep_going: bool = False
     monitor_pid: int = field(default_factory=os.getpid)  # made in the monitor: its pid
+    # The Ray backend (marlwatch.ray_workers): the learner's workers are Ray actors, which reach
+    # the monitor's listener at `monitor_address` with `authkey` (hex).
+    backend: str = "local"
+    ray_address: str | None = None  # None: a local Ray instance, started and stopped by the learner
+    workers: int = 0
+    monitor_address: str = ""
+    authkey: str = ""
+    ray_tmpdir: str | None = None  # a local Ray instance's folder (sessions, sockets, logs): the launcher's
 
 
 def _die_with_parent(monitor_pid: int) -> None:
@@ -60,6 +68,10 @@ def _bootstrap(spec: ChildSpec, telemetry_conn: Connection) -> None:
     # Started with them blocked (BuiltinLauncher._spawn): unblock them now that they are ignored,
     # so that one pending from the spawn is dropped rather than kept pending for the process's life.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+    if spec.backend == "ray":
+        # Its own process group, which the Ray processes it starts join: the launcher ends the
+        # group, so nothing of a local Ray instance outlives the run (docs/distributed.md).
+        os.setpgid(0, 0)
     if spec.core is not None and hasattr(os, "sched_setaffinity"):
         try:
             os.sched_setaffinity(0, {spec.core})
@@ -73,20 +85,38 @@ def _bootstrap(spec: ChildSpec, telemetry_conn: Connection) -> None:
     )
 
 
-def _report_crash(exc: BaseException) -> None:
+def report_crash(exc: BaseException, *, close: bool = True) -> None:
+    """Tell the monitor this process crashed, and where (one line)."""
     last = traceback.format_exception_only(type(exc), exc)[-1].strip()
     where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
     at = f" ({os.path.basename(where.filename)}:{where.lineno})" if where else ""
     instrument.telemetry().event("crashed", error=last + at)
-    instrument.telemetry().close()
+    if close:
+        instrument.telemetry().close()
+
+
+def _make_pool(spec: ChildSpec, worker_conns: list[Connection]) -> WorkerPool:
+    if spec.backend == "ray":
+        if spec.ray_address is None:
+            # The Ray instance the learner starts listens on this machine's loopback address only
+            # (Ray's setting for one-machine use, read when ray is imported), not on its network.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        if spec.ray_tmpdir is not None:
+            # Not the shared /tmp/ray (another user's may be there): a private folder, removed after.
+            os.environ["RAY_TMPDIR"] = spec.ray_tmpdir
+        from marlwatch.ray_workers import RayWorkerPool
+
+        return RayWorkerPool(spec, keep_going=spec.keep_going)
+    return PipeWorkerPool(worker_conns, keep_going=spec.keep_going)
 
 
 def learner_main(spec: ChildSpec, telemetry_conn: Connection, worker_conns: list[Connection],
                  stop: Connection) -> None:
     _bootstrap(spec, telemetry_conn)
     exit_code = 0
-    pool = PipeWorkerPool(worker_conns, keep_going=spec.keep_going)
+    pool: WorkerPool | None = None
     try:
+        pool = _make_pool(spec, worker_conns)
         learner = spec.algorithm.learner_cls(spec.config)
         span = instrument.span
         done = 0
@@ -111,10 +141,11 @@ def learner_main(spec: ChildSpec, telemetry_conn: Connection, worker_conns: list
         instrument.telemetry().event("stopped", reason=str(e))
         exit_code = 3
     except BaseException as e:  # noqa: BLE001 - reported to the monitor, then the process ends
-        _report_crash(e)
+        report_crash(e)
         exit_code = 1
     finally:
-        pool.stop()
+        if pool is not None:
+            pool.stop()
         instrument.telemetry().close()
     sys.exit(exit_code)
 
@@ -127,7 +158,7 @@ def worker_main(spec: ChildSpec, telemetry_conn: Connection, learner_conn: Conne
         served = serve_rollout(rollout, learner_conn)
         instrument.telemetry().event("finished", iterations=served)
     except BaseException as e:  # noqa: BLE001 - reported to the monitor, then the process ends
-        _report_crash(e)
+        report_crash(e)
         exit_code = 1
     finally:
         instrument.telemetry().close()

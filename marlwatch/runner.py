@@ -57,6 +57,8 @@ class RunConfig:
     auto_phases: bool = True  # with `command`: hooks in its processes find phases (docs/your-training.md)
     command_log: bool = False  # with `command`: its output goes to NAME.log beside the recording (live app)
     listen: str | None = None  # an address to accept telemetry connections on (`marlwatch listen`)
+    backend: str = "local"  # or "ray": rollout workers as Ray actors (marlwatch/launchers/ray.py)
+    ray_address: str | None = None  # with backend "ray": a cluster ("auto", HOST:PORT); None starts one here
 
     def resolved_workers(self) -> int:
         return self.workers or (os.cpu_count() or 1)
@@ -87,6 +89,10 @@ def make_launcher(cfg: RunConfig, algorithm: Any = None) -> Launcher | None:
         return CommandLauncher(cfg.command, auto_phases=cfg.auto_phases, spans=cfg.spans)
     if cfg.listen is not None:
         return None
+    if cfg.backend == "ray":
+        from marlwatch.launchers.ray import RayLauncher
+
+        return RayLauncher(cfg, algorithm)
     from marlwatch.launchers.builtin import BuiltinLauncher
 
     return BuiltinLauncher(cfg, algorithm)

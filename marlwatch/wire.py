@@ -11,6 +11,14 @@ same Connection class). Frames are plain bytes, never pickles:
   of this frame), ``names`` (phase names new since the last frame, in id order) and
   ``counters`` (``[name, t_ns, value]`` rows). Times are the sender's `perf_counter_ns`
   (CLOCK_MONOTONIC, shared by processes on one machine).
+
+Control frames across machines (docs/distributed.md), all optional, so either side may be older:
+a hello may carry ``clock`` (``{"v": 1, "boot_id": ...}``: the process answers clock requests)
+and ``node`` (``{"id", "host", "ip"}``); the monitor then sends ``clock_req`` (``seq``) on the
+same socket and the process answers ``clock_resp`` (``seq``, ``t_ns``) (marlwatch/clock.py).
+``nodes`` (``local``, ``nodes``: a cluster's nodes, the monitor's first), ``node`` (the sender's
+node, learnt after its hello) and ``sys`` (a node sampler's ``cores``: utilisation per core, and
+``procs``: ``[pid, cpu_percent, rss_bytes]``) carry the per-node system view.
 """
 
 from __future__ import annotations

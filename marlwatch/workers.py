@@ -1,8 +1,9 @@
 """The worker interface: how a learner reaches its rollout workers.
 
 `WorkerPool` is what the learner loop uses; `PipeWorkerPool` reaches local worker processes
-over `multiprocessing` pipes. A pool of Ray actors would implement the same three methods
-(broadcast, gather, stop), and its actors would run the same `serve_rollout` loop.
+over `multiprocessing` pipes; `marlwatch.ray_workers.RayWorkerPool` reaches Ray actors with
+the same three methods (broadcast, gather, stop), and its actors do the same round
+(`rollout_round`) with the same phases.
 """
 
 from __future__ import annotations
@@ -87,13 +88,18 @@ def serve_rollout(rollout: Any, conn: Connection) -> int:
                 return rounds  # the learner is gone: nothing left to do
         if msg[0] == "stop":
             return rounds
-        if msg[2] is not None:  # the learner's spans A/B switch (benchmarking the overhead)
-            instrument.telemetry().spans_enabled = msg[2]
-        with span("sync/load_weights"):
-            rollout.load_weights(msg[1])
-        with span("sample"):
-            payload = rollout.collect()
+        payload = rollout_round(rollout, msg[1], msg[2])
         with span("sync/send"):
             conn.send(("batch", payload))
         instrument.tick()
         rounds += 1
+
+
+def rollout_round(rollout: Any, weights: Any, spans: bool | None) -> Any:
+    """One round of a worker, whatever carries the weights and the results: load, collect."""
+    if spans is not None:  # the learner's spans A/B switch (benchmarking the overhead)
+        instrument.telemetry().spans_enabled = spans
+    with instrument.span("sync/load_weights"):
+        rollout.load_weights(weights)
+    with instrument.span("sample"):
+        return rollout.collect()

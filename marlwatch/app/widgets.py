@@ -355,9 +355,10 @@ class CoresPanel(Static):
         per_line = max(1, width // cell) if len(s.cores_now) > 8 else 1
         bar_w = max(4, (width // per_line) - 20)
         line = Text(no_wrap=True, overflow="ellipsis")
+        label_w = max(6, *(len(s.core_label(c)) + 1 for c in range(len(s.cores_now))))
         for core, util in enumerate(s.cores_now):
             style = "red" if util >= 90 else ("yellow" if util >= 60 else "green")
-            line.append(f"cpu{core:<2} ", style="bold")
+            line.append(f"{s.core_label(core):<{label_w}}", style="bold")
             line.append_text(hbar(util / 100, bar_w, style))
             line.append(f"{util:4.0f}% ")
             line.append(f"{','.join(pinned.get(core, []))[:7]:<7} ", style="cyan")
@@ -368,10 +369,10 @@ class CoresPanel(Static):
             lines.append(line)
         for p in s.procs[:MAX_PROC_ROWS]:
             row = Text(no_wrap=True, overflow="ellipsis")
-            core = f"cpu{p.core}" if p.core is not None else "-"
+            core = s.core_label(p.core) if p.core is not None else (printable(p.node) if p.node else "-")
             cpu = f"{p.cpu_percent:.0f}%" if p.cpu_percent is not None else "-"
             row.append(f"{printable(p.role):<9}", style="bold")
-            row.append(f" {core:<5} {cpu:>5} CPU {human_bytes(p.rss_bytes):>9}")
+            row.append(f" {core:<{label_w - 1}} {cpu:>5} CPU {human_bytes(p.rss_bytes):>9}")
             lines.append(row)
         if len(s.procs) > MAX_PROC_ROWS:
             lines.append(Text(f"… and {len(s.procs) - MAX_PROC_ROWS} more processes", style="dim"))
@@ -395,6 +396,8 @@ class WorkerRow(Static):
             self.set_class(row.state == state, f"-{state}")
         text = Text(no_wrap=True, overflow="ellipsis")
         text.append(f"{printable(row.role):<9}", style="bold")
+        if row.node is not None:
+            text.append(f"{printable(row.node):<8}", style="cyan")
         text.append(f"{printable(row.state):<9}", style=STATE_STYLES.get(row.state, ""))
         text.append(f"it {row.iterations:<6}{row.ips:5.2f} IPS")
         if row.error:
