@@ -171,7 +171,7 @@ class Run:
         self.monitor.emit(batch)
 
     def describe(self) -> str:
-        if self.launcher is not None and hasattr(self.launcher, "describe"):
+        if self.launcher is not None:
             return self.launcher.describe()
         return f"listening on {self.monitor.address}"
 
@@ -291,9 +291,6 @@ class Run:
         self.monitor.close({"stop_reason": self.stop_reason, "failure": self.failure})
         self.finished = True
 
-    # compatibility with the tests and benchmarks written against the old Run
-    def kill_children(self) -> None:
-        self.abort("forced")
 
 
 def _authkey() -> bytes:

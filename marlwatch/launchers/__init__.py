@@ -29,6 +29,10 @@ class Launcher(Protocol):
         """What the recording's metadata says about this run (before anything starts)."""
         ...
 
+    def describe(self) -> str:
+        """One line for the user: what runs (`maddpg on simple_spread, 3 agents, 2 workers`)."""
+        ...
+
     def record_stem(self) -> str:
         """The start of the default recording name (``maddpg``, ``python-train``)."""
         ...
