@@ -321,12 +321,11 @@ def _run_config(args: argparse.Namespace, default_iterations: int | None):
 
 
 def _listen_address(args: argparse.Namespace) -> str:
-    import tempfile
-
     from marlwatch.monitor import Address
+    from marlwatch.runner import PRIVATE_SOCKET
 
     if args.address is None:
-        return f"unix:{tempfile.mkdtemp(prefix='marlwatch-')}/monitor.sock"  # 0700: this user only
+        return PRIVATE_SOCKET
     try:
         address = Address(args.address)
     except ValueError as e:
