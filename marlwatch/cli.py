@@ -28,6 +28,7 @@ PLUGGED: dict[str, tuple[str, str]] = {
     "export": ("marlwatch.export", "export a recording to Perfetto/Chrome trace JSON, Parquet or CSV"),
     "flame": ("marlwatch.flame", "flame graph of the py-spy samples taken while a phase ran"),
     "sweep": ("marlwatch.sweep", "run an agents x workers grid and tabulate the scaling"),
+    "report": ("marlwatch.sweep_report", "make a sweep's report.html (plots) again from its recordings"),
     "repair": ("marlwatch.repair", "rewrite a truncated recording from its complete batches"),
 }
 
