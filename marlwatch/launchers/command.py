@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 
 from marlwatch.collector import event_row
-from marlwatch.launchers import LaunchError
+from marlwatch.launchers import LaunchError, exit_reason
 from marlwatch.monitor import Monitor
 from marlwatch.recording import RunInfo
 
@@ -146,7 +146,7 @@ class CommandLauncher:
             self._walk_tree(monitor)
         if self.proc is not None and self.proc.returncode is None and self.proc.poll() is not None:
             code = self.proc.returncode
-            monitor.process_exited(0, code, error=_reason(code))
+            monitor.process_exited(0, code, error=exit_reason(code) if code else None)
 
     def _walk_tree(self, monitor: Monitor) -> None:
         """New processes of the command get a slot (CPU and memory rows even if they never connect);
@@ -251,14 +251,3 @@ def _group_alive(pgid: int) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     return True
-
-
-def _reason(code: int | None) -> str | None:
-    if code is None or code == 0:
-        return None
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
