@@ -28,7 +28,6 @@ PLUGGED: dict[str, tuple[str, str]] = {
     "export": ("marlwatch.export", "export a recording to Perfetto/Chrome trace JSON, Parquet or CSV"),
     "flame": ("marlwatch.flame", "flame graph of the py-spy samples taken while a phase ran"),
     "sweep": ("marlwatch.sweep", "run an agents x workers grid and tabulate the scaling"),
-    "report": ("marlwatch.sweep_report", "make a sweep's report.html (plots) again from its recordings"),
     "repair": ("marlwatch.repair", "rewrite a truncated recording from its complete batches"),
 }
 
@@ -111,7 +110,9 @@ def _add_watch_arguments(p: argparse.ArgumentParser) -> None:
                    help="also show latency-bounded IPS: only iterations that took at most MS ms count")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `command`, only that subcommand's module is imported for its options (the
+    others are listed, bare): `summary` of a recording then never imports Textual or torch."""
     p = _Parser(prog="marlwatch", description="See where the time of a MARL training run goes.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
@@ -162,10 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     summ.add_argument("--json", action="store_true", help="print a JSON object")
     summ.add_argument("--latency-bound", type=_latency_bound, default=None, metavar="MS",
                       help="IPS counting only iterations that took at most MS ms, and the fraction that did")
+    summ.add_argument("--exact", action="store_true",
+                      help="read every span instead of the recording's aggregates: exact phase percentiles "
+                           "(else within 1.1%%); slower on long recordings")
 
     sub.add_parser("algorithms", help="list the built-in algorithms and their place in the taxonomy")
 
     for name, (module, help_text) in PLUGGED.items():
+        if command is not None and command != name:
+            sub.add_parser(name, help=help_text)
+            continue
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:
@@ -257,9 +264,9 @@ def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     own, user_command = _split_command(argv)
     try:
-        args = build_parser().parse_args(own)
+        args = build_parser(own[0] if own and not own[0].startswith("-") else None).parse_args(own)
         if args.command is None:
-            args = build_parser().parse_args(["run", *own])
+            args = build_parser("run").parse_args(["run", *own])
     except UsageError as e:
         return _fail(str(e))
     args.user_command = user_command
@@ -322,11 +329,12 @@ def _run_config(args: argparse.Namespace, default_iterations: int | None):
 
 
 def _listen_address(args: argparse.Namespace) -> str:
+    import tempfile
+
     from marlwatch.monitor import Address
-    from marlwatch.runner import PRIVATE_SOCKET
 
     if args.address is None:
-        return PRIVATE_SOCKET
+        return f"unix:{tempfile.mkdtemp(prefix='marlwatch-')}/monitor.sock"  # 0700: this user only
     try:
         address = Address(args.address)
     except ValueError as e:
@@ -507,7 +515,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     if args.latency_bound is not None:
         rec.info.extra["latency_bound_ms"] = args.latency_bound
     try:
-        snap = summarize(rec)
+        snap = summarize(rec, exact=args.exact)
     except RecordingError as e:  # nothing valid in it
         raise UsageError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - a damaged file must give one line, not a traceback

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from marlwatch.recording import CORE, COUNTER, EVENT, ITER, PROC, SCHEMA, SPAN
+from marlwatch.recording import CORE, COUNTER, EVENT, ITER, KIND_TYPE, NAME_TYPE, PROC, SCHEMA, SPAN
 from marlwatch.sysstats import ProcSample
 from marlwatch.wire import Batch
 
@@ -19,7 +19,19 @@ _STR = pa.string()
 
 
 def _const(value: Any, n: int, type_: pa.DataType) -> pa.Array:
-    return pa.repeat(pa.scalar(value, type_), n) if value is not None else pa.nulls(n, type_)
+    if value is None:
+        return pa.nulls(n, type_)
+    if pa.types.is_dictionary(type_):
+        return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int8), type_.index_type), pa.array([value], _STR))
+    return pa.repeat(pa.scalar(value, type_), n)
+
+
+def _kind(kind: str, n: int) -> pa.Array:
+    return _const(kind, n, KIND_TYPE)
+
+
+def _names(values: list[str | None]) -> pa.Array:
+    return pa.array(values, NAME_TYPE)
 
 
 def _batch(n: int, **cols: pa.Array) -> pa.RecordBatch:
@@ -34,7 +46,7 @@ class ProcStream:
         self.slot = slot
         self.t_origin_ns = t_origin_ns
         self.names: list[str] = []
-        self._names_arr = pa.array([None], _STR)  # index -1 (root) maps to the trailing null
+        self._names_arr = pa.array([], _STR)  # the dictionary of its span rows' name and parent
         self.iteration = 0
         self.last_tick_ns: int | None = None
         self.spans = 0
@@ -42,22 +54,21 @@ class ProcStream:
     def rows(self, b: Batch) -> pa.RecordBatch | None:
         if b.new_names:
             self.names.extend(b.new_names)
-            self._names_arr = pa.array([*self.names, None], _STR)
+            self._names_arr = pa.array(self.names, _STR)
         parts: list[pa.RecordBatch] = []
         n = len(b.ids)
         if n:
             if int(b.ids.max()) >= len(self.names) or int(b.parents.max()) >= len(self.names):
                 raise ValueError("span refers to an unknown phase id")
-            ids = np.where(b.ids < 0, len(self.names), b.ids)
-            parents = np.where(b.parents < 0, len(self.names), b.parents)
             iters = b.first_iteration + np.searchsorted(b.ticks, b.t0, side="right")
+            # The process's phase table is the dictionary: no string is built per span.
             parts.append(
                 _batch(
                     n,
-                    kind=_const(SPAN, n, _STR),
+                    kind=_kind(SPAN, n),
                     proc=_const(self.slot, n, pa.int16()),
-                    name=self._names_arr.take(pa.array(ids)),
-                    parent=self._names_arr.take(pa.array(parents)),
+                    name=self._phase(b.ids),
+                    parent=self._phase(b.parents),
                     t_ns=pa.array(b.t0 - self.t_origin_ns),
                     dur_ns=pa.array(b.t1 - b.t0),
                     iter=pa.array(iters, pa.int64()),
@@ -69,7 +80,7 @@ class ProcStream:
             parts.append(
                 _batch(
                     k,
-                    kind=_const(ITER, k, _STR),
+                    kind=_kind(ITER, k),
                     proc=_const(self.slot, k, pa.int16()),
                     t_ns=pa.array(b.ticks - self.t_origin_ns),
                     iter=pa.array(np.arange(b.first_iteration + 1, b.first_iteration + k + 1), pa.int64()),
@@ -82,9 +93,9 @@ class ProcStream:
             parts.append(
                 _batch(
                     m,
-                    kind=_const(COUNTER, m, _STR),
+                    kind=_kind(COUNTER, m),
                     proc=_const(self.slot, m, pa.int16()),
-                    name=pa.array([c[0] for c in b.counters], _STR),
+                    name=_names([c[0] for c in b.counters]),
                     t_ns=pa.array([c[1] - self.t_origin_ns for c in b.counters], pa.int64()),
                     iter=_const(self.iteration, m, pa.int64()),
                     value=pa.array([c[2] for c in b.counters], pa.float64()),
@@ -97,12 +108,17 @@ class ProcStream:
         return pa.Table.from_batches(parts, schema=SCHEMA).combine_chunks().to_batches()[0]
 
 
+    def _phase(self, ids: np.ndarray) -> pa.Array:
+        """Phase ids (-1: none) as a dictionary array over the process's phase table."""
+        return pa.DictionaryArray.from_arrays(pa.array(ids, pa.int32(), mask=ids < 0), self._names_arr)
+
+
 def core_rows(t_ns: int, utilisation: list[float], first: int = 0) -> pa.RecordBatch:
     """One row per core; a node's cores are numbered from its `first` (marlwatch.nodes)."""
     n = len(utilisation)
     return _batch(
         n,
-        kind=_const(CORE, n, _STR),
+        kind=_kind(CORE, n),
         t_ns=_const(t_ns, n, pa.int64()),
         core=pa.array(range(first, first + n), pa.int16()),
         value=pa.array(utilisation, pa.float64()),
@@ -113,9 +129,9 @@ def proc_rows(t_ns: int, samples: list[ProcSample]) -> pa.RecordBatch:
     n = 2 * len(samples)
     return _batch(
         n,
-        kind=_const(PROC, n, _STR),
+        kind=_kind(PROC, n),
         proc=pa.array([s.slot for s in samples for _ in (0, 1)], pa.int16()),
-        name=pa.array(["cpu_percent", "rss_bytes"] * len(samples), _STR),
+        name=_names(["cpu_percent", "rss_bytes"] * len(samples)),
         t_ns=_const(t_ns, n, pa.int64()),
         value=pa.array([v for s in samples for v in (s.cpu_percent, float(s.rss_bytes))], pa.float64()),
     )
@@ -124,9 +140,9 @@ def proc_rows(t_ns: int, samples: list[ProcSample]) -> pa.RecordBatch:
 def event_row(t_ns: int, slot: int | None, name: str, **detail: Any) -> pa.RecordBatch:
     return _batch(
         1,
-        kind=pa.array([EVENT], _STR),
+        kind=_kind(EVENT, 1),
         proc=pa.array([slot], pa.int16()),
-        name=pa.array([name], _STR),
+        name=_names([name]),
         t_ns=pa.array([t_ns], pa.int64()),
         text=pa.array([json.dumps(detail)], _STR),
     )

@@ -306,7 +306,7 @@ def stack_rows(slot: int, samples: Samples, spans: SpanIndex, rate: float) -> tu
         prev = (k, stack)
         for col, v in (("kind", STACK), ("proc", slot), ("name", spans.names[k]), ("parent", None), ("t_ns", t),
                        ("dur_ns", period), ("iter", int(spans.iters[k])), ("core", None), ("value", 1.0),
-                       ("text", stack)):
+                       ("text", stack), ("bin", None)):
             rows[col].append(v)
     return pa.RecordBatch.from_pydict(rows, schema=SCHEMA), unattributed
 

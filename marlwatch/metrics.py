@@ -19,6 +19,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from marlwatch.aggregates import N_BINS as _N_BINS
+from marlwatch.aggregates import bins as _bins
+from marlwatch.aggregates import exact_quantiles, quantiles_from_hist
 from marlwatch.nodes import MAX_NODES
 from marlwatch.recording import (
     CORE,
@@ -28,10 +31,14 @@ from marlwatch.recording import (
     ITER,
     PROC,
     SPAN,
+    SPAN_HIST,
+    SPAN_ITER,
+    SPAN_SUM,
     STACK,
     Recording,
     RunInfo,
     kind_codes,
+    kinds_present,
 )
 from marlwatch.validate import (
     MAX_COUNTERS,
@@ -46,10 +53,8 @@ from marlwatch.validate import (
 from marlwatch.wire import parse_warmup_gauge
 
 TOP_LEVEL = ("sample", "update", "sync")
-# Latency histogram: 32 log-spaced bins per octave (bin width 2.2%, so a percentile read off
-# a bin's centre is within 1.1% of the exact one), from 1 ns to 2^40 ns (18 minutes).
-_BINS_PER_OCTAVE = 32
-_N_BINS = 41 * _BINS_PER_OCTAVE
+# Phase latency histograms: marlwatch/aggregates.py (32 log-spaced bins per octave, a percentile
+# within 1.1% of the exact one), the same ones the recording's span_hist rows hold.
 HISTORY_S = 600  # seconds of IPS history kept for the live plot
 STALL_S = 5.0
 
@@ -79,11 +84,6 @@ def top_of(name: str) -> str:
     return top if top in TOP_LEVEL else "other"
 
 
-def _bins(durations_ns: np.ndarray) -> np.ndarray:
-    d = np.maximum(durations_ns, 1).astype(np.float64)
-    return np.minimum((np.log2(d) * _BINS_PER_OCTAVE).astype(np.int64), _N_BINS - 1)
-
-
 def _valid(b: pa.RecordBatch, *columns: str) -> pa.RecordBatch:
     """The rows of `b` where `columns` are all set. A run never writes nulls there; a damaged
     or foreign file may, and they must not reach the numpy code below."""
@@ -93,19 +93,6 @@ def _valid(b: pa.RecordBatch, *columns: str) -> pa.RecordBatch:
     for c in columns[1:]:
         mask = pc.and_(mask, pc.is_valid(b.column(c)))
     return b.filter(mask)
-
-
-def quantiles_from_hist(hist: np.ndarray, qs: Iterable[float]) -> list[float]:
-    """Quantiles (ns) from a latency histogram, read at the geometric centre of the bin."""
-    total = int(hist.sum())
-    if total == 0:
-        return [math.nan for _ in qs]
-    cum = np.cumsum(hist)
-    out = []
-    for q in qs:
-        idx = int(np.searchsorted(cum, max(1, math.ceil(q * total)), side="left"))
-        out.append(2.0 ** ((idx + 0.5) / _BINS_PER_OCTAVE))
-    return out
 
 
 @dataclass
@@ -208,9 +195,6 @@ class Snapshot:
     latency_bound_ms: float | None = None
     bounded_ips: float | None = None
     bound_met: float | None = None
-    # Whether the p99 iteration latency is within the bound: what makes a setting count in the
-    # latency-bounded choice among settings (`latency_bounded_choice`, `sweep --latency-bound`).
-    p99_within_bound: bool | None = None
     # py-spy samples seen so far (rows of kind `stack`): phase -> leaf function -> samples.
     stacks: dict[str, dict[str, int]] = field(default_factory=dict)
     # The learner's warm-up, when it reported one; while `warmup.active` there has been no model
@@ -273,8 +257,7 @@ class Snapshot:
             "iteration_ms": self.iteration_ms,
             **({"warmup": asdict(self.warmup) | {"active": self.warmup.active}} if self.warmup else {}),
             **({"latency_bound": {"bound_ms": self.latency_bound_ms, "ips": self.bounded_ips,
-                                  "fraction_met": self.bound_met, "p99_within": self.p99_within_bound}}
-               if self.latency_bound_ms is not None else {}),
+                                  "fraction_met": self.bound_met}} if self.latency_bound_ms is not None else {}),
             "phases": {
                 p.name: {k: v for k, v in asdict(p).items() if k not in ("name",)} for p in self.phases
             },
@@ -291,6 +274,8 @@ class _Phase:
     total_ns: int = 0
     count: int = 0
     hist: np.ndarray = field(default_factory=lambda: np.zeros(_N_BINS, np.int64))
+    # Every duration, for exact percentiles (Metrics(exact=True): 8 bytes a span); else None.
+    durations: list[np.ndarray] | None = None
 
 
 @dataclass
@@ -321,50 +306,70 @@ class _Totals:
     top_ns: dict[str, int] = field(default_factory=lambda: dict.fromkeys((*TOP_LEVEL, "other"), 0))
     comm_ns: int = 0
     comm_update_ns: int = 0
+    exact: bool = False  # keep every span's duration (exact percentiles)
+
+    def _phase(self, name: str) -> _Phase:
+        ph = self.phases.get(name)
+        if ph is None:
+            ph = self.phases[name] = _Phase(durations=[] if self.exact else None)
+        return ph
 
     def add(self, names: list[str], parents: list[str], codes: np.ndarray, parent_codes: np.ndarray,
-            dur: np.ndarray) -> None:
-        """Add spans given as dictionary codes into `names` and `parents` (len(parents): none)."""
+            dur: np.ndarray, count: np.ndarray | None = None) -> None:
+        """Add spans given as dictionary codes into `names` and `parents` (len(parents): none).
+        With `count`, each row stands for `count` spans of summed duration `dur` (span_sum rows)."""
         n_parents = len(parents) + 1
         key = codes * n_parents + parent_codes
         size = len(names) * n_parents
         if size <= 1 << 20:
-            counts = np.bincount(key, minlength=size)
+            counts = np.bincount(key, weights=count, minlength=size)
             # float64 sums are exact while a batch's total stays under 2^53 ns (104 days)
             totals = np.bincount(key, weights=dur, minlength=size)
             present = np.flatnonzero(counts)
         else:  # many names and parents: a table of every pair would take gigabytes, sort instead
             present, inverse = np.unique(key, return_inverse=True)
-            counts = dict(zip(present.tolist(), np.bincount(inverse).tolist(), strict=True))
+            counts = dict(zip(present.tolist(), np.bincount(inverse, weights=count).tolist(), strict=True))
             totals = dict(zip(present.tolist(), np.bincount(inverse, weights=dur).tolist(), strict=True))
         for k in present.tolist():
             name = names[k // n_parents]
             j = k % n_parents
             parent = parents[j] if j < len(parents) else None
-            total, count = int(round(totals[k])), int(counts[k])
-            ph = self.phases.get(name)
-            if ph is None:
-                ph = self.phases[name] = _Phase()
+            total, n = int(round(totals[k])), int(round(counts[k]))
+            ph = self._phase(name)
             ph.total_ns += total
-            ph.count += count
+            ph.count += n
             if parent is None:
                 self.top_ns[top_of(name)] += total
             if is_comm(name) and not is_comm(parent):  # outermost communication span only
                 self.comm_ns += total
                 if top_of(name) == "update":
                     self.comm_update_ns += total
-        bins = _bins(dur)
-        flat = np.bincount(codes * _N_BINS + bins, minlength=len(names) * _N_BINS).reshape(len(names), _N_BINS)
+        if count is None:
+            self.add_hist(names, codes, _bins(dur))
+            if self.exact and len(codes):
+                order = np.argsort(codes, kind="stable")
+                cuts = np.flatnonzero(np.diff(codes[order])) + 1
+                for chunk in np.split(order, cuts):
+                    self._phase(names[codes[chunk[0]]]).durations.append(dur[chunk])
+
+    def add_hist(self, names: list[str], codes: np.ndarray, bins: np.ndarray, count: np.ndarray | None = None) -> None:
+        """Add to the phases' histograms: a span (or `count` of them) in bin `bins` of phase `codes`."""
+        flat = np.bincount(codes * _N_BINS + bins, weights=count, minlength=len(names) * _N_BINS)
+        flat = flat.reshape(len(names), _N_BINS).astype(np.int64, copy=False)
         for k in np.flatnonzero(flat.any(axis=1)):  # the dictionary also holds names of other rows
-            self.phases[names[k]].hist += flat[k]
+            self._phase(names[k]).hist += flat[k]
 
     def plus(self, other: _Totals) -> _Totals:
         """A new _Totals with both sets of spans."""
-        out = _Totals({n: _Phase(p.total_ns, p.count, p.hist.copy()) for n, p in self.phases.items()},
-                      dict(self.top_ns), self.comm_ns + other.comm_ns, self.comm_update_ns + other.comm_update_ns)
+        out = _Totals({n: _Phase(p.total_ns, p.count, p.hist.copy(), None if p.durations is None else list(p.durations))
+                       for n, p in self.phases.items()},
+                      dict(self.top_ns), self.comm_ns + other.comm_ns, self.comm_update_ns + other.comm_update_ns,
+                      self.exact)
         for name, p in other.phases.items():
-            q = out.phases.setdefault(name, _Phase())
+            q = out._phase(name)
             q.total_ns, q.count, q.hist = q.total_ns + p.total_ns, q.count + p.count, q.hist + p.hist
+            if q.durations is not None and p.durations is not None:
+                q.durations += p.durations
         for k, v in other.top_ns.items():
             out.top_ns[k] += v
         return out
@@ -376,7 +381,9 @@ class Metrics:
     MAX_FUNCTIONS are left out, and counted in `skipped` (the reader's, when reading a file, so
     that one warning says all)."""
 
-    def __init__(self, info: RunInfo | None = None, skipped: Skipped | None = None) -> None:
+    def __init__(self, info: RunInfo | None = None, skipped: Skipped | None = None, exact: bool = False) -> None:
+        """`exact`: phase percentiles from every span's duration (8 bytes a span kept) rather
+        than from the histograms (within aggregates.RELATIVE_ERROR of them)."""
         self.info = info
         self.skipped = skipped if skipped is not None else Skipped()
         self.phase_names = NameBound(MAX_PHASES)
@@ -384,7 +391,8 @@ class Metrics:
         # Spans of a process's first iteration (its recorded `iter` is 0) are start-up: they go to
         # `startup` (per process slot) and count in the figures only for a process that never
         # ends an iteration (a helper that does not tick), so its time is not lost.
-        self.steady = _Totals()
+        self.exact = exact
+        self.steady = _Totals(exact=exact)
         self.startup: dict[int, _Totals] = {}
         self.t_ns = 0
         self.procs: dict[int, _Proc] = {}
@@ -430,62 +438,106 @@ class Metrics:
         # string compare per kind costs more.
         kinds, codes_all = kind_codes(batch)
         codes = None if len(kinds) == 1 and batch.column("kind").null_count == 0 else codes_all
+        # The dictionary may name kinds no row of this batch has (a file's dictionary is shared
+        # by all its batches): what the rows hold is what their codes say.
+        present = kinds_present(kinds, codes_all)
 
         def rows(k: str, columns: list[str]) -> pa.RecordBatch:
             # Only the columns a kind uses are filtered (copied): most of a batch is spans.
             b = batch.select(columns)
             return b if codes is None else b.filter(pa.array(codes == kinds.index(k)))
 
-        if SPAN in kinds:
+        if SPAN in present:
             self._spans(batch, None if codes is None else codes == kinds.index(SPAN))
-        if ITER in kinds:
+        if SPAN_SUM in present:
+            self._spans(batch, None if codes is None else codes == kinds.index(SPAN_SUM), aggregate=True)
+        if SPAN_HIST in present:
+            self._hists(batch, None if codes is None else codes == kinds.index(SPAN_HIST))
+        if ITER in present:
             self._iters(_valid(rows(ITER, ["proc", "t_ns", "iter"]), "proc", "t_ns", "iter"))
-        if CORE in kinds:
+        if CORE in present:
             self._cores(_valid(rows(CORE, ["core", "value"]), "core", "value"))
-        if PROC in kinds:
+        if PROC in present:
             self._proc_samples(rows(PROC, ["proc", "name", "value"]))
-        if COUNTER in kinds:
+        if COUNTER in present:
             self._counters(_valid(rows(COUNTER, ["name", "t_ns", "value"]), "name", "t_ns", "value"))
-        if EVENT in kinds:
+        if EVENT in present:
             self._events(rows(EVENT, ["proc", "name", "t_ns", "text"]))
-        if STACK in kinds:
+        if STACK in present:
             self._stack_samples(rows(STACK, ["name", "text", "value"]))
-        if END in kinds:
+        if END in present:
             self.complete = True
 
-    def _spans(self, b: pa.RecordBatch, mask: np.ndarray | None = None) -> None:
-        """Add the span rows of `b` (where `mask` is true; all rows when it is None).
+    def _spans(self, b: pa.RecordBatch, mask: np.ndarray | None = None, aggregate: bool = False) -> None:
+        """Add the span rows of `b` (where `mask` is true; all rows when it is None); with
+        `aggregate`, its span_sum rows, each `value` spans of summed duration `dur_ns`.
 
         Works on the whole batch with numpy masks, because filtering the batch first copies its
         strings; groups by (name, parent) with dictionary codes and bincount, because Acero's
         group_by costs ~5 ms a call: together they made `summary` of 10M spans twice as slow."""
-        name_enc = pc.dictionary_encode(b.column("name"))
-        parent_enc = pc.dictionary_encode(b.column("parent"))
-        names, parents = name_enc.dictionary.to_pylist(), parent_enc.dictionary.to_pylist()
-        codes = pc.fill_null(name_enc.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        names, codes, ok = self._phase_codes(b, mask)
+        parent_enc = b.column("parent")
+        if not pa.types.is_dictionary(parent_enc.type):
+            parent_enc = pc.dictionary_encode(parent_enc)
+        parents = parent_enc.dictionary.to_pylist()
         parent_codes = pc.fill_null(parent_enc.indices, len(parents)).to_numpy(zero_copy_only=False)
-        ok = codes >= 0 if mask is None else (codes >= 0) & mask
         dur = b.column("dur_ns")
         if dur.null_count:  # a damaged file: such rows are skipped
             ok &= pc.is_valid(dur).to_numpy(zero_copy_only=False)
             dur = pc.fill_null(dur, 0)
         dur = dur.to_numpy(zero_copy_only=False)
+        count = b.column("value").to_numpy(zero_copy_only=False) if aggregate else None
         names, codes = self._bounded(names, codes, ok)
         if not names:
             return
         # A span without an iteration (a damaged file) counts as steady state.
         first = (pc.fill_null(b.column("iter"), -1).to_numpy(zero_copy_only=False) == 0) & ok
         steady = ok & ~first
+
+        def part(sel: np.ndarray | None) -> tuple:
+            if sel is None:
+                return names, parents, codes, parent_codes, dur, count
+            return names, parents, codes[sel], parent_codes[sel], dur[sel], None if count is None else count[sel]
+
         if steady.all():
-            self.steady.add(names, parents, codes, parent_codes, dur)
+            self.steady.add(*part(None))
         elif steady.any():
-            self.steady.add(names, parents, codes[steady], parent_codes[steady], dur[steady])
+            self.steady.add(*part(steady))
+        if first.any():
+            procs = pc.fill_null(b.column("proc"), 0).to_numpy(zero_copy_only=False)
+            for slot in np.unique(procs[first]):
+                self.startup.setdefault(int(slot), _Totals(exact=self.exact)).add(*part(first & (procs == slot)))
+
+    def _hists(self, b: pa.RecordBatch, mask: np.ndarray | None) -> None:
+        """Add span_hist rows: `value` spans in histogram bin `bin` of phase `name`; of process
+        `proc`'s first iteration (start-up) when `iter` is 0, else steady state."""
+        names, codes, ok = self._phase_codes(b, mask)
+        ok &= pc.is_valid(b.column("bin")).to_numpy(zero_copy_only=False)
+        names, codes = self._bounded(names, codes, ok)
+        if not names:
+            return
+        bins = pc.fill_null(b.column("bin"), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        count = pc.fill_null(b.column("value"), 0).to_numpy(zero_copy_only=False)
+        first = (pc.fill_null(b.column("iter"), -1).to_numpy(zero_copy_only=False) == 0) & ok
+        steady = ok & ~first
+        if steady.any():
+            self.steady.add_hist(names, codes[steady], bins[steady], count[steady])
         if first.any():
             procs = pc.fill_null(b.column("proc"), 0).to_numpy(zero_copy_only=False)
             for slot in np.unique(procs[first]):
                 sel = first & (procs == slot)
-                self.startup.setdefault(int(slot), _Totals()).add(names, parents, codes[sel], parent_codes[sel],
-                                                                   dur[sel])
+                self.startup.setdefault(int(slot), _Totals(exact=self.exact)).add_hist(names, codes[sel], bins[sel],
+                                                                                     count[sel])
+
+    @staticmethod
+    def _phase_codes(b: pa.RecordBatch, mask: np.ndarray | None) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """The `name` dictionary, each row's code into it (-1: null) and the rows to take."""
+        enc = b.column("name")
+        if not pa.types.is_dictionary(enc.type):
+            enc = pc.dictionary_encode(enc)
+        codes = pc.fill_null(enc.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        ok = codes >= 0 if mask is None else (codes >= 0) & mask
+        return enc.dictionary.to_pylist(), codes, ok
 
     def _bounded(self, names: list[str], codes: np.ndarray, ok: np.ndarray) -> tuple[list[str], np.ndarray]:
         """The names the span rows (where `ok`) use, as many as the phase bound allows, and the
@@ -684,7 +736,10 @@ class Metrics:
         phases = []
         for name in sorted(totals.phases):
             ph = totals.phases[name]
-            q = quantiles_from_hist(ph.hist, (0.5, 0.95, 0.99))
+            if ph.durations is not None and ph.count == sum(len(d) for d in ph.durations):
+                q = exact_quantiles(np.concatenate(ph.durations) if ph.durations else np.zeros(0), (0.5, 0.95, 0.99))
+            else:
+                q = quantiles_from_hist(ph.hist, (0.5, 0.95, 0.99))
             phases.append(PhaseRow(
                 name=name, total_s=ph.total_ns / 1e9, share=ph.total_ns / process_ns if process_ns else 0.0,
                 count=ph.count, mean_ms=ph.total_ns / ph.count / 1e6 if ph.count else 0.0,
@@ -741,18 +796,19 @@ class Metrics:
             latency_bound_ms=self.latency_bound_ms,
             bounded_ips=bounded[0],
             bound_met=bounded[1],
-            p99_within_bound=(None if self.latency_bound_ms is None
-                              else within_latency_bound(float(lat_q[2]), self.latency_bound_ms)),
             stacks={k: dict(v) for k, v in self.stacks.items()},
             warmup=None if self.warmup is None else replace(self.warmup),
             nodes=list(self.nodes.values()),
         )
 
 
-def summarize(rec: Recording) -> Snapshot:
-    """Read a whole recording (batch by batch) into one Snapshot."""
-    m = Metrics(rec.info, rec.skipped)
-    m.add_all(rec.batches())
+def summarize(rec: Recording, exact: bool = False) -> Snapshot:
+    """Read a whole recording (batch by batch) into one Snapshot: from its aggregates where it has
+    them (phase percentiles from histograms, within aggregates.RELATIVE_ERROR of exact; every
+    other figure the same as from the spans), or with `exact` from every span (exact phase
+    percentiles too; memory then grows by 8 bytes a span)."""
+    m = Metrics(rec.info, rec.skipped, exact=exact)
+    m.add_all(rec.batches(aggregates=not exact))
     return m.snapshot()
 
 
@@ -815,21 +871,41 @@ class IterationAccumulator:
         return cls.TOP if parent is None else (cls.COMM if is_comm(parent) else cls.OTHER)
 
     def add(self, batch: pa.RecordBatch) -> None:
+        """Add the batch's spans, and its span_iter rows (each the summed duration of the spans
+        of one phase and parent in one iteration, all processes)."""
         if batch.num_rows == 0:
             return
-        spans = batch.filter(pc.equal(batch.column("kind"), SPAN))
-        if spans.num_rows == 0:
+        kinds, codes = kind_codes(batch)
+        for kind in (SPAN, SPAN_ITER):
+            if kind in kinds:
+                self._add(batch, codes == kinds.index(kind))
+
+    def _add(self, b: pa.RecordBatch, sel: np.ndarray) -> None:
+        names, codes, ok = Metrics._phase_codes(b, sel)
+        parent = b.column("parent")
+        if not pa.types.is_dictionary(parent.type):
+            parent = pc.dictionary_encode(parent)
+        classes = np.array([self.parent_class(p) for p in parent.dictionary.to_pylist()] + [self.TOP], np.int64)
+        pclass = classes[pc.fill_null(parent.indices, len(classes) - 1).to_numpy(zero_copy_only=False)]
+        dur, it = b.column("dur_ns"), b.column("iter")
+        if dur.null_count:
+            ok &= pc.is_valid(dur).to_numpy(zero_copy_only=False)
+        it = pc.fill_null(it, -1).to_numpy(zero_copy_only=False)
+        ok &= it >= 1  # iteration 0 is start-up (and a span without one is in no iteration)
+        if not ok.any():
             return
-        table = pa.table({"name": spans.column("name"), "parent": spans.column("parent"),
-                          "iter": spans.column("iter"), "dur_ns": spans.column("dur_ns")})
-        g = table.group_by(["name", "parent", "iter"]).aggregate([("dur_ns", "sum")])
-        names = g.column("name").to_pylist()
-        distinct = sorted(set(names), key=lambda s: (s is None, s or ""))
+        present = np.flatnonzero(np.bincount(codes[ok], minlength=len(names)))
+        distinct = sorted((names[k] for k in present), key=lambda s: (s is None, s or ""))
         kept = dict(zip(distinct, self.phase_names.admit(distinct), strict=True))
-        keys = [self._names.setdefault((name, self.parent_class(parent)), len(self._names)) if kept[name] else -1
-                for name, parent in zip(names, g.column("parent").to_pylist(), strict=True)]
-        self._parts.append((np.asarray(keys, np.int64), g.column("iter").to_numpy(zero_copy_only=False),
-                            g.column("dur_ns_sum").to_numpy(zero_copy_only=False)))
+        series = codes[ok] * 3 + pclass[ok]
+        pairs, inverse = np.unique(series, return_inverse=True)
+        keys = np.array([self._names.setdefault((names[k // 3], int(k % 3)), len(self._names))
+                         if kept[names[k // 3]] else -1 for k in pairs.tolist()], np.int64)
+        # Sum per (series, iteration) here, so what is kept is ~ phases x iterations, not spans.
+        iters = it[ok]
+        group, where = np.unique(inverse.astype(np.int64) * (int(iters.max()) + 1) + iters, return_inverse=True)
+        durs = np.bincount(where, weights=pc.fill_null(dur, 0).to_numpy(zero_copy_only=False)[ok])
+        self._parts.append((keys[group // (int(iters.max()) + 1)], group % (int(iters.max()) + 1), durs))
 
     def table(self, latencies_ns: np.ndarray) -> IterationTable:
         """The table of the iterations after the first, given their latencies (one per row); raises
@@ -866,13 +942,15 @@ class IterationAccumulator:
         return IterationTable(n, latencies_ns.astype(np.float64), phases, top, comm, comm_update)
 
 
-def read_iterations(rec: Recording, latency_bound_ms: float | None = None) -> tuple[Snapshot, IterationTable]:
-    """One pass over a recording: its Snapshot and its per-iteration table."""
+def read_iterations(rec: Recording, latency_bound_ms: float | None = None,
+                    exact: bool = False) -> tuple[Snapshot, IterationTable]:
+    """One pass over a recording: its Snapshot and its per-iteration table (the same from the
+    aggregates as from the spans; `exact`: from the spans)."""
     m = Metrics(rec.info, rec.skipped)
     if latency_bound_ms is not None:
         m.latency_bound_ms = latency_bound_ms
     acc = IterationAccumulator()
-    for b in rec.batches():
+    for b in rec.batches(aggregates=not exact, iterations=not exact):
         m.add(b)
         acc.add(b)
     return m.snapshot(), acc.table(m.iteration_latencies_ns())
@@ -885,64 +963,3 @@ def bounded_throughput(latencies_ns: np.ndarray, wall_s: float, bound_ms: float)
         return 0.0, math.nan
     ok = int(np.count_nonzero(latencies_ns <= bound_ms * 1e6))
     return (ok / wall_s if wall_s > 0 else 0.0), ok / len(latencies_ns)
-
-
-def within_latency_bound(p99_ms: float, bound_ms: float) -> bool:
-    """A setting meets a latency bound when its p99 iteration latency (the Snapshot's, after the
-    first iteration) is at most the bound; an unknown p99 (no iteration) does not meet it."""
-    return not math.isnan(p99_ms) and p99_ms <= bound_ms
-
-
-@dataclass(frozen=True)
-class BoundCandidate:
-    """One measured setting of one algorithm and agent count: what the latency-bounded choice reads."""
-
-    algo: str
-    agents: int
-    setting: tuple[tuple[str, Any], ...]  # what differs between candidates: (("workers", 2), ...)
-    ips: float
-    p99_ms: float
-
-    def label(self) -> str:
-        return ", ".join(f"{k} {v}" for k, v in self.setting)
-
-
-@dataclass
-class BoundChoice:
-    """Latency-bounded throughput of one algorithm and agent count under a bound: the candidate with
-    the highest IPS among those whose p99 is within the bound (`best`, None when none is), and for
-    every candidate whether it meets the bound and best IPS / its IPS (how far the best is from it)."""
-
-    algo: str
-    agents: int
-    bound_ms: float
-    best: BoundCandidate | None
-    rows: list[tuple[BoundCandidate, bool, float | None]]  # (candidate, within the bound, best IPS / its IPS)
-
-    @property
-    def lbt(self) -> float:
-        """The latency-bounded throughput: the best candidate's IPS, 0 when no candidate meets the bound."""
-        return self.best.ips if self.best is not None else 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {"algo": self.algo, "agents": self.agents, "bound_ms": self.bound_ms, "lbt_ips": self.lbt,
-                "best": dict(self.best.setting) if self.best else None,
-                "candidates": [{**dict(c.setting), "ips": c.ips, "p99_ms": c.p99_ms, "within_bound": ok,
-                                "best_over_this": ratio} for c, ok, ratio in self.rows]}
-
-
-def latency_bounded_choice(candidates: Iterable[BoundCandidate], bound_ms: float) -> list[BoundChoice]:
-    """Per (algorithm, agents), the setting with the highest IPS whose p99 iteration latency is within
-    `bound_ms` (ties: the first in setting order, i.e. fewer workers). Sorted by algorithm and agents."""
-    groups: dict[tuple[str, int], list[BoundCandidate]] = {}
-    for c in candidates:
-        groups.setdefault((c.algo, c.agents), []).append(c)
-    out = []
-    for (algo, agents), cands in sorted(groups.items()):
-        cands.sort(key=lambda c: c.setting)
-        ok = [c for c in cands if within_latency_bound(c.p99_ms, bound_ms)]
-        best = max(ok, key=lambda c: c.ips, default=None)  # max keeps the first of equal IPS
-        rows = [(c, within_latency_bound(c.p99_ms, bound_ms),
-                 best.ips / c.ips if best is not None and c.ips > 0 else None) for c in cands]
-        out.append(BoundChoice(algo, agents, bound_ms, best, rows))
-    return out

@@ -22,15 +22,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from marlwatch.aggregates import N_BINS
 from marlwatch.recording import (
     BATCH_SEQ_KEY,
     CORE,
     COUNTER,
-    END,
     EVENT,
     ITER,
+    KINDS,
     PROC,
     SPAN,
+    SPAN_HIST,
+    SPAN_ITER,
+    SPAN_SUM,
     STACK,
     RecordingError,
     RunInfo,
@@ -54,13 +58,12 @@ MAX_T_NS = 1 << 60  # |t_ns|: 36 years
 MAX_DUR_NS = 1 << 50  # a span: 13 days
 MAX_ITER = 1 << 40
 MAX_SAMPLES = 1 << 31  # py-spy samples in one stack row
+MAX_SPANS = 1 << 40  # spans an aggregate row counts
 # diff: its per-iteration table holds a value per phase series and iteration, and its bootstrap
 # a block start per resample and block (about iterations^(2/3) blocks).
 MAX_DIFF_VALUES = 1 << 24  # 16.8 M values: 134 MB
 MAX_BOOTSTRAP_DRAWS = 1 << 24  # 16.8 M block starts: 67 MB
 MAX_RESAMPLES = 100_000
-
-KINDS = (SPAN, ITER, COUNTER, CORE, PROC, EVENT, END, STACK)
 
 # Why a row was skipped (the words of the warning).
 MISSING = "missing a value its kind needs"
@@ -257,11 +260,25 @@ class _Columns:
         return self._memo("min_max", name, make)
 
     def nbytes(self, name: str) -> np.ndarray:
-        return self._memo("bytes", name,
-                          lambda col: pc.fill_null(pc.binary_length(col), 0).to_numpy(zero_copy_only=False))
+        """Each row's string length in bytes (0 for null)."""
+        def make(col: pa.Array) -> np.ndarray:
+            if not pa.types.is_dictionary(col.type):
+                return pc.fill_null(pc.binary_length(col), 0).to_numpy(zero_copy_only=False)
+            lengths = np.append(pc.fill_null(pc.binary_length(col.dictionary), 0).to_numpy(zero_copy_only=False), 0)
+            return lengths[pc.fill_null(col.indices, len(col.dictionary)).to_numpy(zero_copy_only=False)]
+        return self._memo("bytes", name, make)
 
     def nbytes_range(self, name: str) -> tuple[Any, Any]:
+        """The shortest and longest string (None, None when all are null). For a dictionary
+        column those of its dictionary, unused values too: only a file whose dictionary holds an
+        empty or too long value has its rows checked one by one."""
         def make(col: pa.Array) -> tuple[Any, Any]:
+            if pa.types.is_dictionary(col.type):
+                if col.null_count == len(col):
+                    return None, None
+                col = col.dictionary
+                if col.null_count:
+                    return 0, pc.max(pc.binary_length(col)).as_py()
             mm = pc.min_max(pc.binary_length(col))
             return mm["min"].as_py(), mm["max"].as_py()
         return self._memo("bytes_range", name, make)
@@ -276,12 +293,26 @@ class BatchChecker:
         self._last_seq = -1
         self._last_iter: dict[int, int] = {}  # proc -> highest iteration seen (files without numbers)
 
-    def check(self, batch: pa.RecordBatch, metadata: pa.KeyValueMetadata | None = None) -> pa.RecordBatch | None:
-        """The batch's valid rows, or None when the whole batch is to be skipped."""
+    def check(self, batch: pa.RecordBatch, metadata: pa.KeyValueMetadata | None = None, *,
+              sequence: bool = True) -> pa.RecordBatch | None:
+        """The batch's valid rows, or None when the whole batch is to be skipped. Without
+        `sequence` its number is not checked (it was, by `passed`)."""
+        if sequence and self.repeated(batch, metadata):
+            return None
+        return self.rows(batch)
+
+    def repeated(self, batch: pa.RecordBatch, metadata: pa.KeyValueMetadata | dict | None) -> bool:
+        """Whether the batch repeats one read before (counted; to be skipped whole)."""
         kinds, codes = kind_codes(batch)
         if self._repeated(batch, metadata, kinds, codes):
             self.skipped.batches_repeated += 1
-            return None
+            return True
+        return False
+
+    def rows(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """The batch's valid rows (the reader checks several small batches at once: a check costs
+        a dozen Arrow kernels whatever the rows)."""
+        kinds, codes = kind_codes(batch)
         ok = self._rows(batch, kinds, codes)
         if not ok.all():
             batch = batch.filter(pa.array(ok))
@@ -289,13 +320,17 @@ class BatchChecker:
         return batch
 
     # -- batch order ---------------------------------------------------------------------------
+    def passed(self, metadata: dict[bytes, bytes]) -> None:
+        """A numbered batch the reader did not decode (spans an aggregate stands for, or an
+        aggregate it did not need): its number still counts in the batch order."""
+        seq = _seq(metadata.get(BATCH_SEQ_KEY))
+        if seq is not None and seq > self._last_seq:
+            self.skipped.batches_missing += seq - self._last_seq - 1
+            self._last_seq = seq
+
     def _repeated(self, batch: pa.RecordBatch, metadata: pa.KeyValueMetadata | None, kinds: list[str],
                   codes: np.ndarray) -> bool:
-        seq = None
-        if metadata is not None:
-            raw = metadata.get(BATCH_SEQ_KEY)
-            if raw is not None and raw.isdigit() and len(raw) < 19:
-                seq = int(raw)
+        seq = _seq(metadata.get(BATCH_SEQ_KEY)) if metadata is not None else None
         if seq is not None:
             if seq <= self._last_seq:
                 return True
@@ -370,6 +405,11 @@ class BatchChecker:
             if bad.any():
                 drop(sel & bad, NOT_FINITE)
 
+        def counted(sel: np.ndarray) -> None:
+            finite("value", sel)
+            v = c.values("value")
+            drop(sel & ((v < 1) | (v > MAX_SPANS)), RANGE)
+
         in_range("t_ns", -MAX_T_NS, MAX_T_NS, np.ones(n, bool))
         for i, kind in enumerate(kinds):
             sel = codes == i
@@ -402,6 +442,26 @@ class BatchChecker:
                 drop(sel & ((v < 1) | (v > MAX_SAMPLES)), RANGE)
                 in_range("dur_ns", 0, MAX_DUR_NS, sel, optional=True)
                 in_range("iter", 0, MAX_ITER, sel, optional=True)
+            elif kind == SPAN_SUM:
+                in_range("proc", 0, MAX_PROCS - 1, sel)
+                named("name", sel)
+                named("parent", sel, optional=True)
+                in_range("dur_ns", 0, MAX_T_NS, sel)
+                in_range("iter", 0, 0, sel, optional=True)
+                counted(sel)
+            elif kind == SPAN_ITER:
+                in_range("proc", 0, MAX_PROCS - 1, sel, optional=True)
+                named("name", sel)
+                named("parent", sel, optional=True)
+                in_range("dur_ns", 0, MAX_T_NS, sel)
+                in_range("iter", 1, MAX_ITER, sel)
+                counted(sel)
+            elif kind == SPAN_HIST:
+                in_range("proc", 0, MAX_PROCS - 1, sel, optional=True)
+                named("name", sel)
+                in_range("bin", 0, N_BINS - 1, sel)
+                in_range("iter", 0, 0, sel, optional=True)
+                counted(sel)
             elif kind == EVENT:
                 in_range("proc", 0, MAX_PROCS - 1, sel, optional=True)
                 named("name", sel)
@@ -413,6 +473,10 @@ class BatchChecker:
                     bad[rows] = [json_object(t) is None for t in texts]
                     drop(bad, BAD_JSON)
         return ok
+
+
+def _seq(raw: bytes | None) -> int | None:
+    return int(raw) if raw is not None and raw.isdigit() and len(raw) < 19 else None
 
 
 def enc_has_null(codes: np.ndarray) -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from marlwatch.recording import BATCH_SEQ_KEY, METADATA_KEY, SCHEMA
+from marlwatch.recording import BATCH_SEQ_KEY, FORMAT_KEY, FORMAT_VERSION, METADATA_KEY, SCHEMA
 
 INFO: dict[str, Any] = {
     "algo": "maddpg", "env": "simple_spread", "agents": 3, "workers": 1, "seed": 0, "iterations": 8,
@@ -55,7 +55,10 @@ def write(path: Path, batches: list[list[dict[str, Any]]], *, info: dict[str, An
     batch numbered as the writer numbers it (`seq`: True, False for none, or the numbers)."""
     text = meta if meta is not None else json.dumps(INFO if info is None else info)
     numbers = list(range(len(batches))) if seq is True else (seq or [None] * len(batches))
-    with pa.ipc.new_stream(str(path), schema.with_metadata({METADATA_KEY: text})) as w:
+    meta = {METADATA_KEY: text}
+    if any(pa.types.is_dictionary(f.type) for f in schema):  # format 2's columns; else format 1's
+        meta[FORMAT_KEY] = str(FORMAT_VERSION)
+    with pa.ipc.new_stream(str(path), schema.with_metadata(meta)) as w:
         for rows, n in zip(batches, numbers, strict=True):
             batch = pa.RecordBatch.from_pylist(rows, schema=schema)
             w.write_batch(batch, custom_metadata=None if n is None else {BATCH_SEQ_KEY: str(n)})
