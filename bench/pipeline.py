@@ -77,6 +77,9 @@ class ProducerLauncher:
     def record_stem(self) -> str:
         return "pipeline"
 
+    def describe(self) -> str:
+        return f"{self.workers} synthetic producers"
+
     def start(self, monitor) -> None:
         if self.socket:
             key = os.urandom(32)

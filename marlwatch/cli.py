@@ -28,6 +28,7 @@ PLUGGED: dict[str, tuple[str, str]] = {
     "export": ("marlwatch.export", "export a recording to Perfetto/Chrome trace JSON, Parquet or CSV"),
     "flame": ("marlwatch.flame", "flame graph of the py-spy samples taken while a phase ran"),
     "sweep": ("marlwatch.sweep", "run an agents x workers grid and tabulate the scaling"),
+    "report": ("marlwatch.sweep_report", "make a sweep's report.html (plots) again from its recordings"),
     "repair": ("marlwatch.repair", "rewrite a truncated recording from its complete batches"),
 }
 
@@ -329,12 +330,11 @@ def _run_config(args: argparse.Namespace, default_iterations: int | None):
 
 
 def _listen_address(args: argparse.Namespace) -> str:
-    import tempfile
-
     from marlwatch.monitor import Address
+    from marlwatch.runner import PRIVATE_SOCKET
 
     if args.address is None:
-        return f"unix:{tempfile.mkdtemp(prefix='marlwatch-')}/monitor.sock"  # 0700: this user only
+        return PRIVATE_SOCKET
     try:
         address = Address(args.address)
     except ValueError as e:

@@ -195,6 +195,9 @@ class Snapshot:
     latency_bound_ms: float | None = None
     bounded_ips: float | None = None
     bound_met: float | None = None
+    # Whether the p99 iteration latency is within the bound: what makes a setting count in the
+    # latency-bounded choice among settings (`latency_bounded_choice`, `sweep --latency-bound`).
+    p99_within_bound: bool | None = None
     # py-spy samples seen so far (rows of kind `stack`): phase -> leaf function -> samples.
     stacks: dict[str, dict[str, int]] = field(default_factory=dict)
     # The learner's warm-up, when it reported one; while `warmup.active` there has been no model
@@ -257,7 +260,8 @@ class Snapshot:
             "iteration_ms": self.iteration_ms,
             **({"warmup": asdict(self.warmup) | {"active": self.warmup.active}} if self.warmup else {}),
             **({"latency_bound": {"bound_ms": self.latency_bound_ms, "ips": self.bounded_ips,
-                                  "fraction_met": self.bound_met}} if self.latency_bound_ms is not None else {}),
+                                  "fraction_met": self.bound_met, "p99_within": self.p99_within_bound}}
+               if self.latency_bound_ms is not None else {}),
             "phases": {
                 p.name: {k: v for k, v in asdict(p).items() if k not in ("name",)} for p in self.phases
             },
@@ -796,6 +800,8 @@ class Metrics:
             latency_bound_ms=self.latency_bound_ms,
             bounded_ips=bounded[0],
             bound_met=bounded[1],
+            p99_within_bound=(None if self.latency_bound_ms is None
+                              else within_latency_bound(float(lat_q[2]), self.latency_bound_ms)),
             stacks={k: dict(v) for k, v in self.stacks.items()},
             warmup=None if self.warmup is None else replace(self.warmup),
             nodes=list(self.nodes.values()),
@@ -963,3 +969,64 @@ def bounded_throughput(latencies_ns: np.ndarray, wall_s: float, bound_ms: float)
         return 0.0, math.nan
     ok = int(np.count_nonzero(latencies_ns <= bound_ms * 1e6))
     return (ok / wall_s if wall_s > 0 else 0.0), ok / len(latencies_ns)
+
+
+def within_latency_bound(p99_ms: float, bound_ms: float) -> bool:
+    """A setting meets a latency bound when its p99 iteration latency (the Snapshot's, after the
+    first iteration) is at most the bound; an unknown p99 (no iteration) does not meet it."""
+    return not math.isnan(p99_ms) and p99_ms <= bound_ms
+
+
+@dataclass(frozen=True)
+class BoundCandidate:
+    """One measured setting of one algorithm and agent count: what the latency-bounded choice reads."""
+
+    algo: str
+    agents: int
+    setting: tuple[tuple[str, Any], ...]  # what differs between candidates: (("workers", 2), ...)
+    ips: float
+    p99_ms: float
+
+    def label(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in self.setting)
+
+
+@dataclass
+class BoundChoice:
+    """Latency-bounded throughput of one algorithm and agent count under a bound: the candidate with
+    the highest IPS among those whose p99 is within the bound (`best`, None when none is), and for
+    every candidate whether it meets the bound and best IPS / its IPS (how far the best is from it)."""
+
+    algo: str
+    agents: int
+    bound_ms: float
+    best: BoundCandidate | None
+    rows: list[tuple[BoundCandidate, bool, float | None]]  # (candidate, within the bound, best IPS / its IPS)
+
+    @property
+    def lbt(self) -> float:
+        """The latency-bounded throughput: the best candidate's IPS, 0 when no candidate meets the bound."""
+        return self.best.ips if self.best is not None else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"algo": self.algo, "agents": self.agents, "bound_ms": self.bound_ms, "lbt_ips": self.lbt,
+                "best": dict(self.best.setting) if self.best else None,
+                "candidates": [{**dict(c.setting), "ips": c.ips, "p99_ms": c.p99_ms, "within_bound": ok,
+                                "best_over_this": ratio} for c, ok, ratio in self.rows]}
+
+
+def latency_bounded_choice(candidates: Iterable[BoundCandidate], bound_ms: float) -> list[BoundChoice]:
+    """Per (algorithm, agents), the setting with the highest IPS whose p99 iteration latency is within
+    `bound_ms` (ties: the first in setting order, i.e. fewer workers). Sorted by algorithm and agents."""
+    groups: dict[tuple[str, int], list[BoundCandidate]] = {}
+    for c in candidates:
+        groups.setdefault((c.algo, c.agents), []).append(c)
+    out = []
+    for (algo, agents), cands in sorted(groups.items()):
+        cands.sort(key=lambda c: c.setting)
+        ok = [c for c in cands if within_latency_bound(c.p99_ms, bound_ms)]
+        best = max(ok, key=lambda c: c.ips, default=None)  # max keeps the first of equal IPS
+        rows = [(c, within_latency_bound(c.p99_ms, bound_ms),
+                 best.ips / c.ips if best is not None and c.ips > 0 else None) for c in cands]
+        out.append(BoundChoice(algo, agents, bound_ms, best, rows))
+    return out

@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +31,7 @@ from marlwatch.monitor import Monitor, ProcState
 from marlwatch.recording import RunInfo
 
 STOP_GRACE_S = 10.0
+PRIVATE_SOCKET = "private"  # RunConfig.listen: a Unix socket in a 0700 folder made (and removed) by the run
 
 class RunError(Exception):
     """A run whose processes could not all be started; the message is one line for the user."""
@@ -57,6 +60,7 @@ class RunConfig:
     auto_phases: bool = True  # with `command`: hooks in its processes find phases (docs/your-training.md)
     command_log: bool = False  # with `command`: its output goes to NAME.log beside the recording (live app)
     listen: str | None = None  # an address to accept telemetry connections on (`marlwatch listen`)
+                               # or PRIVATE_SOCKET: a Unix socket in a folder made for this run
     backend: str = "local"  # or "ray": rollout workers as Ray actors (marlwatch/launchers/ray.py)
     ray_address: str | None = None  # with backend "ray": a cluster ("auto", HOST:PORT); None starts one here
 
@@ -124,6 +128,7 @@ class Run:
         self._failure_is_consequence = False
         self.started = False
         self.finished = False
+        self._private_dir: str | None = None
 
     @property
     def record_path(self) -> Path:
@@ -171,7 +176,7 @@ class Run:
         self.monitor.emit(batch)
 
     def describe(self) -> str:
-        if self.launcher is not None and hasattr(self.launcher, "describe"):
+        if self.launcher is not None:
             return self.launcher.describe()
         return f"listening on {self.monitor.address}"
 
@@ -180,8 +185,12 @@ class Run:
         """Create the recording, then start the processes (the recording first: a path that cannot
         be written fails before anything starts). Raises RecordingError, LaunchError, OSError."""
         if self.cfg.listen is not None:  # before the file exists: an address in use is a usage error
+            address = self.cfg.listen
+            if address == PRIVATE_SOCKET:
+                self._private_dir = tempfile.mkdtemp(prefix="marlwatch-")  # 0700: this user only
+                address = f"unix:{self._private_dir}/monitor.sock"
             try:
-                self.monitor.listen(self.cfg.listen, _authkey())
+                self.monitor.listen(address, _authkey())
             except (OSError, ValueError) as e:
                 raise LaunchError(f"cannot listen on {self.cfg.listen}: {getattr(e, 'strerror', None) or e}") from None
         # Fails before any process starts. A default name is made unique when the file is created.
@@ -289,11 +298,10 @@ class Run:
         self.monitor.deliver()
         self.monitor.run_hooks(True)
         self.monitor.close({"stop_reason": self.stop_reason, "failure": self.failure})
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
         self.finished = True
 
-    # compatibility with the tests and benchmarks written against the old Run
-    def kill_children(self) -> None:
-        self.abort("forced")
 
 
 def _authkey() -> bytes:

@@ -8,6 +8,10 @@ Growth per doubling of agents: for cells with the same worker count, sorted by a
 growth of a time t from a1 to a2 agents is (t2 / t1) ** (1 / log2(a2 / a1)), i.e. the factor
 per doubling even when the grid skips a step; the fit over all agent counts (least squares of
 log2 t on log2 agents) gives one factor per worker count.
+
+With `--latency-bound MS`, the latency-bounded choice (`metrics.latency_bounded_choice`, defined
+in docs/metrics.md) names per agent count the worker count with the highest IPS whose p99
+iteration latency is within the bound. `--report` writes report.html (marlwatch/sweep_report.py).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import csv
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from marlwatch.cli import (
@@ -25,16 +29,18 @@ from marlwatch.cli import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     UsageError,
+    _latency_bound,
     _setting,
     positive_int,
     positive_int_list,
     start_run,
 )
+from marlwatch.metrics import BoundCandidate, BoundChoice, latency_bounded_choice
 from marlwatch.outputs import atomic_output, numbered, write_text
 from marlwatch.recording import default_record_path
 from marlwatch.report import plural
 from marlwatch.runner import Run, RunConfig, drive
-from marlwatch.terminal import say
+from marlwatch.terminal import finite, say
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,6 +57,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run cells that need more memory than is available or more than 4 workers per core")
     p.add_argument("--set", dest="settings", type=_setting, action="append", default=[], metavar="KEY=VALUE",
                    help="algorithm setting for every cell, e.g. --set max_cycles=25")
+    p.add_argument("--latency-bound", type=_latency_bound, default=None, metavar="MS",
+                   help="per agent count, the worker count with the highest IPS whose p99 iteration "
+                        "latency is at most MS ms (latency-bounded throughput)")
+    p.add_argument("--report", action="store_true",
+                   help="also write report.html (plots, needs the `report` extra: matplotlib) into the folder")
+    p.add_argument("--no-plots", action="store_true", help="no terminal plots after the table")
 
 
 # -- running -----------------------------------------------------------------------------------
@@ -72,6 +84,7 @@ def execute(run: Run, time_limit_s: float | None = None) -> Run:
 # -- the table -----------------------------------------------------------------------------------
 @dataclass
 class Row:
+    algo: str
     agents: int
     workers: int
     iterations: int
@@ -85,10 +98,15 @@ class Row:
     comm_ms_per_iter: float
     update_growth_per_doubling: float | None
     comm_growth_per_doubling: float | None
+    p99_ms: float  # the main loop's p99 iteration latency (after the first)
+    cores_util: float | None  # mean utilisation of all cores during the cell (%): how loaded the machine was
     recording: str
+    # Every phase's time per learner iteration (all processes), for the per-phase growth; in the
+    # JSON only, not in the flat CSV and markdown tables.
+    phase_ms: dict[str, float] = field(default_factory=dict)
 
 
-COLUMNS = [f for f in Row.__dataclass_fields__]
+COLUMNS = [f for f in Row.__dataclass_fields__ if f != "phase_ms"]
 
 
 def _growth(t1: float, t2: float, a1: int, a2: int) -> float | None:
@@ -121,15 +139,18 @@ def table(recordings: list[Path]) -> list[Row]:
             raise UsageError(f"{path}: no run information in the recording")
         it = max(snap.steady_iterations, 1)  # the figures leave the first (start-up) iteration out
         rows.append(Row(
-            agents=info.agents, workers=info.workers, iterations=snap.iterations, ips=snap.ips,
+            algo=info.algo, agents=info.agents, workers=info.workers, iterations=snap.iterations, ips=snap.ips,
             sample_share=snap.shares["sample"], update_share=snap.shares["update"], sync_share=snap.shares["sync"],
             comm_share_exec=snap.comm_share, comm_share_update=snap.comm_share_update,
             update_ms_per_iter=snap.update_s * 1e3 / it, comm_ms_per_iter=snap.comm_s * 1e3 / it,
-            update_growth_per_doubling=None, comm_growth_per_doubling=None, recording=path.name,
+            update_growth_per_doubling=None, comm_growth_per_doubling=None,
+            p99_ms=snap.iteration_ms["p99"], recording=path.name,
+            cores_util=sum(snap.cores_mean) / len(snap.cores_mean) if snap.cores_mean else None,
+            phase_ms={p.name: p.total_s * 1e3 / it for p in snap.phases},
         ))
-    rows.sort(key=lambda r: (r.workers, r.agents))
+    rows.sort(key=lambda r: (r.algo, r.workers, r.agents))
     for prev, cur in zip(rows, rows[1:], strict=False):
-        if prev.workers == cur.workers:
+        if (prev.algo, prev.workers) == (cur.algo, cur.workers):
             cur.update_growth_per_doubling = _growth(prev.update_ms_per_iter, cur.update_ms_per_iter,
                                                      prev.agents, cur.agents)
             cur.comm_growth_per_doubling = _growth(prev.comm_ms_per_iter, cur.comm_ms_per_iter,
@@ -156,13 +177,42 @@ def _x(x: float | None) -> str:
     return "" if x is None else f"{x:.2f}x"
 
 
-def markdown(algo: str, rows: list[Row]) -> str:
-    head = ("| agents | workers | iters | IPS | sample | update | sync | comm / exec | comm / update "
+def bound_choices(rows: list[Row], bound_ms: float) -> list[BoundChoice]:
+    """The latency-bounded choice over the sweep's worker counts, per algorithm and agent count."""
+    return latency_bounded_choice((BoundCandidate(r.algo, r.agents, (("workers", r.workers),), r.ips, r.p99_ms)
+                                   for r in rows), bound_ms)
+
+
+def bound_lines(choices: list[BoundChoice]) -> list[str]:
+    """One sentence per agent count: the best setting, its IPS and p99, and how far the others are."""
+    lines = []
+    for ch in choices:
+        head = f"{ch.algo}, {plural(ch.agents, 'agent')}, p99 within {ch.bound_ms:g} ms: "
+        if ch.best is None:
+            lines.append(head + "no setting (" + "; ".join(
+                f"{c.label()}: p99 {c.p99_ms:.0f} ms" for c, _, _ in ch.rows) + ")")
+            continue
+        others = []
+        for c, ok, ratio in ch.rows:
+            if c is ch.best:
+                continue
+            if not ok:
+                others.append(f"{c.label()} over the bound (p99 {c.p99_ms:.0f} ms)")
+            else:
+                others.append(f"{c.label()} {c.ips:.2f} IPS ({_x(ratio)} slower)" if ratio and ratio > 1
+                              else f"{c.label()} {c.ips:.2f} IPS")
+        lines.append(head + f"{ch.best.label()}, {ch.best.ips:.2f} IPS (p99 {ch.best.p99_ms:.0f} ms)"
+                     + (f"; {'; '.join(others)}" if others else ""))
+    return lines
+
+
+def markdown(algo: str, rows: list[Row], bound_ms: float | None = None) -> str:
+    head = ("| agents | workers | iters | IPS | p99 ms | sample | update | sync | comm / exec | comm / update "
             "| update ms/it | comm ms/it | update x per 2x agents | comm x per 2x agents |")
-    lines = [head, "|" + "---:|" * 13]
+    lines = [head, "|" + "---:|" * 14]
     for r in rows:
         lines.append(
-            f"| {r.agents} | {r.workers} | {r.iterations} | {r.ips:.2f} | {_pct(r.sample_share)} "
+            f"| {r.agents} | {r.workers} | {r.iterations} | {r.ips:.2f} | {r.p99_ms:.0f} | {_pct(r.sample_share)} "
             f"| {_pct(r.update_share)} | {_pct(r.sync_share)} | {_pct(r.comm_share_exec)} "
             f"| {_pct(r.comm_share_update)} | {r.update_ms_per_iter:.1f} | {r.comm_ms_per_iter:.1f} "
             f"| {_x(r.update_growth_per_doubling)} | {_x(r.comm_growth_per_doubling)} |"
@@ -171,20 +221,26 @@ def markdown(algo: str, rows: list[Row]) -> str:
     for w, f in fits(rows).items():
         lines.append(f"Fitted over all agent counts, {w} worker(s): update time {_x(f['update']) or 'n/a'} "
                      f"and communication time {_x(f['comm']) or 'n/a'} per doubling of agents ({algo}).")
+    if bound_ms is not None:
+        lines.append("")
+        lines.append(f"Latency-bounded throughput (highest IPS with p99 iteration latency <= {bound_ms:g} ms):")
+        lines += [f"- {line}" for line in bound_lines(bound_choices(rows, bound_ms))]
     return "\n".join(lines) + "\n"
 
 
-def save(out: Path, algo: str, rows: list[Row]) -> dict[str, Path]:
+def save(out: Path, algo: str, rows: list[Row], bound_ms: float | None = None) -> dict[str, Path]:
     paths = {"csv": out / "sweep.csv", "json": out / "sweep.json", "md": out / "sweep.md"}
     with atomic_output(paths["csv"], newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow(asdict(r))
-    write_text(paths["json"], json.dumps(
-        {"algo": algo, "rows": [asdict(r) for r in rows],
-         "fitted_growth_per_doubling": {str(k): v for k, v in fits(rows).items()}}, indent=2) + "\n")
-    write_text(paths["md"], markdown(algo, rows))
+    doc = {"algo": algo, "rows": [asdict(r) for r in rows],
+           "fitted_growth_per_doubling": {str(k): v for k, v in fits(rows).items()}}
+    if bound_ms is not None:
+        doc["latency_bound"] = [c.to_json() for c in bound_choices(rows, bound_ms)]
+    write_text(paths["json"], json.dumps(finite(doc), indent=2, allow_nan=False) + "\n")
+    write_text(paths["md"], markdown(algo, rows, bound_ms))
     return paths
 
 
@@ -207,6 +263,13 @@ def cli(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
     settings = dict(args.settings)
+    if args.report:
+        from marlwatch.sweep_report import ReportError, check_plotting
+
+        try:
+            check_plotting()  # before anything runs: a missing extra is bad input, not a failed sweep
+        except ReportError as e:
+            raise UsageError(str(e)) from None
     cells = []
     # Build every cell's Run first, so a bad --algo/--env/--set fails before anything runs.
     for w in args.workers:
@@ -214,7 +277,10 @@ def cli(args: argparse.Namespace) -> int:
             cfg = RunConfig(algo=args.algo, env=args.env, agents=a, workers=w, iterations=args.iterations,
                             seed=args.seed, record=f"{args.algo}-a{a}-w{w}.arrow", overwrite=args.force,
                             ignore_limits=args.ignore_limits, settings=settings)
-            cells.append(build_run(cfg))
+            run = build_run(cfg)
+            if args.latency_bound is not None:  # each recording carries the bound (summary, replay, report)
+                run.info.extra["latency_bound_ms"] = args.latency_bound
+            cells.append(run)
     taken = [run.record_path.name for run in cells if (out / run.record_path.name).exists()]
     if args.out and taken and not args.force:
         raise UsageError(f"--out {out} holds recordings already ({', '.join(taken)}); not overwritten "
@@ -244,7 +310,21 @@ def cli(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         done.append(run.record_path)
     rows = table(done)
-    paths = save(out, args.algo, rows)
-    print(markdown(args.algo, rows), end="")
-    print(f"marlwatch: saved {paths['csv']}, {paths['json']}, {paths['md']}", file=sys.stderr)
+    paths = save(out, args.algo, rows, args.latency_bound)
+    print(markdown(args.algo, rows, args.latency_bound), end="")
+    saved = [paths["csv"], paths["json"], paths["md"]]
+    if not args.no_plots:
+        from marlwatch.sweep_report import terminal_plots
+
+        print(terminal_plots(rows, args.latency_bound, color=sys.stdout.isatty()), end="")
+    if args.report:
+        from marlwatch.sweep_report import write_report
+
+        saved.append(write_report(out, rows, args.latency_bound))
+    print(f"marlwatch: saved {', '.join(map(str, saved))}", file=sys.stderr)
     return EXIT_OK
+
+
+def recordings_in(folder: Path) -> list[Path]:
+    """The recordings a sweep left in `folder` (every *.arrow directly in it), sorted by name."""
+    return sorted(p for p in folder.glob("*.arrow") if p.is_file())

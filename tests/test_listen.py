@@ -61,6 +61,8 @@ def test_two_processes_connect_one_leaves_bad_clients_are_refused(tmp_path, addr
                 p.kill()
     assert proc.returncode == 130, err
     assert "Traceback" not in err
+    if address is None:  # the private socket's folder goes with the monitor
+        assert not os.path.exists(os.path.dirname(exports["MARLWATCH_ADDRESS"][len("unix:"):]))
     rec = open_recording(path)
     spans_by_proc: dict[int, int] = {}
     events = []

@@ -23,9 +23,15 @@ def test_growth_per_doubling() -> None:
 def test_tiny_real_sweep(tmp_path, no_leftovers) -> None:
     out = tmp_path / "sweep"
     proc = marlwatch("sweep", "--algo", "neurcomm", "--agents", "2,4", "--workers", "1", "--iterations", "3",
-                     "--out", str(out), "--set", "max_cycles=10", timeout=140)
+                     "--out", str(out), "--set", "max_cycles=10", "--latency-bound", "600000", "--report",
+                     timeout=140)
     assert proc.returncode == 0, proc.stderr
     assert "| agents | workers |" in proc.stdout and "comm / exec" in proc.stdout
+    # Under a bound no iteration reaches, the one worker count is the choice at each agent count.
+    assert "- neurcomm, 2 agents, p99 within 600000 ms: workers 1, " in proc.stdout
+    assert "neurcomm, 4 agents, p99 within 600000 ms: workers 1, " in proc.stdout
+    assert "update (dots: comm) ms/it vs agents" in proc.stdout  # the terminal plots
+    assert (out / "report.html").read_text().count("<svg") == 4
     assert "neurcomm, 2 agents, 1 worker, 3 iterations ->" in proc.stderr  # "1 workers" read wrong
     recs = sorted(out.glob("*.arrow"))
     assert [r.name for r in recs] == ["neurcomm-a2-w1.arrow", "neurcomm-a4-w1.arrow"]
@@ -45,6 +51,9 @@ def test_tiny_real_sweep(tmp_path, no_leftovers) -> None:
         assert 0.9 < shares <= 1.0 + 1e-9
     data = json.loads((out / "sweep.json").read_text())
     assert data["algo"] == "neurcomm" and len(data["rows"]) == 2 and "1" in data["fitted_growth_per_doubling"]
+    assert [c["best"] for c in data["latency_bound"]] == [{"workers": 1}, {"workers": 1}]
+    for rec in recs:  # each cell's recording carries the bound: summary shows it without the flag
+        assert "latency-bounded IPS" in marlwatch("summary", str(rec)).stdout
     assert (out / "sweep.md").read_text().startswith("| agents |")
     summary = marlwatch("summary", str(recs[1]))  # every cell is an ordinary recording
     assert summary.returncode == 0 and "neurcomm" in summary.stdout

@@ -36,16 +36,19 @@ class Loop:
     updates: int  # minibatch updates in all: one backward pass and one optimizer step each
     steps: dict[str, int]  # "main" / "child": env_step spans of each process that steps an env
     children: int  # processes other than the command's own that step an environment
+    helpers: tuple[str, ...]  # multiprocessing's helpers it starts, found in its tree and named
 
 
 LOOPS = {
     # 2 envs x 128 steps per rollout, 4 rollouts (1024 steps); 4 epochs of 256/64 minibatches each.
     # The main process steps the VecEnv (512 calls), each worker its own env (512 steps).
     "sb3_ppo_subproc": Loop("sb3_ppo_subproc.py", iterations=4, updates=4 * 4 * 4,
-                            steps={"main": 512, "child": 512}, children=2),
+                            steps={"main": 512, "child": 512}, children=2,
+                            helpers=("multiprocessing.forkserver", "multiprocessing.resource_tracker")),
     # 4 batches of 400 frames, plus the 3-step rollout of check_env_specs; 4 epochs of 400/100.
     "torchrl_mappo_simple_spread": Loop("torchrl_mappo_simple_spread.py", iterations=4, updates=4 * 4 * 4,
-                                        steps={"main": 4 * 400 + 3}, children=0),
+                                        steps={"main": 4 * 400 + 3}, children=0,
+                                        helpers=("multiprocessing.resource_tracker",)),
 }
 
 
@@ -112,5 +115,7 @@ def test_recording_holds_every_step_and_update_of_every_process(watched):
     # the auto phases are top-level here (the loops have no spans of their own)
     auto = spans.filter(pc.is_in(spans["name"], pa.array([ENV_STEP, BACKWARD, OPTIMIZER])))
     assert auto["parent"].null_count == auto.num_rows
+    roles = [p["role"] for p in s["procs"]]
+    assert all(any(r.endswith(f"({h})") for r in roles) for h in loop.helpers), roles
     ticks = table.filter(pc.and_(pc.equal(table["kind"], "iter"), pc.equal(table["proc"], 0)))
     assert ticks.num_rows == loop.iterations

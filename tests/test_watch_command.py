@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -144,3 +145,23 @@ def test_a_command_behind_a_shell_gets_its_iterations_from_the_process_that_tick
     assert summary["iterations"] == 40 and summary["ips"] > 0
     roles = {p["role"] for p in summary["procs"]} if isinstance(summary.get("procs"), list) else None
     assert roles is None or any("sh" in role for role in roles)
+
+
+def test_processes_found_in_the_tree_are_named_by_what_they_run(tmp_path):
+    """multiprocessing's helpers are all `python` by name: the module a `-c` imports names them."""
+    from marlwatch.launchers.command import found_role
+
+    script = tmp_path / "helper.py"
+    script.write_text("import time\ntime.sleep(60)\n")
+    procs = [subprocess.Popen([sys.executable, "-B", "-c", "from json import tool; import time; time.sleep(60)"]),
+             subprocess.Popen([sys.executable, str(script), "--flag"]),
+             subprocess.Popen(["sleep", "60"])]
+    try:
+        roles = [found_role(psutil.Process(p.pid)) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    python = os.path.basename(sys.executable)
+    assert roles == [f"pid {procs[0].pid} (json)", f"pid {procs[1].pid} ({python} helper.py)",
+                     f"pid {procs[2].pid} (sleep)"]

@@ -8,10 +8,23 @@ is a monitor with no launcher.
 
 from __future__ import annotations
 
+import signal
 from typing import Any, Protocol
 
 from marlwatch.monitor import Monitor
 from marlwatch.recording import RunInfo
+
+
+def exit_reason(code: int | None) -> str:
+    """How a process ended, from its exit status, for the user: `was killed by SIGKILL`."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 class LaunchError(Exception):
@@ -27,6 +40,10 @@ class StartFailed(Exception):
 class Launcher(Protocol):
     def run_info(self) -> RunInfo:
         """What the recording's metadata says about this run (before anything starts)."""
+        ...
+
+    def describe(self) -> str:
+        """One line for the user: what runs (`maddpg on simple_spread, 3 agents, 2 workers`)."""
         ...
 
     def record_stem(self) -> str:

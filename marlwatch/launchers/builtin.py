@@ -12,7 +12,7 @@ from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from typing import Any
 
-from marlwatch.launchers import StartFailed
+from marlwatch.launchers import StartFailed, exit_reason
 from marlwatch.limits import check_machine
 from marlwatch.monitor import Monitor
 from marlwatch.process import ChildSpec, learner_main, worker_main
@@ -27,17 +27,6 @@ _LIMITS = {errno.EAGAIN: "is the limit on processes, ulimit -u or a cgroup's pid
 def os_reason(e: OSError) -> str:
     hint = _LIMITS.get(e.errno) if e.errno is not None else None
     return (e.strerror or str(e)) + (f" ({hint})" if hint else "")
-
-
-def exit_reason(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
 
 
 class BuiltinLauncher:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -23,7 +24,7 @@ from typing import Any
 import psutil
 
 from marlwatch.collector import event_row
-from marlwatch.launchers import LaunchError
+from marlwatch.launchers import LaunchError, exit_reason
 from marlwatch.monitor import Monitor
 from marlwatch.recording import RunInfo
 
@@ -43,6 +44,27 @@ def command_role(command: list[str]) -> str:
     script = next((a for a in command[1:] if a.endswith(".py")), None)
     name = Path(command[0]).name + (f" {Path(script).name}" if script else "")
     return name if len(name) <= 28 else name[:27] + "…"
+
+
+_IMPORTED = re.compile(r"from\s+([\w.]+)\s+import\b")
+
+
+def found_role(child: psutil.Process) -> str:
+    """The Workers-panel name of a process found in the command's tree (one that never connected):
+    `python -c 'from multiprocessing.forkserver import main; ...'` is `pid N (multiprocessing.forkserver)`
+    (multiprocessing's helpers, which every vector env and collector starts, are all `python` by
+    name), a script is `pid N (python train.py)`, anything else its process name."""
+    try:
+        argv = child.cmdline()
+    except psutil.Error:
+        argv = []
+    if "-c" in argv[:-1]:
+        imported = _IMPORTED.search(argv[argv.index("-c") + 1])
+        if imported:
+            return f"pid {child.pid} ({imported.group(1)})"
+    if argv and any(a.endswith(".py") for a in argv[1:]):
+        return f"pid {child.pid} ({command_role(argv)})"
+    return f"pid {child.pid} ({child.name()})"
 
 
 def _git_commit(cwd: str) -> str | None:
@@ -146,7 +168,7 @@ class CommandLauncher:
             self._walk_tree(monitor)
         if self.proc is not None and self.proc.returncode is None and self.proc.poll() is not None:
             code = self.proc.returncode
-            monitor.process_exited(0, code, error=_reason(code))
+            monitor.process_exited(0, code, error=exit_reason(code) if code else None)
 
     def _walk_tree(self, monitor: Monitor) -> None:
         """New processes of the command get a slot (CPU and memory rows even if they never connect);
@@ -165,10 +187,10 @@ class CommandLauncher:
             if len(self._tree) >= MAX_TREE:
                 break
             try:
-                name = child.name()
+                role = found_role(child)
             except psutil.Error:
                 continue
-            slot = monitor.add_process(f"pid {child.pid} ({name})", pid=child.pid)
+            slot = monitor.add_process(role, pid=child.pid)
             self._tree[child.pid] = slot
             monitor.procs[slot].state = "running"
             monitor.emit(event_row(monitor.now_ns(), slot, "started", role=monitor.procs[slot].role, pid=child.pid,
@@ -251,14 +273,3 @@ def _group_alive(pgid: int) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     return True
-
-
-def _reason(code: int | None) -> str | None:
-    if code is None or code == 0:
-        return None
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
