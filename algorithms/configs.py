@@ -286,19 +286,32 @@ class ToM2CConfig(ActorCriticConfig):
     """Temperature of the edge Gumbel-softmax."""
     prop_steps: int = setting(2, at_least=0)
     """Propagation steps of the graph network (0: edges from the encodings alone)."""
+    graph: str = setting("shared", choices=("shared", "per_agent"))
+    """`shared`: one communication graph per step, inferred from every agent's memory (N x N edges).
+    `per_agent`: as the original ToM2C, every agent infers the whole graph from its own beliefs
+    and keeps its own row (N graphs of N x N edges: N^3), through the original's 2-layer
+    propagators `graph_width` wide. docs/sweep-tom2c.md: which reproduces the study's growth."""
+    graph_width: int = setting(192, at_least=1)
+    """Width of the per_agent graph's MLPs; the original's is 3 x its node features (3 x (32 + 32)
+    on cooperative navigation = 192)."""
 
     def _params(self, obs_dim: int, n_actions: int) -> int:
-        n, h = self.agents, self.hidden
+        n, h, g = self.agents, self.hidden, self.graph_width
+        graph = ((2 * h + n) * h + 5 * h * h + 2 * h if self.graph == "shared"
+                 else 3 * (h + n) * g + (self.prop_steps + 1) * (4 * g * g) + 3 * g * g)
         return (8 * h + 4 * h * h + 2 * h * h  # observation encoder, GRU
                 + (2 * n + 2) * h + 6 * h * h + h * n  # ToM network
-                + (2 * h + n) * h + 5 * h * h + 2 * h  # graph network
+                + graph
                 + _mlp(h + 2 * n, h, n_actions, 1) + obs_dim * h + 3 * h * h + _mlp(2 * h, h, 1, 1))  # actor, critic
 
     def _activations_per_step(self, obs_dim: int, n_actions: int) -> int:
         n, h = self.agents, self.hidden
         # The N x N pairs: ToM inputs (2N+2 each), goal guesses over N targets (logits and
         # probabilities), the ToM GRU's state, and the graph's edge features each round.
-        return n * n * ((2 * n + 2) + 2 * n + 4 * h + 2 * h * (self.prop_steps + 1)) + 6 * n * h
+        pairs = n * n * ((2 * n + 2) + 2 * n + 4 * h + 2 * h * (self.prop_steps + 1)) + 6 * n * h
+        if self.graph == "per_agent":  # N graphs of N x N edges, ~6 g-wide tensors per round
+            pairs += n * n * n * self.graph_width * (4 + 6 * self.prop_steps)
+        return pairs
 
     def validate(self) -> None:
         if self.env != "simple_spread":  # the encoder and ToM read simple_spread's observation layout
@@ -361,6 +374,11 @@ class NeurCommConfig(ActorCriticConfig):
     per_agent_loop: bool = setting(True)
     """Run agents one by one, as the original's Python loops do; False runs every agent in
     batched tensor ops (identical maths, far less per-agent overhead): compare the two profiles."""
+    comm_account: str = setting("messages", choices=("messages", "layer"))
+    """What is booked as communication. `messages`: the message exchange (gathering and encoding
+    neighbours' observations, fingerprints and states; neighbours' actions for the critic).
+    `layer`: the original's whole communication layer (lstm_comm_new: the exchange and the LSTM
+    it feeds) and the backward pass through it, the study's reading. Only span names differ."""
 
     def _params(self, obs_dim: int, n_actions: int) -> int:
         h, k = self.hidden, 2  # a platoon: each vehicle's neighbours are the ones ahead and behind

@@ -19,10 +19,21 @@ are not detached in the update: the gradient flows back along the graph, as in t
 which unrolls the whole network of agents through time.
 
 marlwatch phases: while acting, `sample/comm/messages` (gathering neighbours' observations,
-fingerprints and hidden states along the fixed neighbour table) and `sample/comm/encode` (the
-message encoders: the rest of the original's communication step); during the unrolled update
-the same two as `update/comm/...`, plus `update/comm/actions` (neighbours' actions for the
-critic). The LSTM, the heads, the losses and the optimiser step are not communication.
+fingerprints and hidden states along the fixed neighbour table), `sample/comm/encode` (the
+message encoders) and `sample/lstm` (the LSTM the messages feed); during the unrolled update the
+same three as `update/...`, then the heads (`update/heads`, with `update/comm/actions`:
+neighbours' actions for the critic), the loss, and a backward pass in two stages split where the
+communication layer ends (its output, the hidden states): `update/backward` (heads) and
+`update/layer_backward` (back through the LSTM, the encoders and the messages, over all steps),
+then `update/optim`. The two stages give the same gradients as one backward pass.
+
+What counts as communication is a setting, `comm_account` (docs/sweep-neurcomm.md):
+`messages` (the default) counts the message exchange only: gathering and encoding neighbours'
+observations, fingerprints and states, and neighbours' actions for the critic. `layer` counts, as
+the study's reading of the original does, the original's whole communication layer
+(`lstm_comm_new` in agents/utils.py: gathering, the three encoders and the LSTM they feed, run
+agent by agent inside one function) and the backward pass through it: `lstm` and
+`layer_backward` become `comm/lstm` and `comm/layer_backward`. Only span names differ.
 
 Agents sit in one process; their per-agent weights are stacked ([N, in, out]). By default
 (`per_agent_loop`) each step runs agent by agent, like the original's Python loops, so the
@@ -130,11 +141,13 @@ class NeurCommNet(nn.Module):
     """Every agent's NeurComm policy; `step` is one time step of the whole network of agents."""
 
     def __init__(self, adjacency: np.ndarray, obs_dim: int, n_actions: int, hidden: int = 64,
-                 per_agent_loop: bool = True) -> None:
+                 per_agent_loop: bool = True, comm_account: str = "messages") -> None:
         super().__init__()
         n = adjacency.shape[0]
         self.n, self.n_actions, self.hidden = n, n_actions, hidden
         self.per_agent_loop = per_agent_loop
+        # Where the LSTM and the backward through the layer are booked (see the module's docstring).
+        self.layer = "comm/" if comm_account == "layer" else ""
         self.register_buffer("table", torch.as_tensor(neighbour_table(adjacency)))
         k = self.table.shape[1]
         self.fc_x = AgentLinear(n, (k + 1) * obs_dim, hidden)
@@ -172,8 +185,9 @@ class NeurCommNet(nn.Module):
         with span(f"{phase}/comm/encode"):
             s = torch.cat([F.relu(self.fc_x(torch.cat([obs, n_obs], dim=-1))),
                            F.relu(self.fc_p(n_fp)), F.relu(self.fc_m(n_h))], dim=-1)
-        h, c = self.lstm(s, h, c)
-        return self.actor(h), h, c
+        with span(f"{phase}/{self.layer}lstm"):
+            h, c = self.lstm(s, h, c)
+        return self.logits(h), h, c
 
     def _step_loop(self, obs: torch.Tensor, h: torch.Tensor, c: torch.Tensor, fp: torch.Tensor,
                    phase: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -187,9 +201,16 @@ class NeurCommNet(nn.Module):
             s = [torch.cat([F.relu(self.fc_x.one(i, torch.cat([obs[:, i], n_obs], dim=-1))),
                             F.relu(self.fc_p.one(i, n_fp)), F.relu(self.fc_m.one(i, n_h))], dim=-1)
                  for i, (n_obs, n_fp, n_h) in zip(agents, msgs, strict=True)]
-        hc = [self.lstm.one(i, s[i], h[:, i], c[:, i]) for i in agents]
-        h, c = torch.stack([x[0] for x in hc], dim=1), torch.stack([x[1] for x in hc], dim=1)
-        return torch.stack([self.actor.one(i, h[:, i]) for i in agents], dim=1), h, c
+        with span(f"{phase}/{self.layer}lstm"):
+            hc = [self.lstm.one(i, s[i], h[:, i], c[:, i]) for i in agents]
+            h, c = torch.stack([x[0] for x in hc], dim=1), torch.stack([x[1] for x in hc], dim=1)
+        return self.logits(h), h, c
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Actor heads: h [..., N, H] -> logits [..., N, A] (agent by agent with `per_agent_loop`)."""
+        if self.per_agent_loop:
+            return torch.stack([self.actor.one(i, h[..., i, :]) for i in range(self.n)], dim=-2)
+        return self.actor(h)
 
     def value(self, h: torch.Tensor, actions_onehot: torch.Tensor, phase: str) -> torch.Tensor:
         """Critic: own hidden state + neighbours' actions -> [B, N]."""
@@ -213,7 +234,7 @@ def _env(cfg: NeurCommConfig) -> object:
 
 def _net(cfg: NeurCommConfig, runner: ParallelEnvRunner) -> NeurCommNet:
     return NeurCommNet(np.asarray(runner.env.neighbours, dtype=bool), runner.obs_dim, runner.n_actions, cfg.hidden,
-                       per_agent_loop=cfg.per_agent_loop)
+                       per_agent_loop=cfg.per_agent_loop, comm_account=cfg.comm_account)
 
 
 # --- Worker: play whole episodes, messages flowing along the graph at every step -------------
@@ -280,15 +301,23 @@ class NeurCommLearner:
                  for k in ("obs", "act", "rew", "done", "mask")}
             steps, batch = b["act"].shape[:2]
             actions_onehot = F.one_hot(b["act"], self.net.n_actions).float()
+        net = self.net
         with span("update/unroll"):
-            h, c, fp = self.net.initial_state(batch)
-            logits, values = [], []
+            # The communication layer through time: messages, encoders, LSTM (the original's
+            # lstm_comm_new). The actor's output here is only the next fingerprint (data).
+            h, c, fp = net.initial_state(batch)
+            hs = []
             for t in range(steps):
-                lg, h, c = self.net.step(b["obs"][t], h, c, fp, "update")
+                lg, h, c = net.step(b["obs"][t], h, c, fp, "update")
                 fp = torch.softmax(lg, dim=-1).detach()  # a fingerprint is data, not a gradient path
-                logits.append(lg)
-                values.append(self.net.value(h, actions_onehot[t], "update"))
-            logits_t, values_t = torch.stack(logits), torch.stack(values)
+                hs.append(h)
+            hs_t = torch.stack(hs)  # [T, B, N, H]: the layer's output
+        with span("update/heads"):
+            # The heads read a detached copy of the layer's output, so the backward pass splits
+            # there into the heads' part and the layer's part (the same gradients as one pass).
+            h_out = hs_t.detach().requires_grad_(True)
+            logits_t = net.logits(h_out)
+            values_t = net.value(h_out.flatten(0, 1), actions_onehot.flatten(0, 1), "update").reshape(steps, batch, -1)
         with span("update/returns"):
             with torch.no_grad():
                 rewards = (b["rew"] * cfg.reward_scale) @ self.spatial.T
@@ -298,10 +327,12 @@ class NeurCommLearner:
         with span("update/loss"):
             loss, stats = a2c_loss(logits_t, b["act"], adv, values_t, ret, mask=b["mask"][..., None],
                                    value_coef=cfg.value_coef, entropy_coef=cfg.entropy_coef)
+        self.opt.zero_grad()
         with span("update/backward"):
-            self.opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
+            loss.backward()  # the heads, down to the layer's output
+        with span(f"update/{net.layer}layer_backward"):
+            hs_t.backward(h_out.grad)  # through the LSTM, the encoders and the messages, all steps
         with span("update/optim"):
+            nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             self.opt.step()
         return stats

@@ -10,7 +10,12 @@ Taxonomy: CTDE + learned communication. Every agent runs the same (shared) netwo
    (so its input is B x N x N pairs of 2N+2 numbers: cost grows as N^3);
 3. graph network: decides whom each agent messages. Edge MLPs over the N x N pairs (both
    agents' memories + i's inferred goal of j), two propagation steps, then a hard
-   Gumbel-softmax per edge (on/off, straight-through so the policy gradient trains it);
+   Gumbel-softmax per edge (on/off, straight-through so the policy gradient trains it).
+   `graph=per_agent` is the original's shape instead (`Graph_Infer`/`PropNet` run on
+   `batch * num_agents` graphs): every agent infers the whole N x N graph from its own beliefs
+   (its ToM memories and goal guesses of the others) through 2-layer propagators `graph_width`
+   (192) wide, and keeps its own row: B x N^3 edge evaluations, the term that grows ~8x per
+   doubling of agents (docs/sweep-tom2c.md);
 4. messages: sender i tells receiver j "where I think I am going and where I think you are
    going" (i's ToM outputs for (i, i) and (i, j)); each receiver sums what its on-edges bring,
    and its policy reads that sum next to its memory;
@@ -151,8 +156,10 @@ class GraphNet(nn.Module):
         self.edge_update = nn.Linear(3 * hidden, hidden)
         self.edge_out = nn.Linear(hidden, 2)
 
-    def forward(self, h: torch.Tensor, goal_probs: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """h [B, N, H], goal_probs [B, N, N, N] -> (edges [B, N, N] in {0, 1}, edge logits [B, N, N, 2])."""
+    def forward(self, h: torch.Tensor, tom_h: torch.Tensor, goal_probs: torch.Tensor,
+                tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [B, N, H], goal_probs [B, N, N, N] -> (edges [B, N, N] in {0, 1}, edge logits [B, N, N, 2]).
+        (`tom_h` is what PerAgentGraphNet reads; one graph shared by all agents does not.)"""
         b, n, hd = h.shape
         hi = h[:, :, None, :].expand(b, n, n, hd)
         hj = h[:, None, :, :].expand(b, n, n, hd)
@@ -168,6 +175,46 @@ class GraphNet(nn.Module):
         return edges * (1.0 - torch.eye(n)), logits
 
 
+class PerAgentGraphNet(nn.Module):
+    """The original's graph inference (ToM2C `Graph_Infer`/`PropNet`): every agent infers the whole
+    communication graph from its own view, and keeps its own row. So there are B x N graphs of N
+    nodes (B x N^3 edges), and each edge goes through MLPs `width` wide (the original: 3 x its node
+    features). Node j in agent i's graph is what i believes of j: i's ToM memory of j and i's guess
+    of j's goal. Propagation as PropNet: an edge encoder, `steps` rounds of 2-layer edge and node
+    propagators, a 2-layer edge predictor over (edge effect, edge encoding)."""
+
+    def __init__(self, n: int, hidden: int, width: int, steps: int) -> None:
+        super().__init__()
+        d, g = hidden + n, width
+        self.node_encoder = nn.Linear(d, g)
+        self.edge_encoder = nn.Linear(2 * d, g)
+        self.edge_propagators = nn.ModuleList(mlp(3 * g, g, (g,)) for _ in range(steps))
+        self.node_propagator = mlp(3 * g, g, (g,))
+        self.edge_predictor = mlp(2 * g, 2, (g,))
+
+    def forward(self, h: torch.Tensor, tom_h: torch.Tensor, goal_probs: torch.Tensor,
+                tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """tom_h [B, N, N, H] (i's memory of j), goal_probs [B, N, N, N] -> (edges [B, N, N], logits [B, N, N, 2])."""
+        b, n = tom_h.shape[:2]
+        x = torch.cat([tom_h, goal_probs], dim=-1).reshape(b * n, n, -1)  # B*N graphs, one per observer
+        node_enc = F.relu(self.node_encoder(x))
+        edge_enc = F.relu(self.edge_encoder(torch.cat(_pairs(x), dim=-1)))  # [B*N, N, N, g]
+        node, edge = node_enc, edge_enc
+        for propagate in self.edge_propagators:
+            edge = F.relu(propagate(torch.cat([*_pairs(node), edge], dim=-1)))
+            node = F.relu(self.node_propagator(torch.cat([node_enc, node, edge.sum(dim=2)], dim=-1)))
+        logits = self.edge_predictor(torch.cat([edge, edge_enc], dim=-1)).reshape(b, n, n, n, 2)
+        own = logits[:, torch.arange(n), torch.arange(n)]  # observer i keeps its own row: i -> j
+        edges = gumbel_softmax(own, temperature=tau, hard=True)[..., 1]
+        return edges * (1.0 - torch.eye(n)), own
+
+
+def _pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [G, N, F] -> (x_i, x_j) [G, N, N, F] each: every ordered pair of a graph's nodes."""
+    g, n, f = x.shape
+    return x[:, :, None, :].expand(g, n, n, f), x[:, None, :, :].expand(g, n, n, f)
+
+
 def aggregate_messages(edges: torch.Tensor, goal_probs: torch.Tensor) -> torch.Tensor:
     """edges [B, N, N] (sender, receiver), goal_probs [B, N, N, N] -> received [B, N, 2N]:
     receiver j gets the sum over senders i with an on-edge of (i's own goal, i's guess of j's goal)."""
@@ -180,12 +227,14 @@ def aggregate_messages(edges: torch.Tensor, goal_probs: torch.Tensor) -> torch.T
 class Policy(nn.Module):
     """Everything an agent runs when acting (shared by all agents)."""
 
-    def __init__(self, n: int, n_actions: int, hidden: int, prop_steps: int) -> None:
+    def __init__(self, n: int, n_actions: int, cfg: ToM2CConfig) -> None:
         super().__init__()
+        hidden = cfg.hidden
         self.encoder = ObsEncoder(hidden)
         self.gru = nn.GRUCell(hidden, hidden)
         self.tom = ToMNet(n, hidden)
-        self.graph = GraphNet(n, hidden, prop_steps)
+        self.graph: nn.Module = (PerAgentGraphNet(n, hidden, cfg.graph_width, cfg.prop_steps) if cfg.graph == "per_agent"
+                                 else GraphNet(n, hidden, cfg.prop_steps))
         self.actor = mlp(hidden + 2 * n, n_actions, (hidden,))
 
 
@@ -217,7 +266,7 @@ class ToM2CRollout:
         self.runner = ParallelEnvRunner(make_env(cfg.env, cfg.agents, cfg.max_cycles), seed=cfg.seed + worker_index)
         self.n = n = self.runner.n
         check_obs(self.runner.obs_dim, n)
-        self.policy = Policy(n, self.runner.n_actions, cfg.hidden, cfg.prop_steps)
+        self.policy = Policy(n, self.runner.n_actions, cfg)
         self.h = torch.zeros(1, n, cfg.hidden)
         self.tom_h = torch.zeros(1, n, n, cfg.hidden)
 
@@ -237,7 +286,7 @@ class ToM2CRollout:
             goal_logits, self.tom_h = p.tom(pair_inputs(obs, n), self.h, self.tom_h)
             goal_probs = goal_logits.softmax(-1)
         with span("sample/comm/graph"):
-            edges, _ = p.graph(self.h, goal_probs, self.cfg.gumbel_tau)
+            edges, _ = p.graph(self.h, self.tom_h, goal_probs, self.cfg.gumbel_tau)
         with span("sample/comm/messages"):
             received = aggregate_messages(edges, goal_probs)
         with span("sample/policy"):
@@ -264,7 +313,7 @@ class ToM2CLearner:
         self.cfg = cfg
         self.n, self.obs_dim, self.n_actions = env_dims(cfg.env, cfg.agents, cfg.max_cycles)
         check_obs(self.obs_dim, self.n)
-        self.policy = Policy(self.n, self.n_actions, cfg.hidden, cfg.prop_steps)
+        self.policy = Policy(self.n, self.n_actions, cfg)
         self.critic = AttentionCritic(self.obs_dim, cfg.hidden)
         # The ToM network has its own optimiser and schedule; the A2C loss never reaches it.
         tom_params = set(self.policy.tom.parameters())
@@ -298,16 +347,18 @@ class ToM2CLearner:
         with span("update/comm/tom"), torch.set_grad_enabled(train_tom):
             pairs = pair_inputs(obs, n)  # [E, T, N, N, 2N+2]
             tom_h = torch.zeros(e_count, n, n, cfg.hidden)
-            goal_logits = []
+            goal_logits, tom_hs = [], []
             for t in range(steps):
                 logit, tom_h = p.tom(pairs[:, t], hseq[:, t].detach(), tom_h)
                 goal_logits.append(logit)
+                tom_hs.append(tom_h.detach())  # the graph reads beliefs; it does not train them
             goal_logits_t = torch.stack(goal_logits, dim=1)  # [E, T, N, N, N]
             goal_probs = goal_logits_t.detach().softmax(-1).reshape(e_count * steps, n, n, n)
+            flat_tom_h = torch.stack(tom_hs, dim=1).reshape(e_count * steps, n, n, -1)
 
         with span("update/comm/graph"):
             flat_h = hseq.reshape(e_count * steps, n, -1)
-            edges, _ = p.graph(flat_h, goal_probs, cfg.gumbel_tau)
+            edges, _ = p.graph(flat_h, flat_tom_h, goal_probs, cfg.gumbel_tau)
 
         with span("update/comm/messages"):
             received = aggregate_messages(edges, goal_probs)

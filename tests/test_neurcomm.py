@@ -84,19 +84,76 @@ def test_critic_reads_only_neighbour_actions(loop: bool) -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("agents", [2, 4])
-def test_real_run_has_comm_phases(tmp_path, agents: int, no_leftovers) -> None:
+@pytest.mark.parametrize("agents, account", [(2, "messages"), (4, "layer")])
+def test_real_run_has_comm_phases(tmp_path, agents: int, account: str, no_leftovers) -> None:
     path = tmp_path / "nc.arrow"
     proc = marlwatch("run", "--headless", "--algo", "neurcomm", "--agents", str(agents), "--workers", "1",
-                     "--iterations", "4", "--record", str(path), "--set", "max_cycles=20")
+                     "--iterations", "4", "--record", str(path), "--set", "max_cycles=20",
+                     "--set", f"comm_account={account}")
     assert proc.returncode == 0, proc.stderr
     snap = summarize(open_recording(path))
     names = {p.name for p in snap.phases}
-    assert {"sample/comm/messages", "sample/comm/encode", "update/comm/messages", "update/comm/encode",
-            "update/comm/actions", "update/backward"} <= names
+    layer = "comm/" if account == "layer" else ""
+    assert {"sample/comm/messages", "sample/comm/encode", f"sample/{layer}lstm", "update/comm/messages",
+            "update/comm/encode", f"update/{layer}lstm", "update/heads", "update/comm/actions", "update/backward",
+            f"update/{layer}layer_backward", "update/optim"} <= names
     assert snap.iterations == 4 and snap.info.env == "cacc"
     assert 0 < snap.comm_share < 1 and 0 < snap.comm_share_update < 1
     assert snap.counters.get("episodes", 0) >= 4
+    # The study's account books the LSTM and the backward through the layer too.
+    comm = {p.name for p in snap.phases if p.comm}
+    assert ("update/comm/layer_backward" in comm) == (account == "layer")
+
+
+def test_the_two_accounts_and_the_split_backward_train_the_same() -> None:
+    """The accounts differ in span names only, and the backward pass split at the layer's output
+    gives the gradients of one pass: equal weights after an update, and equal to a plain backward."""
+    from algorithms.configs import NeurCommConfig
+    from algorithms.neurcomm import NeurCommLearner, NeurCommRollout
+
+    learners = []
+    for account in ("messages", "layer"):
+        cfg = NeurCommConfig(agents=3, max_cycles=6, comm_account=account)
+        learner = NeurCommLearner(cfg)
+        rollout = NeurCommRollout(cfg, 0)
+        rollout.load_weights(learner.weights())
+        payload = rollout.collect()
+        learner.update([payload])
+        learners.append((learner, payload))
+    (a, payload), (b, _) = learners
+    for pa_, pb in zip(a.net.parameters(), b.net.parameters(), strict=True):
+        assert torch.equal(pa_, pb)
+    # One plain backward through the whole unroll (the old way) gives the same gradients.
+    cfg = NeurCommConfig(agents=3, max_cycles=6)
+    learner = NeurCommLearner(cfg)
+    grads = {}
+    orig_step = learner.opt.step
+    learner.opt.step = lambda: grads.update({n: p.grad.clone() for n, p in learner.net.named_parameters()})
+    learner.update([payload])
+    learner.opt.step = orig_step
+    net = learner.net
+    b_ = {k: torch.from_numpy(payload[k]).transpose(0, 1) for k in ("obs", "act", "rew", "done", "mask")}
+    steps, batch = b_["act"].shape[:2]
+    onehot = torch.nn.functional.one_hot(b_["act"], net.n_actions).float()
+    h, c, fp = net.initial_state(batch)
+    logits, values = [], []
+    for t in range(steps):
+        lg, h, c = net.step(b_["obs"][t], h, c, fp, "update")
+        fp = torch.softmax(lg, -1).detach()
+        logits.append(lg)
+        values.append(net.value(h, onehot[t], "update"))
+    from algorithms.common import a2c_loss, compute_gae
+    rewards = (b_["rew"] * cfg.reward_scale) @ learner.spatial.T
+    values_t = torch.stack(values)
+    adv, ret = compute_gae(rewards, values_t.detach(), b_["done"][..., None].expand_as(rewards),
+                           torch.zeros(batch, net.n), cfg.gamma, cfg.gae_lambda)
+    loss, _ = a2c_loss(torch.stack(logits), b_["act"], adv, values_t, ret, mask=b_["mask"][..., None],
+                       value_coef=cfg.value_coef, entropy_coef=cfg.entropy_coef)
+    net.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("argv, message", [

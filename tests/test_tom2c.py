@@ -10,6 +10,7 @@ from algorithms import make_config
 from algorithms.common import attention, bootstrap_truncated, compute_gae, discounted_returns
 from algorithms.tom2c import (
     GraphNet,
+    PerAgentGraphNet,
     ToM2CLearner,
     ToM2CRollout,
     ToMNet,
@@ -82,17 +83,35 @@ def test_an_agent_with_no_incoming_edges_receives_nothing() -> None:
     assert torch.count_nonzero(got[:, [0, 1, 2]]) == 0
 
 
-def test_graph_edges_are_binary_without_self_loops_and_carry_gradient() -> None:
+@pytest.mark.parametrize("per_agent", [False, True])
+def test_graph_edges_are_binary_without_self_loops_and_carry_gradient(per_agent: bool) -> None:
     torch.manual_seed(0)
     b, n, hidden = 3, 4, 8
-    net = GraphNet(n, hidden, steps=2)
+    net = PerAgentGraphNet(n, hidden, width=16, steps=2) if per_agent else GraphNet(n, hidden, steps=2)
     h = torch.randn(b, n, hidden, requires_grad=True)
-    edges, logits = net(h, torch.rand(b, n, n, n).softmax(-1), tau=1.0)
+    tom_h = torch.randn(b, n, n, hidden, requires_grad=True)
+    edges, logits = net(h, tom_h, torch.rand(b, n, n, n).softmax(-1), tau=1.0)
     assert edges.shape == (b, n, n) and logits.shape == (b, n, n, 2)
     assert set(edges.unique().tolist()) <= {0.0, 1.0}
     assert torch.count_nonzero(torch.diagonal(edges, dim1=1, dim2=2)) == 0
     (edges * torch.randn(b, n, n)).sum().backward()  # straight-through: the policy can train the graph
-    assert net.edge_out.weight.grad is not None and net.edge_out.weight.grad.abs().sum() > 0
+    last = net.edge_predictor[-1] if per_agent else net.edge_out
+    assert last.weight.grad is not None and last.weight.grad.abs().sum() > 0
+
+
+def test_per_agent_graph_row_i_is_what_agent_i_believes() -> None:
+    """As in the original, agent i's edges come from its own graph: changing what agent 0
+    believes of the others changes agent 0's outgoing edge logits only."""
+    torch.manual_seed(0)
+    b, n, hidden = 2, 4, 8
+    net = PerAgentGraphNet(n, hidden, width=16, steps=2)
+    tom_h, goals = torch.randn(b, n, n, hidden), torch.rand(b, n, n, n).softmax(-1)
+    _, logits = net(torch.zeros(b, n, hidden), tom_h, goals, tau=1.0)
+    tom_h2 = tom_h.clone()
+    tom_h2[:, 0] += 1.0  # observer 0's beliefs about everyone
+    _, logits2 = net(torch.zeros(b, n, hidden), tom_h2, goals, tau=1.0)
+    assert not torch.allclose(logits[:, 0], logits2[:, 0])
+    assert torch.equal(logits[:, 1:], logits2[:, 1:])
 
 
 def test_attention_weights_sum_to_one() -> None:
@@ -134,9 +153,10 @@ def test_a_time_limited_episode_bootstraps_from_its_last_observation() -> None:
     assert torch.equal(out[0, :2], rewards[0, :2]) and torch.equal(out[1], rewards[1])
 
 
-def test_tom_trains_on_its_own_schedule_and_the_policy_every_iteration() -> None:
+@pytest.mark.parametrize("graph", ["shared", "per_agent"])
+def test_tom_trains_on_its_own_schedule_and_the_policy_every_iteration(graph: str) -> None:
     cfg = make_config("tom2c", agents=3, settings={"max_cycles": "5", "episodes_per_iteration": "2",
-                                                    "tom_every": "3"})
+                                                    "tom_every": "3", "graph": graph, "graph_width": "16"})
     learner, rollout = ToM2CLearner(cfg), ToM2CRollout(cfg, 0)
     rollout.load_weights(learner.weights())
     payload = rollout.collect()
