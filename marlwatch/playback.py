@@ -216,21 +216,43 @@ class Playback:
         return True
 
     def _feed_to(self, t_ns: int) -> None:
-        """Feed every row with t <= t_ns not fed yet. Batches are read one at a time and fed at
-        once, so a long jump (to the end, say) never holds more than the batches around t_ns."""
+        """Feed every row with t <= t_ns not fed yet. Batches are read one at a time, so a long jump
+        (to the end, say) never holds more than the batches around t_ns and a chunk of whole ones:
+        consecutive batches that lie wholly before t_ns are fed to Metrics together (up to 65,536
+        rows), in the same order as one by one, since a call costs about as much as its rows."""
         self._feed_open(t_ns)
+        whole: list[pa.RecordBatch] = []
         while self._next < len(self._index) and self._index[self._next].first_ns <= t_ns:
             b = next(self._reader, None)
             if b is None:  # the file changed since it was indexed: play what was there
                 self._index = self._index[: self._next]
                 self.rows = sum(r.rows for r in self._index)
                 break
+            entry = self._index[self._next]
             self._next += 1
+            self._fed += entry.rows - b.num_rows  # rows the reader's checks left out
             # A stable sort keeps the write order of rows with equal times (the end marker stays last).
             order = np.argsort(b.column("t_ns").to_numpy(), kind="stable")
             rows = b.take(pa.array(order))
+            if entry.last_ns <= t_ns and not self._open:
+                whole.append(rows)
+                if sum(w.num_rows for w in whole) >= 1 << 16:
+                    self._feed_whole(whole)
+                    whole = []
+                continue
+            self._feed_whole(whole)
+            whole = []
             self._open.append(_OpenBatch(rows, rows.column("t_ns").to_numpy()))
             self._feed_open(t_ns)
+        self._feed_whole(whole)
+
+    def _feed_whole(self, batches: list[pa.RecordBatch]) -> None:
+        if not batches:
+            return
+        rows = batches[0] if len(batches) == 1 else \
+            pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
+        self.metrics.add(rows)
+        self._fed += rows.num_rows
 
     def _feed_open(self, t_ns: int) -> None:
         for ob in self._open:

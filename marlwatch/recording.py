@@ -676,7 +676,8 @@ class Recording:
         return out
 
     def read(self, parts: list[Part]) -> Iterator[pa.RecordBatch]:
-        """The checked rows of `parts` (from `parts()`), in file order; stops at a damaged batch."""
+        """The checked rows of each of `parts` (from `parts()`; one batch each, maybe without rows),
+        in file order; stops at a damaged batch."""
         from marlwatch.validate import BatchChecker
 
         if not parts:
@@ -684,14 +685,31 @@ class Recording:
         checker = BatchChecker(self.skipped)
         with ipcscan.Stream(self.path) as stream:
             reader = stream.reader(self._listing.messages, [p.message for p in sorted(parts, key=lambda p: p.seq)])
-            for batch, custom in ipcscan.batches(reader):
+            pending: list[pa.RecordBatch] = []
+            for batch, _custom in ipcscan.batches(reader):
                 try:
                     batch.validate(full=True)
                 except (pa.ArrowException, ValueError):
-                    return
-                checked = checker.check(self._ours(batch), custom, sequence=False)
-                if checked is not None and checked.num_rows:
-                    yield checked
+                    break
+                pending.append(self._ours(batch))
+                if sum(b.num_rows for b in pending) >= _COALESCE_ROWS:
+                    yield from self._checked_each(pending, checker)
+                    pending = []
+            yield from self._checked_each(pending, checker)
+
+    @staticmethod
+    def _checked_each(batches: list[pa.RecordBatch], checker: Any) -> Iterator[pa.RecordBatch]:
+        """Each batch's valid rows (one batch each, maybe empty), checked all at once."""
+        if not batches:
+            return
+        combined = batches[0] if len(batches) == 1 else \
+            pa.Table.from_batches(batches, schema=SCHEMA).combine_chunks().to_batches()[0]
+        ok = checker.valid(combined)
+        start = 0
+        for b in batches:
+            mine = ok[start: start + b.num_rows]
+            start += b.num_rows
+            yield b if mine.all() else b.filter(pa.array(mine))
 
     def reset_skipped(self) -> None:
         """Forget what the rows read so far skipped; keep what the batch numbers said (parts())."""

@@ -312,12 +312,15 @@ class BatchChecker:
     def rows(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         """The batch's valid rows (the reader checks several small batches at once: a check costs
         a dozen Arrow kernels whatever the rows)."""
+        ok = self.valid(batch)
+        return batch if ok.all() else batch.filter(pa.array(ok))
+
+    def valid(self, batch: pa.RecordBatch) -> np.ndarray:
+        """Which rows of the batch are valid (the others are counted in `skipped`)."""
         kinds, codes = kind_codes(batch)
         ok = self._rows(batch, kinds, codes)
-        if not ok.all():
-            batch = batch.filter(pa.array(ok))
-        self.valid_rows += batch.num_rows
-        return batch
+        self.valid_rows += int(ok.sum())
+        return ok
 
     # -- batch order ---------------------------------------------------------------------------
     def passed(self, metadata: dict[bytes, bytes]) -> None:
