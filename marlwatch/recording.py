@@ -563,9 +563,10 @@ class Recording:
                 batch = self._ours(batch)
                 if checker.repeated(batch, custom):
                     continue
-                kinds, codes = kind_codes(batch)
-                if codes[-1] >= 0 and kinds[codes[-1]] == END:
-                    self.complete = True
+                if m.custom.get(BATCH_PART_KEY) in (None, ROWS_PART):  # where an end row can be
+                    kinds, codes = kind_codes(batch)
+                    if codes[-1] >= 0 and kinds[codes[-1]] == END:
+                        self.complete = True
                 if m.custom.get(BATCH_PART_KEY) in (AGGREGATES_PART, ITERATIONS_PART):
                     self.used_aggregates = True
                 # Small batches (a flush's other rows, a group's aggregates) are checked and

@@ -303,7 +303,8 @@ class BatchChecker:
 
     def repeated(self, batch: pa.RecordBatch, metadata: pa.KeyValueMetadata | dict | None) -> bool:
         """Whether the batch repeats one read before (counted; to be skipped whole)."""
-        kinds, codes = kind_codes(batch)
+        numbered = metadata is not None and _seq(metadata.get(BATCH_SEQ_KEY)) is not None
+        kinds, codes = ([], np.zeros(0, np.int32)) if numbered else kind_codes(batch)  # only old files need them
         if self._repeated(batch, metadata, kinds, codes):
             self.skipped.batches_repeated += 1
             return True
