@@ -33,6 +33,7 @@ from marlwatch.metrics import Metrics, Snapshot
 from marlwatch.recording import AGGREGATES_PART, ROWS_PART, SPANS_PART, Part, Recording, RunInfo
 
 SPEEDS: tuple[float, ...] = (1.0, 4.0, 16.0, math.inf)
+CACHE_BYTES = 128 << 20  # aggregates and other rows kept for jumps (a 10M-span file: ~25 MB)
 
 
 def speed_label(speed: float) -> str:
@@ -70,6 +71,8 @@ class Playback:
         self.source = source  # the file, when played from one
         # A format 2 file: its batches as their headers describe them (None: read them to know).
         self._parts: list[Part] | None = source.parts() if source is not None else None
+        self._cache: dict[int, pa.RecordBatch] = {}  # part number -> its checked rows (not spans)
+        self._cache_bytes = 0
         if self._parts is not None:
             rows = [p for p in self._parts if p.part in (SPANS_PART, ROWS_PART)]
             self.rows = sum(p.rows for p in rows)
@@ -112,13 +115,43 @@ class Playback:
         src.reset_skipped()
         used = self._aggregates_by(target_ns) if target_ns is not None else []
         covered = {s for p in used for s in range(p.covers[0], p.covers[1] + 1)}
-        for b in src.read(used):
-            self.metrics.add(b)
+        chunk: list[pa.RecordBatch] = []
+        for b in self._read_parts(used):
+            chunk.append(b)
+            if sum(c.num_rows for c in chunk) >= 1 << 16:
+                self._add_together(chunk)
+                chunk = []
+        self._add_together(chunk)
         rest = [p for p in self._parts if p.part == ROWS_PART or (p.part == SPANS_PART and p.seq not in covered)]
         self._fed = self.rows - sum(p.rows for p in rest)
         self._index = [_BatchRange(p.first_ns, p.last_ns, p.rows) for p in rest]
         self._index_parts = rest
-        self._reader = src.read(rest)
+        self._reader = self._read_parts(rest)
+
+    def _add_together(self, batches: list[pa.RecordBatch]) -> None:
+        if batches:
+            self.metrics.add(batches[0] if len(batches) == 1 else
+                             pa.Table.from_batches(batches).combine_chunks().to_batches()[0])
+
+    def _read_parts(self, parts: list[Part]) -> Iterator[pa.RecordBatch]:
+        """The checked rows of each part, in order. A jump reads the aggregates and every batch of
+        other rows again (about a twentieth of a file's rows): those are kept from the first
+        read (up to CACHE_BYTES), so later jumps only decode the spans around the playhead. Only
+        batches read while nothing was left out so far are kept, so that what the reader skipped
+        is still counted (in `source.skipped`) at every pass."""
+        src = self.source
+        missing = [p for p in parts if p.seq not in self._cache]
+        fresh = src.read(missing) if missing else iter(())
+        for p in parts:
+            b = self._cache.get(p.seq)
+            if b is None:
+                b = next(fresh, None)
+                if b is None:
+                    return
+                if p.part != SPANS_PART and not src.skipped.rows and self._cache_bytes + b.nbytes <= CACHE_BYTES:
+                    self._cache[p.seq] = b
+                    self._cache_bytes += b.nbytes
+            yield b
 
     def _aggregates_by(self, t_ns: int) -> list[Part]:
         """The aggregate batches that can stand for their spans at playhead `t_ns`: every span they

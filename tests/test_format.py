@@ -4,6 +4,7 @@ format 1 files (every shipped recording) still read by every command."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -275,3 +276,30 @@ def test_replay_jumps_rebuild_from_aggregates_with_the_figures_of_every_row(tmp_
         pb.step(0.05)
         ref.step(0.05)
         assert pb.snapshot().to_json() == ref.snapshot().to_json()
+
+
+def test_replay_jumps_count_what_the_reader_skipped_every_time(tmp_path, small_groups):
+    """Jumps keep the aggregates and other rows they read (only spans are read again); a file
+    with an invalid row still says so after every jump, and the figures stay those of every row."""
+    from marlwatch.playback import Playback
+
+    path = tmp_path / "bad.arrow"
+    info = RunInfo(**{k: INFO[k] for k in ("algo", "env", "agents", "seed", "iterations")}, workers=2)
+    rng = np.random.default_rng(3)
+    with RecordingWriter(path, info, flush_interval_s=1e9) as w:
+        for first in range(0, 40, 5):
+            rows = _rows(rng, 5, first)
+            if first == 20:
+                rows.append({"kind": "core", "core": 0, "t_ns": (first + 1) * 30 * MS, "value": math.nan})
+            w.append(pa.RecordBatch.from_pylist(rows, schema=SCHEMA))
+            w.flush()
+    rec = open_recording(path)
+    pb = Playback.from_recording(rec)
+    ref = Playback(rec.info, lambda: list(open_recording(path).batches()))
+    for at in (1.0, 0.2, 1.0, 0.7, 0.0, 1.0):
+        pb.seek_s(pb.duration_s * at)
+        ref.seek_s(ref.duration_s * at)
+        assert pb.snapshot().to_json() == ref.snapshot().to_json()
+        if at == 1.0:
+            assert sum(rec.skipped.rows.values()) == 1, rec.skipped.describe()
+    assert pb._cache  # the batches read before the invalid row are kept
