@@ -68,7 +68,7 @@ def exact_quantiles(values: np.ndarray, qs: Iterable[float]) -> list[float]:
     return [float(v[max(1, math.ceil(q * len(v))) - 1]) for q in qs]
 
 
-def _group(keys: list[np.ndarray], values: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
+def group_rows(keys: list[np.ndarray], values: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
     """Group rows by the integer columns `keys` (each >= -1): the distinct key tuples, the number
     of rows of each, and the sum of each of `values` over them (float64: exact below 2^53).
 
@@ -114,14 +114,14 @@ def fold(proc: np.ndarray, name: np.ndarray, parent: np.ndarray, it: np.ndarray,
       summed over processes: diff's per-iteration table (iteration k of every process in one row)."""
     first = it == 0
     sit = np.where(first, 0, -1)
-    (sproc, sname, sparent, siter), count, (total,) = _group([proc, name, parent, sit], [dur])
+    (sproc, sname, sparent, siter), count, (total,) = group_rows([proc, name, parent, sit], [dur])
     sums = {"proc": sproc, "name": sname, "parent": sparent, "iter": siter, "count": count,
             "total": np.rint(total).astype(np.int64)}
     hproc = np.where(first, proc, -1)
-    (hp, hname, hbin), count, _ = _group([hproc, name, bins(dur)], [])
+    (hp, hname, hbin), count, _ = group_rows([hproc, name, bins(dur)], [])
     hists = {"proc": hp, "name": hname, "bin": hbin, "count": count, "first": hp >= 0}
     later = it >= 1
-    (iname, iparent, iiter), count, (total,) = _group([name[later], parent[later], it[later]], [dur[later]])
+    (iname, iparent, iiter), count, (total,) = group_rows([name[later], parent[later], it[later]], [dur[later]])
     iterations = {"name": iname, "parent": iparent, "iter": iiter, "count": count,
                   "total": np.rint(total).astype(np.int64)}
     return sums, hists, iterations

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from marlwatch.aggregates import N_BINS as _N_BINS
 from marlwatch.aggregates import bins as _bins
-from marlwatch.aggregates import exact_quantiles, quantiles_from_hist
+from marlwatch.aggregates import exact_quantiles, group_rows, quantiles_from_hist
 from marlwatch.nodes import MAX_NODES
 from marlwatch.recording import (
     CORE,
@@ -903,15 +903,14 @@ class IterationAccumulator:
         present = np.flatnonzero(np.bincount(codes[ok], minlength=len(names)))
         distinct = sorted((names[k] for k in present), key=lambda s: (s is None, s or ""))
         kept = dict(zip(distinct, self.phase_names.admit(distinct), strict=True))
-        series = codes[ok] * 3 + pclass[ok]
-        pairs, inverse = np.unique(series, return_inverse=True)
-        keys = np.array([self._names.setdefault((names[k // 3], int(k % 3)), len(self._names))
-                         if kept[names[k // 3]] else -1 for k in pairs.tolist()], np.int64)
         # Sum per (series, iteration) here, so what is kept is ~ phases x iterations, not spans.
-        iters = it[ok]
-        group, where = np.unique(inverse.astype(np.int64) * (int(iters.max()) + 1) + iters, return_inverse=True)
-        durs = np.bincount(where, weights=pc.fill_null(dur, 0).to_numpy(zero_copy_only=False)[ok])
-        self._parts.append((keys[group // (int(iters.max()) + 1)], group % (int(iters.max()) + 1), durs))
+        (code, cls, iters), _, (durs,) = group_rows(
+            [codes[ok], pclass[ok], it[ok]], [pc.fill_null(dur, 0).to_numpy(zero_copy_only=False)[ok]])
+        pairs = code * 3 + cls
+        distinct_pairs, inverse = np.unique(pairs, return_inverse=True)
+        keys = np.array([self._names.setdefault((names[k // 3], int(k % 3)), len(self._names))
+                         if kept[names[k // 3]] else -1 for k in distinct_pairs.tolist()], np.int64)
+        self._parts.append((keys[inverse], iters, durs))
 
     def table(self, latencies_ns: np.ndarray) -> IterationTable:
         """The table of the iterations after the first, given their latencies (one per row); raises
