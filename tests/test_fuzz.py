@@ -254,12 +254,13 @@ def test_malformed_seeds_are_rejected(capsys, value):
 # What each setting means, written out here (not read from the rules under test): the values
 # outside it must be refused. Every setting of every algorithm is listed (checked below).
 WHOLE_FROM_1 = ["batch_size", "buffer_size", "max_cycles", "steps_per_iteration", "hidden", "episodes_per_iteration",
-                "tom_every", "key_dim", "value_dim"]
+                "tom_every", "key_dim", "value_dim", "graph_width"]
 WHOLE_FROM_0 = ["warmup", "prop_steps"]
 POSITIVE = ["lr", "grad_clip", "reward_scale", "tom_lr_scale", "gumbel_tau"]
 NOT_NEGATIVE = ["entropy_coef", "value_coef"]
 FRACTIONS = ["gamma", "gae_lambda", "alpha"]  # [0, 1]
 BOOLEANS = ["centralised_critic", "backprop_messages", "per_agent_loop"]
+CHOICES = {"optimizer": ("adam", "rmsprop"), "graph": ("shared", "per_agent"), "comm_account": ("messages", "layer")}
 FLAGS = ["env", "agents", "workers", "seed"]  # set by their own flags, never by --set
 BOOL_WORDS = {"true", "false", "yes", "no", "1", "0"}
 
@@ -280,8 +281,8 @@ def _bad_values(name: str) -> st.SearchStrategy[str]:
     if name in BOOLEANS:
         return st.one_of(st.sampled_from(["maybe", "2", "-1", "y", "truee", "on", ""]),
                          texts.filter(lambda s: s.strip().lower() not in BOOL_WORDS))
-    if name == "optimizer":
-        return texts.filter(lambda s: s.strip() not in ("adam", "rmsprop"))
+    if name in CHOICES:
+        return texts.filter(lambda s: s.strip() not in CHOICES[name])
     assert name in FLAGS, f"{name}: a setting this test does not know the meaning of"
     return texts
 
