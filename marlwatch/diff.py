@@ -191,7 +191,7 @@ def compare(a_path: str, b_path: str, *, resamples: int = RESAMPLES, seed: int =
     for path in (a_path, b_path):
         rec = open_or_fail(path)
         try:
-            snap, table = read_iterations(rec, exact=exact)
+            snap, table = read_iterations(rec, exact=exact, totals=False)  # every figure from the table
         except BoundExceeded as e:
             raise UsageError(f"{path}: {e}") from None
         except RecordingError as e:  # nothing valid in it

@@ -947,15 +947,17 @@ class IterationAccumulator:
         return IterationTable(n, latencies_ns.astype(np.float64), phases, top, comm, comm_update)
 
 
-def read_iterations(rec: Recording, latency_bound_ms: float | None = None,
-                    exact: bool = False) -> tuple[Snapshot, IterationTable]:
+def read_iterations(rec: Recording, latency_bound_ms: float | None = None, exact: bool = False,
+                    totals: bool = True) -> tuple[Snapshot, IterationTable]:
     """One pass over a recording: its Snapshot and its per-iteration table (the same from the
-    aggregates as from the spans; `exact`: from the spans)."""
+    aggregates as from the spans; `exact`: from the spans). Without `totals`, a recording's
+    aggregates of span totals are not read and the Snapshot's span figures (phases, shares) may
+    miss them: for a caller that takes those from the table (diff)."""
     m = Metrics(rec.info, rec.skipped)
     if latency_bound_ms is not None:
         m.latency_bound_ms = latency_bound_ms
     acc = IterationAccumulator()
-    for b in rec.batches(aggregates=not exact, iterations=not exact):
+    for b in rec.batches(aggregates=not exact, iterations=not exact, totals=totals):
         m.add(b)
         acc.add(b)
     return m.snapshot(), acc.table(m.iteration_latencies_ns())

@@ -513,7 +513,8 @@ class Recording:
     # Whether the last pass used aggregates in place of the spans they cover.
     used_aggregates: bool = False
 
-    def batches(self, aggregates: bool = False, iterations: bool = False) -> Iterator[pa.RecordBatch]:
+    def batches(self, aggregates: bool = False, iterations: bool = False,
+                totals: bool = True) -> Iterator[pa.RecordBatch]:
         """Every complete batch in the file, in order, checked; sets `complete` at the end.
 
         Without `aggregates`: every row but the aggregates (span_sum, span_hist, span_iter), so
@@ -521,8 +522,9 @@ class Recording:
         span_sum and span_hist rows and every row but the spans they cover, whose batches are
         not even decompressed; spans no aggregate covers (a file cut before its last aggregates,
         or format 1) are there too. With `iterations` as well, the span_iter rows (diff's
-        per-iteration table) of the same groups; and small batches are handed on together (up to
-        65,536 rows, in file order), as the figures are made the faster. Raises RecordingError when the file holds rows
+        per-iteration table) of the same groups, and without `totals` not their span_sum and
+        span_hist rows (diff's figures all come from span_iter). Small batches are handed on
+        together (up to 65,536 rows, in file order), as the figures are made the faster. Raises RecordingError when the file holds rows
         but none of them is valid."""
         from marlwatch.validate import BatchChecker
 
@@ -536,7 +538,7 @@ class Recording:
         pending: list[pa.RecordBatch] = []
         with ipcscan.Stream(self.path) as stream:
             listing = stream.listing()
-            plan = self._plan(listing, aggregates, iterations)
+            plan = self._plan(listing, aggregates, iterations, totals)
             batches = ipcscan.batches(stream.reader(listing.messages, [m for m, keep in plan if keep]))
             for m, keep in plan:
                 if not keep:
@@ -593,7 +595,7 @@ class Recording:
         if checked.num_rows:
             yield checked
 
-    def _plan(self, listing: ipcscan.Listing, aggregates: bool, iterations: bool
+    def _plan(self, listing: ipcscan.Listing, aggregates: bool, iterations: bool, totals: bool = True
               ) -> list[tuple[ipcscan.Message, bool]]:
         """Each record batch of the file and whether it is to be read (see `batches`)."""
         record = [m for m in listing.messages if m.type == ipcscan.RECORD_BATCH]
@@ -611,7 +613,7 @@ class Recording:
         for m in record:
             part = m.custom.get(BATCH_PART_KEY)
             if part == AGGREGATES_PART:
-                keep = _covers(m) in usable
+                keep = totals and _covers(m) in usable
             elif part == ITERATIONS_PART:
                 keep = iterations and _covers(m) in usable
             elif part == SPANS_PART:
