@@ -243,12 +243,15 @@ def plot_ips(rows: list[Row], choices: list[BoundChoice], bound_ms: float | None
     fig, ax = _figure()
     _lines(ax, ips_series(rows), loglog=False)
     for ch in choices:
+        over = [(dict(c.setting)["workers"], c.ips) for c, ok, _ in ch.rows if not ok]
+        if over:  # settings whose p99 is over the bound: crossed out
+            ax.plot(*zip(*over, strict=True), marker="x", markersize=10, color="grey", linestyle="none", zorder=4)
         if ch.best is not None:
             ax.plot([dict(ch.best.setting)["workers"]], [ch.best.ips], marker="*", markersize=16,
                     color="black", linestyle="none", zorder=5)
             ax.annotate(f"LBT {ch.agents}a", (dict(ch.best.setting)["workers"], ch.best.ips),
                         textcoords="offset points", xytext=(6, 6), fontsize=7)
-    bound = f" (star: highest IPS with p99 <= {bound_ms:g} ms)" if bound_ms is not None else ""
+    bound = f" (star: highest IPS with p99 <= {bound_ms:g} ms; x: p99 over it)" if bound_ms is not None else ""
     ax.set(xlabel="rollout workers", ylabel="iterations per second", title=f"IPS vs workers{bound}")
     return _svg(fig)
 
