@@ -54,10 +54,6 @@ class UnknownAlgorithm(KeyError):
         return str(self.args[0])
 
 
-def names() -> list[str]:
-    return list(ALGORITHMS)
-
-
 def get_algorithm(name: str) -> AlgorithmSpec:
     if name not in ALGORITHMS:
         raise UnknownAlgorithm(f"unknown algorithm {name!r} (known: {', '.join(ALGORITHMS)})")

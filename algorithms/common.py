@@ -1,11 +1,14 @@
 """Building blocks every algorithm shares: seeding, networks, buffers, env stepping, weights.
 
-On-policy pieces (A2C-style algorithms: tom2c, tarmac, neurcomm): `EpisodeStorage` (whole
-episodes, [episodes, T, agents, ...]), `play_episodes` (a worker's episode loop),
-`compute_gae(rewards, values, dones, last_value, gamma, lam) -> (advantages, returns)` and
-`discounted_returns(rewards, dones, last_value, gamma)` (time-first tensors),
-`bootstrap_truncated` (time-limit episodes bootstrap from their last observation), `a2c_loss`,
-and `attention(q, k, v, mask) -> (out, weights)` (scaled dot-product over agents).
+Every algorithm: `worker_runner` (a worker's env with the one seed rule), `worker_share` (a
+worker's part of the iteration's work), `stack_payloads` (the workers' payloads side by side).
+
+On-policy pieces (A2C-style algorithms: tom2c, tarmac, neurcomm): `play_episodes` (a worker's
+episode loop, whole episodes [episodes, T, agents, ...]), `episode_advantages` (GAE over whole
+episodes, bootstrapping those the time limit cut), built on `compute_gae(rewards, values, dones,
+last_value, gamma, lam) -> (advantages, returns)` and `discounted_returns(rewards, dones,
+last_value, gamma)` (time-first tensors) and `bootstrap_truncated`; `a2c_loss`, and
+`attention(q, k, v, mask) -> (out, weights)` (scaled dot-product over agents).
 """
 
 from __future__ import annotations
@@ -27,6 +30,30 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def worker_runner(cfg: Any, worker_index: int, env: Any = None) -> ParallelEnvRunner:
+    """Worker `worker_index`'s env runner, seeded by the one rule every algorithm follows: the
+    worker's random, numpy and torch streams from cfg.seed + 1000 * (worker_index + 1) (apart
+    from each other and from the learner's cfg.seed), its env from cfg.seed + worker_index.
+    `env`: an env already made (default: `make_env(cfg.env, cfg.agents, cfg.max_cycles)`)."""
+    from algorithms.envs import make_env
+
+    seed_everything(cfg.seed + 1000 * (worker_index + 1))
+    if env is None:
+        env = make_env(cfg.env, cfg.agents, cfg.max_cycles)
+    return ParallelEnvRunner(env, seed=cfg.seed + worker_index)
+
+
+def worker_share(total: int, workers: int) -> int:
+    """One worker's part of `total` (episodes or steps an iteration collects), rounded up: the
+    workers together collect at least `total`."""
+    return -(-total // workers)
+
+
+def stack_payloads(payloads: list[dict[str, np.ndarray]], keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """The workers' payloads side by side along their first axis (episodes or steps), as tensors."""
+    return {k: torch.from_numpy(np.concatenate([p[k] for p in payloads])) for k in (keys or payloads[0])}
 
 
 def mlp(n_in: int, n_out: int, hidden: Iterable[int] = (64, 64), act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
@@ -157,9 +184,6 @@ class EpisodeStorage:
                      for k, shape in shapes.items()}
         self.data["mask"] = np.zeros((episodes, steps), dtype=np.float32)
 
-    def payload(self) -> dict[str, np.ndarray]:
-        return self.data
-
 
 def play_episodes(runner: ParallelEnvRunner, episodes: int, steps: int,
                   act: Any, extra_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
@@ -222,6 +246,21 @@ def bootstrap_truncated(rewards: torch.Tensor, done: torch.Tensor, terminal: tor
     extra = (gamma * last_value * (1.0 - terminal).reshape(-1, *[1] * (last_value.dim() - 1)))
     d = done.reshape(*done.shape, *[1] * (rewards.dim() - done.dim()))
     return rewards + d * extra.unsqueeze(1)
+
+
+def episode_advantages(rewards: torch.Tensor, values: torch.Tensor, done: torch.Tensor, gamma: float, lam: float,
+                       terminal: torch.Tensor | None = None, last_values: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over whole episodes, episodes first: rewards and values [E, T, N], done [E, T] (1 on
+    each episode's last step). With `terminal` [E] and `last_values` [E, N] = V(last_obs), the
+    episodes the time limit cut bootstrap from their last observation (`bootstrap_truncated`);
+    without, an episode's end is its end. Returns (advantages, returns), [E, T, N]."""
+    if last_values is not None:
+        assert terminal is not None, "bootstrapping needs to know which episodes the task ended"
+        rewards = bootstrap_truncated(rewards, done, terminal, last_values, gamma)
+    adv, ret = compute_gae(rewards.transpose(0, 1), values.detach().transpose(0, 1), done.transpose(0, 1)[..., None],
+                           torch.zeros_like(values[:, 0]), gamma, lam)
+    return adv.transpose(0, 1), ret.transpose(0, 1)
 
 
 def discounted_returns(rewards: torch.Tensor, dones: torch.Tensor, last_value: torch.Tensor,

@@ -124,7 +124,6 @@ class BaseConfig:
     """Number of rollout worker processes (experience per iteration is split among them)."""
     seed: int = setting(0, at_least=0, at_most=2**32 - 1, flag="--seed")
     """Seed of random, numpy and torch in every process (worker i adds i); numpy takes 0..2^32-1."""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def settings(self) -> dict[str, tuple[type, Rule]]:
         """Every setting of this config, by name: its type and its rule. A field of a user's

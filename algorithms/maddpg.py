@@ -33,6 +33,8 @@ from algorithms.common import (
     seed_everything,
     soft_update,
     to_numpy_state,
+    worker_runner,
+    worker_share,
 )
 from algorithms.configs import MADDPGConfig
 from algorithms.envs import make_env
@@ -55,11 +57,10 @@ class MADDPGRollout:
     """A worker: decentralised actors choose actions from their own observations."""
 
     def __init__(self, cfg: MADDPGConfig, worker_index: int) -> None:
-        seed_everything(cfg.seed + 1000 * (worker_index + 1))
         self.cfg = cfg
-        self.runner = ParallelEnvRunner(make_env(cfg.env, cfg.agents, cfg.max_cycles), seed=cfg.seed + worker_index)
+        self.runner = worker_runner(cfg, worker_index)
         self.actors = _actors(self.runner.n, self.runner.obs_dim, self.runner.n_actions, cfg.hidden)
-        self.steps = -(-cfg.steps_per_iteration // cfg.workers)
+        self.steps = worker_share(cfg.steps_per_iteration, cfg.workers)
 
     def load_weights(self, weights: Weights) -> None:
         load_numpy_state(self.actors, weights["actors"])

@@ -52,11 +52,14 @@ from algorithms.base import Payload, Weights
 from algorithms.common import (
     ParallelEnvRunner,
     a2c_loss,
-    compute_gae,
+    episode_advantages,
     load_numpy_state,
     play_episodes,
     seed_everything,
+    stack_payloads,
     to_numpy_state,
+    worker_runner,
+    worker_share,
 )
 from algorithms.configs import NeurCommConfig
 from algorithms.envs import make_env
@@ -242,17 +245,16 @@ def _net(cfg: NeurCommConfig, runner: ParallelEnvRunner) -> NeurCommNet:
 
 class NeurCommRollout:
     def __init__(self, cfg: NeurCommConfig, worker_index: int) -> None:
-        seed_everything(cfg.seed + 1000 * (worker_index + 1))
         self.cfg = cfg
-        self.runner = ParallelEnvRunner(_env(cfg), seed=cfg.seed + worker_index)
+        self.runner = worker_runner(cfg, worker_index, _env(cfg))
         self.net = _net(cfg, self.runner)
-        self.episodes = -(-cfg.episodes_per_iteration // cfg.workers)
+        self.episodes = worker_share(cfg.episodes_per_iteration, cfg.workers)
         self.state = self.net.initial_state(1)
 
     def load_weights(self, weights: Weights) -> None:
         load_numpy_state(self.net, weights["net"])
 
-    def _act(self, obs: np.ndarray, t: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def act(self, obs: np.ndarray, t: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         with span("sample/act"):
             if t == 0:
                 self.state = self.net.initial_state(1)
@@ -265,7 +267,7 @@ class NeurCommRollout:
 
     @torch.no_grad()
     def collect(self) -> Payload:
-        return play_episodes(self.runner, self.episodes, self.cfg.max_cycles, self._act)
+        return play_episodes(self.runner, self.episodes, self.cfg.max_cycles, self.act)
 
 
 # --- Learner: unroll every episode through time, A2C on spatially discounted rewards --------
@@ -297,8 +299,7 @@ class NeurCommLearner:
         cfg = self.cfg
         with span("update/batch"):
             # Episodes of every worker side by side, time first: [T, B, ...].
-            b = {k: torch.from_numpy(np.concatenate([p[k] for p in payloads])).transpose(0, 1)
-                 for k in ("obs", "act", "rew", "done", "mask")}
+            b = {k: v.transpose(0, 1) for k, v in stack_payloads(payloads, ("obs", "act", "rew", "done", "mask")).items()}
             steps, batch = b["act"].shape[:2]
             actions_onehot = F.one_hot(b["act"], self.net.n_actions).float()
         net = self.net
@@ -318,12 +319,15 @@ class NeurCommLearner:
             h_out = hs_t.detach().requires_grad_(True)
             logits_t = net.logits(h_out)
             values_t = net.value(h_out.flatten(0, 1), actions_onehot.flatten(0, 1), "update").reshape(steps, batch, -1)
-        with span("update/returns"):
+        with span("update/gae"):
             with torch.no_grad():
+                # An episode's last step ends it, also where the time limit cut it: no bootstrap,
+                # as in the original (deeprl_network's A2C treats the horizon as terminal); CACC's
+                # episodes are fixed-horizon platoon runs, not tasks that go on past the limit.
                 rewards = (b["rew"] * cfg.reward_scale) @ self.spatial.T
-                dones = b["done"][..., None].expand_as(rewards)
-                adv, ret = compute_gae(rewards, values_t.detach(), dones, torch.zeros(batch, self.n),
-                                       cfg.gamma, cfg.gae_lambda)
+                adv, ret = episode_advantages(rewards.transpose(0, 1), values_t.transpose(0, 1),
+                                              b["done"].transpose(0, 1), cfg.gamma, cfg.gae_lambda)
+                adv, ret = adv.transpose(0, 1), ret.transpose(0, 1)
         with span("update/loss"):
             loss, stats = a2c_loss(logits_t, b["act"], adv, values_t, ret, mask=b["mask"][..., None],
                                    value_coef=cfg.value_coef, entropy_coef=cfg.entropy_coef)

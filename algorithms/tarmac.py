@@ -34,20 +34,20 @@ from torch import nn
 
 from algorithms.base import Payload, Weights
 from algorithms.common import (
-    ParallelEnvRunner,
     a2c_loss,
     attention,
-    bootstrap_truncated,
-    compute_gae,
     env_dims,
+    episode_advantages,
     load_numpy_state,
     mlp,
     play_episodes,
     seed_everything,
+    stack_payloads,
     to_numpy_state,
+    worker_runner,
+    worker_share,
 )
 from algorithms.configs import TarMACConfig
-from algorithms.envs import make_env
 from marlwatch import instrument
 
 span = instrument.span
@@ -103,15 +103,14 @@ def _agents(cfg: TarMACConfig, n: int, obs_dim: int, n_actions: int) -> nn.Modul
 
 class TarMACRollout:
     def __init__(self, cfg: TarMACConfig, worker_index: int) -> None:
-        seed_everything(cfg.seed + 1000 * (worker_index + 1))
         self.cfg = cfg
-        self.runner = ParallelEnvRunner(make_env(cfg.env, cfg.agents, cfg.max_cycles), seed=cfg.seed + worker_index)
+        self.runner = worker_runner(cfg, worker_index)
+        self.episodes = worker_share(cfg.episodes_per_iteration, cfg.workers)
         self.agents = _agents(cfg, self.runner.n, self.runner.obs_dim, self.runner.n_actions)
 
     def load_weights(self, weights: Weights) -> None:
         load_numpy_state(self.agents, weights["agents"])
 
-    @torch.no_grad()
     def act(self, obs_np: np.ndarray, t: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         obs = torch.from_numpy(obs_np)
         with span("sample/encode"):
@@ -125,9 +124,9 @@ class TarMACRollout:
             actions = torch.distributions.Categorical(logits=logits).sample().numpy()
         return actions, {}
 
+    @torch.no_grad()
     def collect(self) -> Payload:
-        cfg = self.cfg
-        return play_episodes(self.runner, -(-cfg.episodes_per_iteration // cfg.workers), cfg.max_cycles, self.act)
+        return play_episodes(self.runner, self.episodes, self.cfg.max_cycles, self.act)
 
 
 # --- Learner: N independent optimisers --------------------------------------------------
@@ -146,10 +145,9 @@ class TarMACLearner:
 
     def update(self, payloads: list[Payload]) -> dict[str, float]:
         cfg, n = self.cfg, self.n
-        with span("update/stack"):
-            b = {k: torch.from_numpy(np.concatenate([pl[k] for pl in payloads])) for k in payloads[0]}
+        with span("update/batch"):
+            b = stack_payloads(payloads)
         obs, mask = b["obs"], b["mask"]  # [E, T, N, D], [E, T]
-        e_count = mask.shape[0]
 
         with span("update/encode"):
             h = encode(self.agents, obs)
@@ -168,12 +166,8 @@ class TarMACLearner:
 
         with span("update/gae"):
             # Each agent's own reward and own critic: nothing is pooled across agents.
-            rew = bootstrap_truncated(b["rew"] * cfg.reward_scale, b["done"], b["terminal"], last_values, cfg.gamma)
-            adv, ret = compute_gae(
-                rew.transpose(0, 1), values.detach().transpose(0, 1), b["done"].transpose(0, 1)[..., None],
-                torch.zeros(e_count, n), cfg.gamma, cfg.gae_lambda,
-            )
-            adv, ret = adv.transpose(0, 1), ret.transpose(0, 1)
+            adv, ret = episode_advantages(b["rew"] * cfg.reward_scale, values, b["done"], cfg.gamma, cfg.gae_lambda,
+                                          b["terminal"], last_values)
 
         with span("update/backward"):
             losses, per_agent = [], []

@@ -29,9 +29,9 @@ landmark nearest to agent j at the last step of the episode, i.e. the landmark j
 covering. Landmark indices are global (every agent sees the landmarks in the same order).
 
 Phases: acting `sample/encode`, `sample/comm/tom`, `sample/comm/graph`, `sample/comm/messages`,
-`sample/policy`; training `update/encode`, `update/comm/tom`, `update/comm/graph`,
+`sample/policy`; training `update/batch`, `update/encode`, `update/comm/tom`, `update/comm/graph`,
 `update/comm/messages`, `update/policy`, `update/comm/critic_attention`, `update/gae`,
-`update/backward`, `update/comm/tom_train`. Episodes cut by the time limit bootstrap from the
+`update/backward`, `update/optim`, `update/comm/tom_train`. Episodes cut by the time limit bootstrap from the
 value of their last observation (the observation carries no clock). Simplification: no
 communication penalty on edges. Observed: on simple_spread the graph often learns to switch
 most edges off within a few hundred iterations (gauge `comm/edges_on`); every edge is still
@@ -47,21 +47,21 @@ from torch import nn
 
 from algorithms.base import Payload, Weights
 from algorithms.common import (
-    ParallelEnvRunner,
     a2c_loss,
     attention,
-    bootstrap_truncated,
-    compute_gae,
     env_dims,
+    episode_advantages,
     gumbel_softmax,
     load_numpy_state,
     mlp,
     play_episodes,
     seed_everything,
+    stack_payloads,
     to_numpy_state,
+    worker_runner,
+    worker_share,
 )
 from algorithms.configs import ToM2CConfig
-from algorithms.envs import make_env
 from marlwatch import instrument
 
 span = instrument.span
@@ -261,9 +261,9 @@ class AttentionCritic(nn.Module):
 
 class ToM2CRollout:
     def __init__(self, cfg: ToM2CConfig, worker_index: int) -> None:
-        seed_everything(cfg.seed + 1000 * (worker_index + 1))
         self.cfg = cfg
-        self.runner = ParallelEnvRunner(make_env(cfg.env, cfg.agents, cfg.max_cycles), seed=cfg.seed + worker_index)
+        self.runner = worker_runner(cfg, worker_index)
+        self.episodes = worker_share(cfg.episodes_per_iteration, cfg.workers)
         self.n = n = self.runner.n
         check_obs(self.runner.obs_dim, n)
         self.policy = Policy(n, self.runner.n_actions, cfg)
@@ -273,7 +273,6 @@ class ToM2CRollout:
     def load_weights(self, weights: Weights) -> None:
         load_numpy_state(self.policy, weights["policy"])
 
-    @torch.no_grad()
     def act(self, obs_np: np.ndarray, t: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         p, n = self.policy, self.n
         if t == 0:
@@ -294,9 +293,9 @@ class ToM2CRollout:
             actions = torch.distributions.Categorical(logits=logits).sample().numpy()
         return actions, {}
 
+    @torch.no_grad()
     def collect(self) -> Payload:
-        cfg = self.cfg
-        return play_episodes(self.runner, -(-cfg.episodes_per_iteration // cfg.workers), cfg.max_cycles, self.act)
+        return play_episodes(self.runner, self.episodes, self.cfg.max_cycles, self.act)
 
 
 def check_obs(obs_dim: int, n: int) -> None:
@@ -328,8 +327,8 @@ class ToM2CLearner:
 
     def update(self, payloads: list[Payload]) -> dict[str, float]:
         cfg, p, n = self.cfg, self.policy, self.n
-        with span("update/stack"):
-            b = {k: torch.from_numpy(np.concatenate([pl[k] for pl in payloads])) for k in payloads[0]}
+        with span("update/batch"):
+            b = stack_payloads(payloads)
         obs, mask = b["obs"], b["mask"]  # [E, T, N, D], [E, T]
         e_count, steps = mask.shape
         train_tom = self.iteration % cfg.tom_every == 0
@@ -372,18 +371,16 @@ class ToM2CLearner:
                 last_values = self.critic(b["last_obs"])  # [E, N]
 
         with span("update/gae"):
-            rew = bootstrap_truncated(b["rew"] * cfg.reward_scale, b["done"], b["terminal"], last_values, cfg.gamma)
-            adv, ret = compute_gae(
-                rew.transpose(0, 1), values.detach().transpose(0, 1), b["done"].transpose(0, 1)[..., None],
-                torch.zeros(e_count, n), cfg.gamma, cfg.gae_lambda,
-            )
-            adv, ret = adv.transpose(0, 1), ret.transpose(0, 1)
+            adv, ret = episode_advantages(b["rew"] * cfg.reward_scale, values, b["done"], cfg.gamma, cfg.gae_lambda,
+                                          b["terminal"], last_values)
 
         with span("update/backward"):
             loss, stats = a2c_loss(logits, b["act"], adv, values, ret, mask[..., None],
                                    cfg.value_coef, cfg.entropy_coef)
             self.opt.zero_grad()
             loss.backward()
+
+        with span("update/optim"):
             # Clipped apart: the value loss's large early gradients must not shrink the policy's.
             nn.utils.clip_grad_norm_(self.actor_params, cfg.grad_clip)
             nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.grad_clip)

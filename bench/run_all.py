@@ -74,12 +74,9 @@ def main(argv: list[str] | None = None) -> int:
 
                         r = ray_backend.measure(a.quick)
                 else:
-                    if importlib.util.find_spec("bench_app") is None:
-                        r = {"rows": [row("live app cost", "not measured", "", None, "bench/bench_app.py missing")]}
-                    else:
-                        import bench_app
+                    import bench_app
 
-                        r = bench_app.measure(a.quick)
+                    r = bench_app.measure(a.quick)
             except Exception as e:  # noqa: BLE001 - one failed benchmark must not hide the others
                 r = {"error": f"{type(e).__name__}: {e}", "rows": [row(name, "FAILED", "", False, str(e)[:120])]}
             r["seconds"] = round(time.monotonic() - t0, 1)

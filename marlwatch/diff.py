@@ -12,15 +12,12 @@ baseline value (default 10%, as asv's default factor of 1.1): the bootstrap sees
 within each run, while two runs of one config also differ as a whole by a few percent (core,
 memory layout, what else the machine did), so smaller changes are "within noise".
 
-Exit codes: 0 done; 1 `--fail-if-slower PCT` and B's IPS is slower than A's by more than PCT
-percent with confidence (the upper end of the interval of the IPS change is below -PCT);
-2 bad input (unreadable file, a recording without a single complete iteration).
+`--fail-if-slower PCT` (marlwatch/cli/files.py) fails when B's IPS is slower than A's by more
+than PCT percent with confidence: the upper end of the interval of the IPS change is below -PCT.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -28,11 +25,11 @@ from typing import Any
 import numpy as np
 
 from marlwatch.metrics import IterationTable, Snapshot, read_iterations
+from marlwatch.recording import Recording, RecordingError
 from marlwatch.report import plural
-from marlwatch.terminal import finite, printable
-from marlwatch.validate import MAX_BOOTSTRAP_DRAWS, MAX_RESAMPLES, BoundExceeded
+from marlwatch.terminal import printable
+from marlwatch.validate import MAX_BOOTSTRAP_DRAWS, BoundExceeded
 
-EXIT_OK, EXIT_SLOWER, EXIT_USAGE = 0, 1, 2
 RESAMPLES = 2000
 CONFIDENCE = 0.95
 MIN_CHANGE_PCT = 10.0
@@ -142,7 +139,7 @@ def _interval(samples: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-class _Side:
+class _Resampled:
     """One recording's per-iteration table plus its bootstrap resampling."""
 
     def __init__(self, table: IterationTable, rng: np.random.Generator, resamples: int) -> None:
@@ -180,40 +177,37 @@ def _verdict(lo: float, hi: float, up: str, down: str, relative_pct: float = mat
     return "within noise"
 
 
-def compare(a_path: str, b_path: str, *, resamples: int = RESAMPLES, seed: int = 0, skip: int = 0,
-            min_change: float = MIN_CHANGE_PCT, exact: bool = False) -> Diff:
-    """Compare two recordings; raises UsageError for unreadable or empty ones."""
-    from marlwatch.cli import UsageError, open_or_fail, warn_skipped
-    from marlwatch.recording import RecordingError
+@dataclass
+class Side:
+    """One recording as diff compares it: its Snapshot and the iterations it compares."""
 
-    sides: list[tuple[Snapshot, IterationTable]] = []
-    recs = []
-    for path in (a_path, b_path):
-        rec = open_or_fail(path)
-        try:
-            snap, table = read_iterations(rec, exact=exact, totals=False)  # every figure from the table
-        except BoundExceeded as e:
-            raise UsageError(f"{path}: {e}") from None
-        except RecordingError as e:  # nothing valid in it
-            raise UsageError(str(e)) from None
-        except Exception as e:  # noqa: BLE001 - a damaged file must give one line, not a traceback
-            raise UsageError(f"{path}: damaged recording ({type(e).__name__}: {e})") from None
-        if snap.iterations == 0:
-            raise UsageError(f"{path}: no complete iteration recorded, nothing to compare")
-        if table.iterations - skip < 2:
-            skipped = f" and --skip {skip}" if skip else ""
-            raise UsageError(f"{path}: only {snap.iterations} complete iterations, too few to compare "
+    path: str
+    snapshot: Snapshot
+    table: IterationTable
+
+
+def read_side(rec: Recording, skip: int = 0, *, exact: bool = False) -> Side:
+    """The figures of `rec` over its iterations after the first and `skip` more (`exact`: from
+    every span rather than the recording's aggregates); raises RecordingError when it holds too
+    few iterations to compare (or a bound is exceeded)."""
+    snap, table = read_iterations(rec, exact=exact, totals=False)  # every figure from the table
+    if snap.iterations == 0:
+        raise RecordingError(f"{rec.path}: no complete iteration recorded, nothing to compare")
+    if table.iterations - skip < 2:
+        skipped = f" and --skip {skip}" if skip else ""
+        raise RecordingError(f"{rec.path}: only {snap.iterations} complete iterations, too few to compare "
                              f"(the first is start-up{skipped})")
-        sides.append((snap, table.after(skip)))
-        recs.append(rec)
-    for rec in recs[:1] if recs[0].path.resolve() == recs[1].path.resolve() else recs:
-        warn_skipped(rec)  # once both are known to be comparable: an error stays the only line
+    return Side(str(rec.path), snap, table.after(skip))
+
+
+def compare(a: Side, b: Side, *, resamples: int = RESAMPLES, seed: int = 0,
+            min_change: float = MIN_CHANGE_PCT) -> Diff:
+    """Compare two recordings (read with `read_side`); raises BoundExceeded when the bootstrap
+    would need more than its bound."""
+    sides = [(a.snapshot, a.table), (b.snapshot, b.table)]
     (sa, ta), (sb, tb) = sides
     rng = np.random.default_rng(seed)
-    try:
-        A, B = _Side(ta, rng, resamples), _Side(tb, rng, resamples)
-    except BoundExceeded as e:
-        raise UsageError(str(e)) from None
+    A, B = _Resampled(ta, rng, resamples), _Resampled(tb, rng, resamples)
     na, nb = ta.iterations, tb.iterations
     rows: list[Row] = []
 
@@ -262,7 +256,7 @@ def compare(a_path: str, b_path: str, *, resamples: int = RESAMPLES, seed: int =
                         _verdict(lo, hi, "slower", "faster", change, min_change)))
 
     header, notes = _header(sa, sb, na, nb)
-    return Diff(a_path, b_path, header, notes, rows)
+    return Diff(a.path, b.path, header, notes, rows)
 
 
 def _header(sa: Snapshot, sb: Snapshot, na: int, nb: int) -> tuple[dict[str, Any], list[str]]:
@@ -329,48 +323,3 @@ def render(d: Diff) -> str:
     lines.append("significant: " + (", ".join(significant) if significant else "nothing, all within noise"))
     return "\n".join(printable(line) for line in lines)  # names and settings come from the files
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("a", metavar="A.arrow", help="the baseline recording")
-    parser.add_argument("b", metavar="B.arrow", help="the recording compared with it")
-    parser.add_argument("--json", action="store_true", help="print a JSON object")
-    parser.add_argument("--fail-if-slower", type=float, default=None, metavar="PCT",
-                        help="exit 1 when B's IPS is lower than A's by more than PCT percent with confidence")
-    parser.add_argument("--skip", type=int, default=0, metavar="N",
-                        help="also leave out the N iterations after the first (the first, start-up, is never "
-                             "compared)")
-    parser.add_argument("--min-change", type=float, default=MIN_CHANGE_PCT, metavar="PCT",
-                        help="smallest change (percent of A's value) given a verdict (default 10)")
-    parser.add_argument("--resamples", type=int, default=RESAMPLES, help="bootstrap resamples")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (results are reproducible)")
-    parser.add_argument("--exact", action="store_true",
-                        help="read every span instead of the recordings' aggregates (the same figures, slower)")
-
-
-def cli(args: argparse.Namespace) -> int:
-    from marlwatch.cli import UsageError
-
-    if args.fail_if_slower is not None and not args.fail_if_slower >= 0:
-        raise UsageError(f"--fail-if-slower takes a percentage >= 0, got {args.fail_if_slower}")
-    if not 100 <= args.resamples <= MAX_RESAMPLES:
-        raise UsageError(f"--resamples must be between 100 and {MAX_RESAMPLES:,}, got {args.resamples}")
-    if args.skip < 0:
-        raise UsageError(f"--skip must be >= 0, got {args.skip}")
-    if not args.min_change >= 0:
-        raise UsageError(f"--min-change takes a percentage >= 0, got {args.min_change}")
-    d = compare(args.a, args.b, resamples=args.resamples, seed=args.seed, skip=args.skip,
-                min_change=args.min_change, exact=args.exact)
-    if args.json:
-        print(json.dumps(finite(d.to_json()), indent=2, allow_nan=False))
-    else:
-        print(render(d))
-    if args.fail_if_slower is not None:
-        ips = d.row("IPS")
-        # Slower with confidence: even the most favourable end of the interval is below -PCT.
-        if not math.isnan(ips.hi) and ips.hi < -args.fail_if_slower:
-            import sys
-
-            print(f"marlwatch: B is slower: IPS {ips.change:+.1f}% [{ips.lo:+.1f}, {ips.hi:+.1f}], "
-                  f"beyond -{args.fail_if_slower:g}%", file=sys.stderr)
-            return EXIT_SLOWER
-    return EXIT_OK

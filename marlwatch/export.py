@@ -15,14 +15,11 @@ the top-level phase still being reordered (a span is recorded when it ends, so c
 before their parent; they are sorted back into start order before being written, so every
 track's timestamps are monotonic).
 
-Exit codes: 0 written; 2 bad input (unreadable recording, OUT cannot be created or written, OUT is
-the recording itself); 1 the export failed while writing (disk full). Outputs are written with
-`marlwatch.outputs.atomic_output`: a failed export leaves OUT as it was.
+Outputs are written with `marlwatch.outputs.atomic_output`: a failed export leaves OUT as it was.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -33,16 +30,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from marlwatch.metrics import Metrics, is_comm, top_of
-from marlwatch.outputs import OutputError, atomic_output
-from marlwatch.recording import CORE, COUNTER, EVENT, PROC, SPAN, STACK, Recording, RecordingError
-from marlwatch.terminal import say
+from marlwatch.outputs import atomic_output
+from marlwatch.recording import CORE, COUNTER, EVENT, PROC, SPAN, STACK, Recording
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 SPAN_TID, STACK_TID = 1, 2
-
-
-class ExportFailed(Exception):
-    """Writing failed after it started (disk full); the message is one line."""
 
 
 def _us(t_ns: int) -> float:
@@ -251,67 +242,3 @@ def export_perfetto(rec: Recording, out: IO[str]) -> int:
         w.add(batch)
     w.close()
     return w.events
-
-
-# -- command line ---------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", help="the recording")
-    parser.add_argument("--to", required=True, choices=("perfetto", "parquet", "csv"),
-                        help="perfetto: Chrome trace JSON (ui.perfetto.dev, chrome://tracing); "
-                             "parquet/csv: span and counter tables")
-    parser.add_argument("-o", "--out", required=True, metavar="OUT",
-                        help="perfetto: the .json file; parquet/csv: a directory (created) for the tables")
-
-
-def cli(args: argparse.Namespace) -> int:
-
-    from marlwatch.cli import UsageError, open_or_fail, warn_skipped
-
-    rec = open_or_fail(args.file)
-    out = Path(args.out)
-    created_dir = False
-    if args.to != "perfetto":
-        try:
-            if out.exists() and not out.is_dir():
-                raise UsageError(f"cannot write {out}: exists and is not a directory")
-            created_dir = not out.exists()
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
-    try:
-        if args.to == "perfetto":
-            with atomic_output(out, inputs=(rec.path,)) as f:
-                n = export_perfetto(rec, f)
-            what = f"{n} trace events"
-        else:
-            rows = export_tables(rec, out, args.to)
-            what = ", ".join(f"{k} {v} rows" for k, v in rows.items() if v or k != "stacks")
-    except OutputError:
-        _remove_dir(out, created_dir)
-        raise  # the output cannot be opened: bad input, exit 2
-    except BrokenPipeError:
-        _remove_dir(out, created_dir)
-        raise  # a reader that stopped reading (`| head`): not a failure (cli.main)
-    except OSError as e:
-        _remove_dir(out, created_dir)
-        say(f"export to {out} failed: {e.strerror or e}")
-        return EXIT_FAILED
-    except RecordingError as e:  # nothing valid in it
-        _remove_dir(out, created_dir)
-        raise UsageError(str(e)) from None
-    except Exception as e:  # noqa: BLE001 - a damaged file must give one line, not a traceback (as summary)
-        _remove_dir(out, created_dir)
-        raise UsageError(f"{args.file}: damaged recording ({type(e).__name__}: {e})") from None
-    warn_skipped(rec)
-    status = "" if rec.complete else f" (recording {rec.status}: exported what it holds)"
-    say(f"wrote {out}: {what}{status}")
-    return EXIT_OK
-
-
-def _remove_dir(out: Path, created: bool) -> None:
-    """The tables' folder, when this export created it and nothing else was put in it since."""
-    if created:
-        try:
-            out.rmdir()
-        except OSError:
-            pass

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from marlwatch import lifecycle
 from marlwatch.aggregates import N_BINS as _N_BINS
 from marlwatch.aggregates import bins as _bins
 from marlwatch.aggregates import exact_quantiles, group_rows, quantiles_from_hist
@@ -79,9 +80,30 @@ def function_name(frame: str) -> str:
     return f"{name} ({file})" if file else name
 
 
+def top_segment(phase: str) -> str:
+    """`update/comm/gnn` -> `update` (any first path segment, the built-in three or a user's)."""
+    return phase.split("/", 1)[0]
+
+
 def top_of(name: str) -> str:
-    top = name.split("/", 1)[0]
+    """The top-level figure a phase counts in: `sample`, `update`, `sync` or `other`."""
+    top = top_segment(name)
     return top if top in TOP_LEVEL else "other"
+
+
+def counts_in(name: str, top_level: bool, parent_comm: bool) -> tuple[str | None, bool, bool]:
+    """Where a span's time counts besides its own phase (docs/metrics.md): the top-level figure
+    (sample, update, sync or other) when the span has no parent; communication time when it is
+    the outermost communication span (a `comm` span whose parent is not one); and communication
+    inside update. Metrics and the per-iteration table both count by this rule."""
+    comm = is_comm(name) and not parent_comm
+    return (top_of(name) if top_level else None), comm, comm and top_of(name) == "update"
+
+
+def in_phase(name: str | None, phase: str) -> bool:
+    """Whether phase `name` is `phase` or inside it: `update` covers `update` and `update/critic`,
+    not `update_x`."""
+    return name is not None and (name == phase or name.startswith(phase + "/"))
 
 
 def _valid(b: pa.RecordBatch, *columns: str) -> pa.RecordBatch:
@@ -216,14 +238,18 @@ class Snapshot:
                     return f"{n.get('node')}/cpu{core - first}"
         return f"cpu{core}"
 
-    def top_functions(self, phase: str, n: int = 10) -> list[tuple[str, int]]:
-        """The functions py-spy found running (leaf frames) while `phase` or a phase below it ran."""
+    def phase_samples(self, phase: str) -> dict[str, int]:
+        """py-spy's samples taken while `phase` or a phase below it ran, per function (leaf frame)."""
         total: dict[str, int] = {}
         for name, funcs in self.stacks.items():
-            if name == phase or name.startswith(phase + "/"):
+            if in_phase(name, phase):
                 for f, c in funcs.items():
                     total[f] = total.get(f, 0) + c
-        return sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+        return total
+
+    def top_functions(self, phase: str, n: int = 10) -> list[tuple[str, int]]:
+        """The functions py-spy found running most often while `phase` or a phase below it ran."""
+        return sorted(self.phase_samples(phase).items(), key=lambda kv: (-kv[1], kv[0]))[:n]
 
     @property
     def hottest(self) -> PhaseRow | None:
@@ -286,10 +312,9 @@ class _Phase:
 class _Proc:
     slot: int
     role: str
-    state: str = "starting"
+    state: str = lifecycle.STARTING
     error: str | None = None
     iterations: int = 0
-    first_t: int | None = None
     first_tick: int | None = None  # end of its first iteration: the end of its start-up
     first_tick_iter: int = 0  # its iteration count at that tick
     last_tick: int | None = None
@@ -297,7 +322,6 @@ class _Proc:
     rss: float | None = None
     pid: int | None = None
     core: int | None = None
-    recent: deque = field(default_factory=lambda: deque(maxlen=64))  # recent tick times
     node: str | None = None
     clock: tuple[float, float] | None = None  # the latest estimate: offset, rtt (ms)
 
@@ -342,12 +366,13 @@ class _Totals:
             ph = self._phase(name)
             ph.total_ns += total
             ph.count += n
-            if parent is None:
-                self.top_ns[top_of(name)] += total
-            if is_comm(name) and not is_comm(parent):  # outermost communication span only
+            top, comm, comm_update = counts_in(name, parent is None, is_comm(parent))
+            if top is not None:
+                self.top_ns[top] += total
+            if comm:
                 self.comm_ns += total
-                if top_of(name) == "update":
-                    self.comm_update_ns += total
+            if comm_update:
+                self.comm_update_ns += total
         if count is None:
             self.add_hist(names, codes, _bins(dur))
             if self.exact and len(codes):
@@ -574,10 +599,9 @@ class Metrics:
                 k = int(np.argmin(ts))
                 p.first_tick, p.first_tick_iter = int(ts[k]), int(iters[sel][k])
             p.iterations = max(p.iterations, int(iters[sel].max()))
-            if p.state in ("starting",):
-                p.state = "running"
+            if p.state == lifecycle.STARTING:  # its hello is in a later batch
+                p.state = lifecycle.RUNNING
             p.last_tick = int(ts.max())
-            p.recent.extend(ts.tolist())
             if self.main_slot is None:
                 self.main_slot = int(slot)
             if int(slot) == self.main_slot:
@@ -663,29 +687,16 @@ class Metrics:
                     self.nodes[detail["node"]] = detail  # the latest says most (its cores, once sampled)
                 continue
             p = self._proc(slot)
+            p.state, p.error = lifecycle.after(p.state, p.error, name, detail)  # as the monitor did
             if isinstance(detail.get("node"), str) and name in ("started", "on_node"):
                 p.node = detail["node"]
             if name == "clock" and isinstance(detail.get("offset_ns"), int | float) \
                     and isinstance(detail.get("rtt_ns"), int | float):
                 p.clock = (detail["offset_ns"] / 1e6, detail["rtt_ns"] / 1e6)
             if name == "started":
-                p.state, p.pid, p.core = "running", detail.get("pid"), detail.get("core", p.core)
+                p.pid, p.core = detail.get("pid"), detail.get("core", p.core)
                 if isinstance(detail.get("role"), str):  # processes that connected by themselves
                     p.role = detail["role"]
-                p.first_t = t
-            elif name == "crashed":
-                p.state, p.error = "crashed", detail.get("error")
-            elif name == "finished":
-                p.state = "finished"
-            elif name == "stopped":
-                p.state = "stopped"
-            elif name == "left" and p.state not in ("finished", "crashed", "stopped"):
-                p.state = "left"  # closed its connection (a process that connected by itself)
-            elif name == "exited" and p.state not in ("finished", "crashed", "stopped"):
-                state = detail.get("state", "exited")
-                p.state = state if isinstance(state, str) else "exited"
-                if p.state == "crashed" and detail.get("error"):
-                    p.error = str(detail["error"])  # killed from outside: the monitor's reason
 
     def _proc(self, slot: int | None) -> _Proc:
         slot = int(slot or 0)
@@ -932,12 +943,13 @@ class IterationAccumulator:
         for (name, parent), k in self._names.items():
             if name is None:
                 continue
-            if parent == self.TOP:
-                top[top_of(name)] += sums[k]
-            if is_comm(name) and parent != self.COMM:  # the same rule as Metrics._spans
+            top_name, in_comm, in_comm_update = counts_in(name, parent == self.TOP, parent == self.COMM)
+            if top_name is not None:
+                top[top_name] += sums[k]
+            if in_comm:
                 comm += sums[k]
-                if top_of(name) == "update":
-                    comm_update += sums[k]
+            if in_comm_update:
+                comm_update += sums[k]
             # Row k is used up: the phase's series may be that row itself (no copy of the table),
             # and later rows of the same phase are added into it.
             if name in phases:

@@ -25,7 +25,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from marlwatch import wire
+from marlwatch import lifecycle, wire
 from marlwatch.clock import ClockSync, boot_id
 from marlwatch.collector import ProcStream, core_rows, event_row, proc_rows
 from marlwatch.nodes import Node, Nodes
@@ -46,9 +46,8 @@ class ProcState:
     role: str
     pid: int | None = None
     core: int | None = None
-    # starting, running, finished, crashed, stopped; for processes that are not the launcher's own
-    # children: left (closed its connection), exited (gone, exit status unknown)
-    state: str = "starting"
+    state: str = lifecycle.STARTING  # marlwatch.lifecycle
+
     error: str | None = None
     exitcode: int | None = None
     node: str | None = None  # the node's name (a run across machines, docs/distributed.md)
@@ -58,11 +57,11 @@ class ProcState:
 
     @property
     def ended(self) -> bool:
-        return self.state in ("finished", "crashed", "stopped", "left", "exited")
+        return self.state in lifecycle.ENDED
 
-
-# What a process's hello or event may make of its slot: the events the span API sends.
-_EVENT_STATES = {"crashed": "crashed", "finished": "finished", "stopped": "stopped"}
+    def on(self, event: str, detail: dict[str, Any]) -> None:
+        """Apply lifecycle `event` (marlwatch.lifecycle: the rule Metrics applies to the recording)."""
+        self.state, self.error = lifecycle.after(self.state, self.error, event, detail)
 
 
 class Address:
@@ -452,7 +451,7 @@ class Monitor:
             st = self.procs[slot]
             if not st.ended and not any(s == slot for s in self._conns.values()):
                 # A process that connected by itself has no exit status for us: it left.
-                st.state = "left"
+                st.on("left", {})
                 self.emit(event_row(self.now_ns(), slot, "left", role=st.role))
                 if self.on_process_event is not None:
                     self.on_process_event(st, "left", {})
@@ -463,7 +462,7 @@ class Monitor:
         t = (t_raw - self.streams[slot].t_origin_ns) if isinstance(t_raw, int) else self.now_ns()
         kind = m.get("type")
         if kind == "hello":
-            st.state = "running"
+            st.on("started", {})
             if isinstance(m.get("pid"), int) and st.pid is None and st.same_machine:
                 self.set_pid(slot, m["pid"])
             if isinstance(m.get("core"), int):
@@ -489,10 +488,7 @@ class Monitor:
         elif kind == "event":
             name = str(m.get("name", "event"))
             detail = {k: v for k, v in m.items() if k not in ("type", "name", "t_ns")}
-            if name in _EVENT_STATES:
-                st.state = _EVENT_STATES[name]
-                if name == "crashed":
-                    st.error = str(detail.get("error", "unknown error"))
+            st.on(name, detail)
             self.emit(event_row(t, slot, name, **detail))
             if self.on_process_event is not None:
                 self.on_process_event(st, name, detail)
@@ -555,13 +551,7 @@ class Monitor:
                     self.deliver()
                     if conn not in self._conns or not _readable(conn):
                         break
-        if not st.ended or st.state == "left":
-            if exitcode == 0:
-                st.state = "finished"
-            elif exitcode is None:
-                st.state = "exited"  # not our child: gone, with a status only its parent saw
-            else:
-                st.state, st.error = "crashed", error
+        st.on("exited", {"exitcode": exitcode, "error": error})
         self.emit(event_row(self.now_ns(), slot, "exited", exitcode=exitcode, state=st.state, error=st.error))
         if self.on_process_event is not None:
             self.on_process_event(st, "exited", {"exitcode": exitcode})

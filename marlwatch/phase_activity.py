@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from marlwatch.metrics import top_segment
+
 REAL_WORK_SHARE = 0.02
 ITERATIONS = 5
 MIN_ITERATIONS = 3
@@ -39,11 +41,6 @@ WINDOW_S = 2.0  # processes without iterations: the window their share is taken 
 # ... once they have run this long without one (a worker can wait seconds for its first weights).
 NO_TICKS_S = 10.0
 MAX_SPANS = 20_000  # top-level spans kept per process (a bound for loops without ticks)
-
-
-def top_segment(phase: str) -> str:
-    """`update/comm/gnn` -> `update` (any first path segment, the built-in three or a user's)."""
-    return phase.split("/", 1)[0]
 
 
 @dataclass

@@ -10,13 +10,12 @@ import ctypes
 import os
 import signal
 import sys
-import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
 from marlwatch import instrument
-from marlwatch.workers import PipeWorkerPool, WorkerLost, WorkerPool, serve_rollout
+from marlwatch.workers import PipeWorkerPool, WorkerLost, WorkerPool, report_crash, serve_rollout
 
 PR_SET_PDEATHSIG = 1
 
@@ -83,16 +82,6 @@ def _bootstrap(spec: ChildSpec, telemetry_conn: Connection) -> None:
     instrument.connect(
         telemetry_conn, spans_enabled=spec.spans, role=spec.role, slot=spec.slot, pid=os.getpid(), core=spec.core
     )
-
-
-def report_crash(exc: BaseException, *, close: bool = True) -> None:
-    """Tell the monitor this process crashed, and where (one line)."""
-    last = traceback.format_exception_only(type(exc), exc)[-1].strip()
-    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-    at = f" ({os.path.basename(where.filename)}:{where.lineno})" if where else ""
-    instrument.telemetry().event("crashed", error=last + at)
-    if close:
-        instrument.telemetry().close()
 
 
 def _make_pool(spec: ChildSpec, worker_conns: list[Connection]) -> WorkerPool:

@@ -26,7 +26,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 from marlwatch import instrument
 from marlwatch.instrument import ADDRESS_ENV, AUTHKEY_ENV
 from marlwatch.nodes import node_name
-from marlwatch.workers import WorkerLost, rollout_round
+from marlwatch.workers import WorkerLost, report_crash, rollout_round
 
 SAMPLE_EVERY_S = 0.5  # a node sampler's period (the monitor samples its own node at --sample-hz)
 CLOSE_TIMEOUT_S = 10.0
@@ -61,8 +61,6 @@ class RolloutActor:
             with instrument.span("sync/send"):
                 ref = ray.put(payload)  # the results go back through the object store, as the weights came
         except BaseException as e:
-            from marlwatch.process import report_crash
-
             report_crash(e, close=False)
             raise
         instrument.tick()

@@ -435,9 +435,6 @@ class RecordingWriter:
         if self._pending_rows >= 65536 or time.monotonic() - self._last_flush >= self.flush_interval_s:
             self.flush()
 
-    def append_rows(self, columns: dict[str, list]) -> None:
-        self.append(pa.RecordBatch.from_pydict(columns, schema=SCHEMA))
-
     def flush(self, *, final: bool = False) -> None:
         """Write what is queued as the batches of one flush and push them to the disk."""
         self._last_flush = time.monotonic()

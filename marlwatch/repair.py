@@ -11,7 +11,6 @@ the run did not end there, and readers must keep saying so.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -27,20 +26,12 @@ from marlwatch.recording import (
     METADATA_KEY,
     SCHEMA,
     SPAN,
-    RecordingError,
     _Encoder,
     kind_codes,
     open_recording,
 )
-from marlwatch.terminal import printable, say
 
-__all__ = ["add_arguments", "cli", "repair"]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", help="the recording to repair")
-    parser.add_argument("-o", "--output", default=None,
-                        help="where to write the repaired recording (default: FILE with .repaired.arrow)")
+__all__ = ["default_output", "repair"]
 
 
 def default_output(path: Path) -> Path:
@@ -77,30 +68,3 @@ def repair(src: str | os.PathLike, dst: str | os.PathLike) -> dict:
         enc.close()
     return {**note, "spans": spans, "output": str(dst), "skipped": rec.skipped.describe() if rec.skipped else None}
 
-
-def cli(args: argparse.Namespace) -> int:
-    from marlwatch.cli import EXIT_OK, UsageError
-
-    src = Path(args.file)
-    dst = Path(args.output) if args.output else default_output(src)
-    try:
-        kept = repair(src, dst)
-    except RecordingError as e:
-        raise UsageError(str(e)) from None
-    except OSError as e:
-        raise UsageError(f"cannot write {dst}: {e.strerror or e}") from None
-    except pa.ArrowException as e:
-        raise UsageError(f"{src}: damaged recording ({e})") from None
-    print(printable(f"{kept['output']}: {kept['batches']} complete batches, {kept['rows']:,} rows, {kept['spans']:,} spans"))
-    warning = []
-    if kept["tail_lost"]:
-        warning.append("was cut mid-batch; the rows after its last complete batch are lost")
-    elif not kept["complete"]:
-        warning.append("has no end-of-run marker; the run's tail was never written")
-    if kept["skipped"]:
-        warning.append(kept["skipped"] + "; left out of the repaired file")
-    if warning:
-        say(f"{src} " + "; ".join(warning), warning=True)
-    else:
-        say(f"{src} was complete; nothing was lost")
-    return EXIT_OK

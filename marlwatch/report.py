@@ -24,8 +24,13 @@ def human_bytes(n: float | None) -> str:
     return f"{n:.1f} TB"
 
 
-def pct(x: float) -> str:
-    return f"{100 * x:5.1f}%"
+def percent(share: float, width: int = 0, *, decimals: int = 1, keep_small: bool = False) -> str:
+    """A share (0..1) as a percentage: `percent(0.1234)` is `12.3%`. `width` right-aligns the
+    number (table columns); `keep_small`: a share too small for `decimals` keeps two significant
+    digits (0.031%, not 0.0%), where saying how small matters."""
+    if keep_small and 0 < share < 10 ** -(decimals + 1):
+        return f"{100 * share:{width}.2g}%"
+    return f"{100 * share:{width}.{decimals}f}%"
 
 
 def ms(x: float) -> str:
@@ -51,11 +56,11 @@ def progress_line(s: Snapshot, total: int | None, rec_bytes: int) -> str:
     if s.startup_s is None:  # no iteration has ended: every rate and share would be a zero
         return f"it {s.iterations}{of}  starting up {s.t_s:.0f} s  {rec}"
     comm = (warming_up(s.warmup) if s.warmup is not None and s.warmup.active else
-            f"comm {pct(s.comm_share).strip()} of exec, {pct(s.comm_share_update).strip()} of update")
+            f"comm {percent(s.comm_share)} of exec, {percent(s.comm_share_update)} of update")
     return (
         f"it {s.iterations}{of}  IPS {s.ips_now:6.2f} (mean {s.ips:.2f})  {comm}  "
-        f"sample {pct(s.shares['sample']).strip()} update {pct(s.shares['update']).strip()} "
-        f"sync {pct(s.shares['sync']).strip()}  {rec}"
+        f"sample {percent(s.shares['sample'])} update {percent(s.shares['update'])} "
+        f"sync {percent(s.shares['sync'])}  {rec}"
     )
 
 
@@ -89,14 +94,14 @@ def summary_text(s: Snapshot, path: str = "", status: str = "") -> str:
     lines.append(f"iteration latency p50/p95/p99 {ms(s.iteration_ms['p50'])}/{ms(s.iteration_ms['p95'])}/"
                  f"{ms(s.iteration_ms['p99'])} ms (after the first)")
     if s.latency_bound_ms is not None and s.bounded_ips is not None:
-        met = "-" if s.bound_met is None or math.isnan(s.bound_met) else pct(s.bound_met).strip()
+        met = "-" if s.bound_met is None or math.isnan(s.bound_met) else percent(s.bound_met)
         lines.append(f"latency-bounded IPS {s.bounded_ips:.2f} (bound {s.latency_bound_ms:g} ms: {met} of "
-                     f"iterations, p99 {'within' if s.p99_within_bound else 'over'})")
-    lines.append(f"communication: {pct(s.comm_share).strip()} of execution time (sample+update), "
-                 f"{pct(s.comm_share_update).strip()} of update time")
+                     f"iterations within, p99 {'within' if s.p99_within_bound else 'over'})")
+    lines.append(f"communication: {percent(s.comm_share)} of execution time (sample+update), "
+                 f"{percent(s.comm_share_update)} of update time")
     if s.warmup is not None:
         lines.append(warmup_line(s.warmup))
-    lines.append("process time: " + "  ".join(f"{k} {pct(v).strip()}" for k, v in s.shares.items()
+    lines.append("process time: " + "  ".join(f"{k} {percent(v)}" for k, v in s.shares.items()
                                               if v or k != "other"))
     lines.append("")
     labels = [p.name + (" *" if p.comm else "") for p in s.phases]
@@ -106,7 +111,7 @@ def summary_text(s: Snapshot, path: str = "", status: str = "") -> str:
     header = f"{'phase':<{w}}{numbers}"
     lines += [header, "-" * len(header)]
     for p, label in zip(s.phases, labels, strict=True):
-        lines.append(f"{label:<{w}}{p.total_s:8.3f}{pct(p.share):>7}{p.count:8d}{ms(p.p50_ms):>8}"
+        lines.append(f"{label:<{w}}{p.total_s:8.3f}{percent(p.share, 6)}{p.count:8d}{ms(p.p50_ms):>8}"
                      f"{ms(p.p95_ms):>8}{ms(p.p99_ms):>8}")
     lines.append("(* communication)")
     if s.cores_mean:

@@ -369,8 +369,3 @@ def stop_on_signals(run: Run, on_first: Callable[[int], None] | None = None) -> 
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
-
-
-def signal_exit_code(signum: int | None) -> int:
-    """The exit code of a run stopped by `signum`: 128 + N, as a shell reports it (130 for Ctrl-C)."""
-    return 128 + int(signum) if signum else 0

@@ -1,4 +1,4 @@
-"""`marlwatch sweep`: run an agents x workers grid and tabulate how the time scales.
+"""The table of `marlwatch sweep` (marlwatch/cli/sweep.py): how the time of an agents x workers grid scales.
 
 Each cell is a real headless run with its own recording, all under one folder, so `summary`,
 `diff` and `replay` work on any cell. The table is computed from the recordings through
@@ -11,74 +11,22 @@ log2 t on log2 agents) gives one factor per worker count.
 
 With `--latency-bound MS`, the latency-bounded choice (`metrics.latency_bounded_choice`, defined
 in docs/metrics.md) names per agent count the worker count with the highest IPS whose p99
-iteration latency is within the bound. `--report` writes report.html (marlwatch/sweep_report.py).
+iteration latency is within the bound. The plots and report.html: marlwatch/sweep_report.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from marlwatch.cli import (
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    UsageError,
-    _latency_bound,
-    _setting,
-    positive_int,
-    positive_int_list,
-    start_run,
-)
 from marlwatch.metrics import BoundCandidate, BoundChoice, latency_bounded_choice
 from marlwatch.outputs import atomic_output, numbered, write_text
-from marlwatch.recording import default_record_path
-from marlwatch.report import plural
-from marlwatch.runner import Run, RunConfig, drive
-from marlwatch.terminal import finite, say
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--algo", required=True, help="algorithm (see `marlwatch algorithms`)")
-    p.add_argument("--env", default="", help="environment (default: the algorithm's)")
-    p.add_argument("--agents", type=positive_int_list("--agents"), default=[2, 4, 8], help="e.g. 2,4,8,16")
-    p.add_argument("--workers", type=positive_int_list("--workers"), default=[1], help="e.g. 1,2")
-    p.add_argument("--iterations", type=positive_int("--iterations"), default=50, help="learner iterations per cell")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None,
-                   help="folder for the recordings and tables (default: a new runs/sweep-ALGO-TIME)")
-    p.add_argument("--force", action="store_true", help="overwrite recordings an earlier sweep left in --out")
-    p.add_argument("--ignore-limits", action="store_true",
-                   help="run cells that need more memory than is available or more than 4 workers per core")
-    p.add_argument("--set", dest="settings", type=_setting, action="append", default=[], metavar="KEY=VALUE",
-                   help="algorithm setting for every cell, e.g. --set max_cycles=25")
-    p.add_argument("--latency-bound", type=_latency_bound, default=None, metavar="MS",
-                   help="per agent count, the worker count with the highest IPS whose p99 iteration "
-                        "latency is at most MS ms (latency-bounded throughput)")
-    p.add_argument("--report", action="store_true",
-                   help="also write report.html (plots, needs the `report` extra: matplotlib) into the folder")
-    p.add_argument("--no-plots", action="store_true", help="no terminal plots after the table")
-
-
-# -- running -----------------------------------------------------------------------------------
-def build_run(cfg: RunConfig) -> Run:
-    """A Run for `cfg`, configuration problems turned into UsageError (not started)."""
-    try:
-        return Run(cfg)
-    except (KeyError, ValueError) as e:
-        raise UsageError(str(e).strip("'\"")) from None
-
-
-def execute(run: Run, time_limit_s: float | None = None) -> Run:
-    """Start `run` and drive it to its end (its iteration count, or `time_limit_s`), headless and
-    quietly; the recording is closed on return. Ctrl-C forces the end and re-raises."""
-    start_run(run)
-    return drive(run, time_limit_s=time_limit_s)
+from marlwatch.recording import RecordingError, open_recording
+from marlwatch.report import percent, plural
+from marlwatch.terminal import finite
 
 
 # -- the table -----------------------------------------------------------------------------------
@@ -127,16 +75,16 @@ def fitted_growth(agents: list[int], times: list[float]) -> float | None:
 
 
 def table(recordings: list[Path]) -> list[Row]:
-    """One row per recording, growth factors filled in per worker count."""
-    from marlwatch.cli import open_or_fail
+    """One row per recording, growth factors filled in per worker count; raises RecordingError
+    for a file that is not a recording of a run."""
     from marlwatch.metrics import summarize
 
     rows = []
     for path in recordings:
-        snap = summarize(open_or_fail(str(path)))
+        snap = summarize(open_recording(path))
         info = snap.info
         if info is None:
-            raise UsageError(f"{path}: no run information in the recording")
+            raise RecordingError(f"{path}: no run information in the recording")
         it = max(snap.steady_iterations, 1)  # the figures leave the first (start-up) iteration out
         rows.append(Row(
             algo=info.algo, agents=info.agents, workers=info.workers, iterations=snap.iterations, ips=snap.ips,
@@ -167,10 +115,6 @@ def fits(rows: list[Row]) -> dict[int, dict[str, float | None]]:
         out[w] = {"update": fitted_growth(agents, [r.update_ms_per_iter for r in sel]),
                   "comm": fitted_growth(agents, [r.comm_ms_per_iter for r in sel])}
     return out
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
 
 
 def _x(x: float | None) -> str:
@@ -212,9 +156,9 @@ def markdown(algo: str, rows: list[Row], bound_ms: float | None = None) -> str:
     lines = [head, "|" + "---:|" * 14]
     for r in rows:
         lines.append(
-            f"| {r.agents} | {r.workers} | {r.iterations} | {r.ips:.2f} | {r.p99_ms:.0f} | {_pct(r.sample_share)} "
-            f"| {_pct(r.update_share)} | {_pct(r.sync_share)} | {_pct(r.comm_share_exec)} "
-            f"| {_pct(r.comm_share_update)} | {r.update_ms_per_iter:.1f} | {r.comm_ms_per_iter:.1f} "
+            f"| {r.agents} | {r.workers} | {r.iterations} | {r.ips:.2f} | {r.p99_ms:.0f} | {percent(r.sample_share)} "
+            f"| {percent(r.update_share)} | {percent(r.sync_share)} | {percent(r.comm_share_exec)} "
+            f"| {percent(r.comm_share_update)} | {r.update_ms_per_iter:.1f} | {r.comm_ms_per_iter:.1f} "
             f"| {_x(r.update_growth_per_doubling)} | {_x(r.comm_growth_per_doubling)} |"
         )
     lines.append("")
@@ -244,7 +188,7 @@ def save(out: Path, algo: str, rows: list[Row], bound_ms: float | None = None) -
     return paths
 
 
-def _new_folder(base: Path) -> Path:
+def new_folder(base: Path) -> Path:
     """The first of `base`, `base-2`, ... that this call creates (two sweeps started in the same
     second get a folder each)."""
     base.parent.mkdir(parents=True, exist_ok=True)
@@ -255,74 +199,6 @@ def _new_folder(base: Path) -> Path:
         except FileExistsError:
             continue
     raise AssertionError("unreachable")  # numbered() never ends
-
-
-# -- command -----------------------------------------------------------------------------------
-def cli(args: argparse.Namespace) -> int:
-    out = Path(args.out) if args.out else default_record_path(f"sweep-{args.algo}", suffix="")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a folder")
-    settings = dict(args.settings)
-    if args.report:
-        from marlwatch.sweep_report import ReportError, check_plotting
-
-        try:
-            check_plotting()  # before anything runs: a missing extra is bad input, not a failed sweep
-        except ReportError as e:
-            raise UsageError(str(e)) from None
-    cells = []
-    # Build every cell's Run first, so a bad --algo/--env/--set fails before anything runs.
-    for w in args.workers:
-        for a in args.agents:
-            cfg = RunConfig(algo=args.algo, env=args.env, agents=a, workers=w, iterations=args.iterations,
-                            seed=args.seed, record=f"{args.algo}-a{a}-w{w}.arrow", overwrite=args.force,
-                            ignore_limits=args.ignore_limits, settings=settings)
-            run = build_run(cfg)
-            if args.latency_bound is not None:  # each recording carries the bound (summary, replay, report)
-                run.info.extra["latency_bound_ms"] = args.latency_bound
-            cells.append(run)
-    taken = [run.record_path.name for run in cells if (out / run.record_path.name).exists()]
-    if args.out and taken and not args.force:
-        raise UsageError(f"--out {out} holds recordings already ({', '.join(taken)}); not overwritten "
-                         "(--force overwrites them, or choose another --out)")
-    try:
-        if args.out:
-            out.mkdir(parents=True, exist_ok=True)
-        else:
-            out = _new_folder(out)
-    except OSError as e:
-        raise UsageError(f"--out {out}: {e.strerror}") from None
-    for run in cells:  # the folder is known now
-        run.record_path = out / run.record_path.name
-        run.cfg.record = str(run.record_path)
-    done: list[Path] = []
-    for k, run in enumerate(cells, 1):
-        print(f"marlwatch: sweep cell {k}/{len(cells)}: {args.algo}, {plural(run.cfg.agents, 'agent')}, "
-              f"{plural(run.workers, 'worker')}, {plural(args.iterations, 'iteration')} -> {run.record_path}",
-              file=sys.stderr, flush=True)
-        try:
-            execute(run)
-        except KeyboardInterrupt:
-            print(f"marlwatch: sweep interrupted; {len(done)} complete cells kept in {out}", file=sys.stderr)
-            return EXIT_INTERRUPTED
-        if run.failure:
-            say(f"sweep cell failed: {run.failure} (recording kept: {run.record_path})")  # the failure quotes user code
-            return EXIT_FAILED
-        done.append(run.record_path)
-    rows = table(done)
-    paths = save(out, args.algo, rows, args.latency_bound)
-    print(markdown(args.algo, rows, args.latency_bound), end="")
-    saved = [paths["csv"], paths["json"], paths["md"]]
-    if not args.no_plots:
-        from marlwatch.sweep_report import terminal_plots
-
-        print(terminal_plots(rows, args.latency_bound, color=sys.stdout.isatty()), end="")
-    if args.report:
-        from marlwatch.sweep_report import write_report
-
-        saved.append(write_report(out, rows, args.latency_bound))
-    print(f"marlwatch: saved {', '.join(map(str, saved))}", file=sys.stderr)
-    return EXIT_OK
 
 
 def recordings_in(folder: Path) -> list[Path]:

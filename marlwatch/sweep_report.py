@@ -20,11 +20,9 @@ draws them. matplotlib is an optional extra (`pip install 'marlwatch[report]'`).
 
 from __future__ import annotations
 
-import argparse
 import html
 import io
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +30,10 @@ from typing import Any
 
 from marlwatch.metrics import BoundChoice, is_comm
 from marlwatch.outputs import write_text
-from marlwatch.sweep import Row, bound_choices, bound_lines, fits, fitted_growth, recordings_in, table
+from marlwatch.report import percent
+from marlwatch.sweep import Row, bound_choices, bound_lines, fits, fitted_growth
 
 REPORT_NAME = "report.html"
-MIN_PHASE_SHARE = 0.01  # phase plots show phases of at least 1% of update time at the most agents
 
 
 class ReportError(ValueError):
@@ -59,10 +57,6 @@ class Published:
     ours: Callable[[list[Row]], str]
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
-
-
 def _x(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}x"
 
@@ -76,8 +70,8 @@ def _range(values: list[float], fmt: Callable[[float], str]) -> str:
 
 def _share(attr: str) -> Callable[[list[Row]], str]:
     def ours(rows: list[Row]) -> str:
-        per_cell = "; ".join(f"{r.agents}a/{r.workers}w {_pct(getattr(r, attr))}" for r in rows)
-        return f"{_range([getattr(r, attr) for r in rows], _pct)} ({per_cell})"
+        per_cell = "; ".join(f"{r.agents}a/{r.workers}w {percent(getattr(r, attr))}" for r in rows)
+        return f"{_range([getattr(r, attr) for r in rows], percent)} ({per_cell})"
     return ours
 
 
@@ -142,8 +136,6 @@ def phase_series(rows: list[Row], workers: int | None = None, top: str = "update
     sel = groups[workers if workers in groups else min(groups)]
     under = {n for r in sel for n in r.phase_ms if n.startswith(top + "/")}
     names = sorted(n for n in under if not any(m.startswith(n + "/") for m in under))
-    # Phases too small to matter at the most agents are left out (they only clutter the plot).
-    update_at_most = max(sel, key=lambda r: r.agents).update_ms_per_iter
     out = []
     for name in names:
         pts = [(r.agents, r.phase_ms.get(name, 0.0)) for r in sel if r.phase_ms.get(name, 0.0) > 0]
@@ -153,7 +145,7 @@ def phase_series(rows: list[Row], workers: int | None = None, top: str = "update
         growth = fitted_growth(a, y)
         out.append((growth or 0.0, Series(f"{name.split('/', 1)[1]} ({_x(growth)}/2x)", a, y, is_comm(name))))
     out.sort(key=lambda gs: -gs[0])
-    return [s for _, s in out if s.y[-1] >= MIN_PHASE_SHARE * update_at_most]
+    return [s for _, s in out]
 
 
 def share_series(rows: list[Row]) -> list[Series]:
@@ -180,7 +172,7 @@ def _figure() -> tuple[Any, Any]:
     import matplotlib.pyplot as plt
 
     plt.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "marlwatch", "font.size": 9})
-    return plt.subplots(figsize=(8.6, 3.8))
+    return plt.subplots(figsize=(6.4, 3.8))
 
 
 def _svg(fig: Any) -> str:
@@ -195,30 +187,31 @@ def _svg(fig: Any) -> str:
 
 
 def _lines(ax: Any, series: list[Series], loglog: bool) -> None:
-    from matplotlib.ticker import LogFormatter, NullLocator
-
     for s in series:
         ax.plot(s.x, s.y, marker="o", linestyle="--" if s.dashed else "-", label=s.label)
     if loglog:
+        ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        # 400, not 4x10^2; LogFormatter thins the minor labels when the range is wide.
-        ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
-        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
-    ax.set_xscale("log", base=2)  # agent and worker counts double
     xs = sorted({x for s in series for x in s.x})
     if xs:
         ax.set_xticks(xs, [f"{x:g}" for x in xs])
-        ax.xaxis.set_minor_locator(NullLocator())  # the measured counts are the only x ticks
+        ax.xaxis.set_minor_locator(_null_locator())  # the measured counts are the only x ticks
     ax.grid(True, which="major", alpha=0.3)
-    if series:  # beside the plot, never over the lines
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    if series:
+        ax.legend(fontsize=7)
+
+
+def _null_locator() -> Any:
+    from matplotlib.ticker import NullLocator
+
+    return NullLocator()
 
 
 def plot_times(rows: list[Row]) -> str:
     fig, ax = _figure()
     _lines(ax, time_series(rows), loglog=True)
     ax.set(xlabel="agents", ylabel="ms per learner iteration",
-           title="Update (solid) and communication (dashed) time vs agents, log-log")
+           title="Update and communication time vs agents (log-log; fitted growth per doubling)")
     return _svg(fig)
 
 
@@ -234,8 +227,10 @@ def plot_phases(rows: list[Row]) -> str:
 def plot_shares(rows: list[Row]) -> str:
     fig, ax = _figure()
     _lines(ax, share_series(rows), loglog=False)
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_minor_locator(_null_locator())
     ax.set(xlabel="agents", ylabel="% of time", ylim=(0, 100),
-           title="Communication share of execution (solid) and of update (dashed)")
+           title="Communication share of execution (solid) and of update (dashed) vs agents")
     return _svg(fig)
 
 
@@ -243,15 +238,12 @@ def plot_ips(rows: list[Row], choices: list[BoundChoice], bound_ms: float | None
     fig, ax = _figure()
     _lines(ax, ips_series(rows), loglog=False)
     for ch in choices:
-        over = [(dict(c.setting)["workers"], c.ips) for c, ok, _ in ch.rows if not ok]
-        if over:  # settings whose p99 is over the bound: crossed out
-            ax.plot(*zip(*over, strict=True), marker="x", markersize=10, color="grey", linestyle="none", zorder=4)
         if ch.best is not None:
             ax.plot([dict(ch.best.setting)["workers"]], [ch.best.ips], marker="*", markersize=16,
                     color="black", linestyle="none", zorder=5)
             ax.annotate(f"LBT {ch.agents}a", (dict(ch.best.setting)["workers"], ch.best.ips),
                         textcoords="offset points", xytext=(6, 6), fontsize=7)
-    bound = f" (star: highest IPS with p99 <= {bound_ms:g} ms; x: p99 over it)" if bound_ms is not None else ""
+    bound = f" (star: highest IPS with p99 <= {bound_ms:g} ms)" if bound_ms is not None else ""
     ax.set(xlabel="rollout workers", ylabel="iterations per second", title=f"IPS vs workers{bound}")
     return _svg(fig)
 
@@ -266,8 +258,8 @@ def _cell_table(rows: list[Row]) -> str:
     head = ["agents", "workers", "iters", "IPS", "p99 ms", "sample", "update", "sync", "comm / exec",
             "comm / update", "update ms/it", "comm ms/it", "update x/2x", "comm x/2x", "recording"]
     body = [[str(r.agents), str(r.workers), str(r.iterations), f"{r.ips:.2f}", f"{r.p99_ms:.0f}",
-             _pct(r.sample_share), _pct(r.update_share), _pct(r.sync_share), _pct(r.comm_share_exec),
-             _pct(r.comm_share_update), f"{r.update_ms_per_iter:.1f}", f"{r.comm_ms_per_iter:.1f}",
+             percent(r.sample_share), percent(r.update_share), percent(r.sync_share), percent(r.comm_share_exec),
+             percent(r.comm_share_update), f"{r.update_ms_per_iter:.1f}", f"{r.comm_ms_per_iter:.1f}",
              "" if r.update_growth_per_doubling is None else _x(r.update_growth_per_doubling),
              "" if r.comm_growth_per_doubling is None else _x(r.comm_growth_per_doubling), r.recording]
             for r in rows]
@@ -308,7 +300,7 @@ def html_report(rows: list[Row], bound_ms: float | None, title: str, notes: list
     return "\n".join(parts) + "\n"
 
 
-def _notes(rows: list[Row], folder: Path) -> list[str]:
+def notes(rows: list[Row], folder: Path) -> list[str]:
     """What the reader needs to weigh the figures: algorithm, host, settings, how loaded the cores were."""
     from marlwatch.recording import open_recording
 
@@ -329,7 +321,7 @@ def _notes(rows: list[Row], folder: Path) -> list[str]:
 def write_report(folder: Path, rows: list[Row], bound_ms: float | None) -> Path:
     path = folder / REPORT_NAME
     algos = ", ".join(sorted({r.algo for r in rows}))
-    write_text(path, html_report(rows, bound_ms, f"marlwatch sweep: {algos}", _notes(rows, folder)))
+    write_text(path, html_report(rows, bound_ms, f"marlwatch sweep: {algos}", notes(rows, folder)))
     return path
 
 
@@ -370,15 +362,6 @@ def terminal_plots(rows: list[Row], bound_ms: float | None, color: bool = False,
 
 
 # -- command ------------------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from marlwatch.cli import _latency_bound
-
-    p.add_argument("folder", help="a sweep's folder (its recordings: *.arrow)")
-    p.add_argument("--latency-bound", type=_latency_bound, default=None, metavar="MS",
-                   help="the bound of the latency-bounded choice (default: the one the recordings carry)")
-    p.add_argument("-o", "--output", default=None, help=f"output file (default: FOLDER/{REPORT_NAME})")
-
-
 def recorded_bound(folder: Path, rows: list[Row]) -> float | None:
     """The latency bound the sweep's recordings carry (`sweep --latency-bound`), if they agree on one."""
     from marlwatch.recording import open_recording
@@ -390,25 +373,3 @@ def recorded_bound(folder: Path, rows: list[Row]) -> float | None:
         bounds.add(float(b) if isinstance(b, int | float) and math.isfinite(b) else None)
     return bounds.pop() if len(bounds) == 1 else None
 
-
-def cli(args: argparse.Namespace) -> int:
-    from marlwatch.cli import EXIT_OK, UsageError
-
-    folder = Path(args.folder)
-    if not folder.is_dir():
-        raise UsageError(f"{folder}: not a folder (give the folder a sweep wrote)")
-    paths = recordings_in(folder)
-    if not paths:
-        raise UsageError(f"{folder}: no recordings (*.arrow) in it")
-    try:
-        check_plotting()
-        rows = table(paths)
-    except ReportError as e:
-        raise UsageError(str(e)) from None
-    bound = args.latency_bound if args.latency_bound is not None else recorded_bound(folder, rows)
-    out = Path(args.output) if args.output else folder / REPORT_NAME
-    algos = ", ".join(sorted({r.algo for r in rows}))
-    write_text(out, html_report(rows, bound, f"marlwatch sweep: {algos}", _notes(rows, folder)), inputs=paths)
-    print(terminal_plots(rows, bound), end="")
-    print(f"marlwatch: saved {out}", file=sys.stderr)
-    return EXIT_OK

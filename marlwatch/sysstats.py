@@ -51,7 +51,3 @@ class ProcSampler:
             except psutil.Error:
                 self._procs.pop(slot, None)
         return out
-
-
-def affinity_supported() -> bool:
-    return hasattr(psutil.Process(), "cpu_affinity")

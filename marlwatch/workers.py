@@ -3,11 +3,14 @@
 `WorkerPool` is what the learner loop uses; `PipeWorkerPool` reaches local worker processes
 over `multiprocessing` pipes; `marlwatch.ray_workers.RayWorkerPool` reaches Ray actors with
 the same three methods (broadcast, gather, stop), and its actors do the same round
-(`rollout_round`) with the same phases.
+(`rollout_round`) with the same phases. `report_crash`: how a learner or worker tells the monitor it
+crashed.
 """
 
 from __future__ import annotations
 
+import os
+import traceback
 from multiprocessing.connection import Connection, wait
 from typing import Any, Protocol
 
@@ -58,12 +61,9 @@ class PipeWorkerPool:
             for conn in wait(list(pending)):
                 i = pending.pop(conn)  # type: ignore[call-overload]
                 try:
-                    kind, payload = conn.recv()  # type: ignore[union-attr]
+                    _, payload = conn.recv()  # type: ignore[union-attr]
                 except (EOFError, OSError, ConnectionResetError):
                     self._lose(i, "is gone (pipe closed)")
-                    continue
-                if kind == "error":
-                    self._lose(i, f"failed: {payload}")
                     continue
                 payloads.append(payload)
         return payloads
@@ -74,6 +74,16 @@ class PipeWorkerPool:
                 self.conns[i].send(STOP)
             except (BrokenPipeError, EOFError, OSError):
                 pass
+
+
+def report_crash(exc: BaseException, *, close: bool = True) -> None:
+    """Tell the monitor this process crashed, and where (one line)."""
+    last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    at = f" ({os.path.basename(where.filename)}:{where.lineno})" if where else ""
+    instrument.telemetry().event("crashed", error=last + at)
+    if close:
+        instrument.telemetry().close()
 
 
 def serve_rollout(rollout: Any, conn: Connection) -> int:

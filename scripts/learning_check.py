@@ -31,12 +31,12 @@ sys.path.insert(0, str(REPO))
 from algorithms import ALGORITHMS, make_config  # noqa: E402
 from algorithms.common import ParallelEnvRunner  # noqa: E402
 from algorithms.envs import make_env  # noqa: E402
-from marlwatch.cli import UsageError  # noqa: E402
+from marlwatch.cli import RunFailed, UsageError  # noqa: E402
+from marlwatch.cli.run import build_run, start_run  # noqa: E402
 from marlwatch.metrics import Metrics, summarize  # noqa: E402
 from marlwatch.outputs import write_text  # noqa: E402
 from marlwatch.recording import open_recording  # noqa: E402
-from marlwatch.runner import RunConfig  # noqa: E402
-from marlwatch.sweep import build_run, execute  # noqa: E402
+from marlwatch.runner import RunConfig, drive  # noqa: E402
 
 
 def random_returns(env_name: str, agents: int, max_cycles: int, episodes: int, seed: int) -> list[float]:
@@ -67,7 +67,8 @@ def check(algo: str, args: argparse.Namespace, settings: dict[str, str]) -> dict
     print(f"learning check: {algo} on {cfg.env}, {args.agents} agents, {args.workers} worker(s), "
           f"{budget} -> {record}", file=sys.stderr, flush=True)
     t0 = time.monotonic()
-    execute(run, time_limit_s=None if args.iterations else args.minutes * 60)
+    start_run(run)
+    drive(run, time_limit_s=None if args.iterations else args.minutes * 60)
     minutes = (time.monotonic() - t0) / 60
     if run.failure:
         raise RuntimeError(f"{algo}: run failed: {run.failure}")
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 settings[k.strip()] = v.strip()
         try:
             results.append(check(algo, args, settings))
-        except (UsageError, RuntimeError) as e:
+        except (UsageError, RunFailed, RuntimeError) as e:
             print(f"learning_check: {e}", file=sys.stderr)
             return 1
         r = results[-1]

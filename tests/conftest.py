@@ -21,6 +21,19 @@ def marlwatch(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedPro
                           timeout=timeout, cwd=kw.pop("cwd", REPO), **kw)
 
 
+def real_run(tmp_path: Path, algo: str, agents: int, iterations: int, *settings: str):
+    """A short real headless run of a built-in algorithm with one worker; its summary (Snapshot)."""
+    from marlwatch.metrics import summarize
+    from marlwatch.recording import open_recording
+
+    path = tmp_path / f"{algo}.arrow"
+    proc = marlwatch("run", "--headless", "--algo", algo, "--agents", str(agents), "--workers", "1",
+                     "--iterations", str(iterations), "--record", str(path),
+                     *(a for kv in settings for a in ("--set", kv)))
+    assert proc.returncode == 0, proc.stderr
+    return summarize(open_recording(path))
+
+
 def _is_run_process(p: psutil.Process) -> bool:
     try:
         if not p.is_running() or p.status() == psutil.STATUS_ZOMBIE:

@@ -11,7 +11,8 @@ import pytest
 from marlwatch.app.flame_panel import TopFunctionsPanel
 from marlwatch.app.live import LiveApp
 from marlwatch.app.widgets import PhaseTable, ThroughputPanel
-from marlwatch.cli import build_parser, make_flame, make_run, start_run
+from marlwatch.cli.parser import build_parser
+from marlwatch.cli.run import make_flame, make_run, start_run
 from marlwatch.recording import open_recording
 from tests.conftest import wait_for
 

@@ -16,8 +16,9 @@ from textual.widgets._footer import FooterKey
 from marlwatch.app.base import WatchApp
 from marlwatch.app.flame_panel import TopFunctionsPanel
 from marlwatch.app.live import LiveApp
-from marlwatch.app.replay import ReplayApp, load
+from marlwatch.app.replay import ReplayApp
 from marlwatch.app.widgets import CoresPanel, PhaseTable, ThroughputPanel, TimePanel, WorkersPanel
+from marlwatch.cli.files import load_replay as load
 from marlwatch.metrics import is_wait
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,12 +154,12 @@ def test_replay_names_only_its_own_keys():
     asyncio.run(scenario())
 
 
-def test_live_names_its_keys(tmp_path, no_leftovers):
-    # The live app on a real run that is never started: its footer and help before any sample.
-    from marlwatch.cli import build_parser, make_run
+def test_live_names_its_keys(tmp_path):
+    # The live app on a run that is never started: its footer and help before any sample.
+    from marlwatch.runner import Run, RunConfig
+    from tests.scripted_run import ScriptedLauncher
 
-    args = build_parser().parse_args(["run", "--workers", "1", "--record", str(tmp_path / "x.arrow")])
-    run = make_run(args, default_iterations=None)
+    run = Run(RunConfig(record=str(tmp_path / "x.arrow")), launcher=ScriptedLauncher())
 
     async def scenario() -> None:
         app = LiveApp(run)

@@ -1,11 +1,11 @@
-"""`marlwatch run` with the app: a short real run driven with Pilot, and bad input before the app."""
+"""`marlwatch run` with the app: its behaviour on a scripted run (tests/scripted_run.py: a shipped
+recording played through a real monitor), one real run in a real terminal, and bad input before the app."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -15,27 +15,21 @@ import psutil
 import pytest
 
 from marlwatch.app.live import LiveApp
-from marlwatch.app.replay import ReplayApp, load
+from marlwatch.app.replay import ReplayApp
 from marlwatch.app.widgets import CoresPanel, PhaseTable, RunHeader, TimePanel, WorkerRow
-from marlwatch.cli import build_parser, make_run, start_run
+from marlwatch.cli.files import load_replay as load
 from marlwatch.metrics import summarize
 from marlwatch.recording import open_recording
-from tests.conftest import descendants_alive, wait_for
+from tests.conftest import REPO, wait_for
+from tests.scripted_run import scripted_run
 
 QUICK = ["--set", "warmup=512", "--set", "batch_size=128"]
+FLAMED = REPO / "recordings" / "maddpg-flame.arrow"  # 2 workers; start-up 21 s, then warm-up until 28 s
 
 
-def start(tmp_path: Path, *extra: str):
-    args = build_parser().parse_args(["run", "--workers", "2", "--record", str(tmp_path / "live.arrow"),
-                                      *QUICK, *extra])
-    run = make_run(args, default_iterations=None)
-    start_run(run)
-    return run
-
-
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(60)
 def test_live_run_fills_panels_and_q_stops_it(tmp_path):
-    run = start(tmp_path)
+    run, _ = scripted_run(tmp_path, hold=True)
     app = LiveApp(run)
 
     async def scenario() -> None:
@@ -45,7 +39,7 @@ def test_live_run_fills_panels_and_q_stops_it(tmp_path):
                 return (s is not None and s.ips_now > 0 and s.iterations >= 3 and len(s.phases) >= 5
                         and bool(s.cores_now) and any(u > 0 for u in s.cores_now))
 
-            await wait_for(pilot, filled, 100, "non-zero IPS, phases and cores")
+            await wait_for(pilot, filled, 30, "non-zero IPS, phases and cores")
             s = app.snapshot
             assert "LIVE" in app.query_one(RunHeader).render().plain
             assert app.query_one(PhaseTable).row_count == len(s.phases)
@@ -58,29 +52,22 @@ def test_live_run_fills_panels_and_q_stops_it(tmp_path):
             assert panel.content_size.height >= len(s.cores_now) + len(s.procs), panel.content_size
             rows = list(app.query(WorkerRow))
             assert len(rows) == 3 and any(r.has_class("-running") for r in rows)
-            # Past the (short) warm-up the breakdown shows the communication shares.
-            await wait_for(pilot, lambda: app.snapshot.warmup is not None and not app.snapshot.warmup.active,
-                           60, "the warm-up to end")
-            await pilot.pause(0.3)
             assert "comm / execution" in time_panel_text(app) and "warming up" not in time_panel_text(app)
 
             await pilot.press("p")  # pause the view: the figures hold still while the run goes on
             held = app.snapshot
             await pilot.pause(1.0)
             assert app.snapshot is held and "paused" in app.query_one(RunHeader).render().plain
+            assert app.latest.snapshot is not held  # the run went on meanwhile
             await pilot.press("p")
             await wait_for(pilot, lambda: app.snapshot is not held, 5, "the view to resume")
 
             await pilot.press("q")
             await wait_for(pilot, lambda: app.ended is not None, 30, "the run to stop")
-        assert app.return_value == 0
+        assert app.return_code == 0 and not app.interrupted and app.ended.failure is None
 
     asyncio.run(scenario())
-    rec = open_recording(run.record_path)
-    batches = list(rec.batches())
-    assert rec.complete and len(batches) > 1
-    assert not run.alive
-    assert descendants_alive() == []
+    assert run.stop_reason == "stopped by user" and summarize(open_recording(run.record_path)).complete
 
 
 def time_panel_text(app) -> str:
@@ -88,25 +75,23 @@ def time_panel_text(app) -> str:
     return "\n".join(t.plain for t in getattr(rendered, "renderables", [rendered]))
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(60)
 def test_warmup_is_labelled_live_and_in_replay(tmp_path):
     """While MADDPG fills its replay buffer the breakdown says so instead of showing 0.0% shares,
     and a replay of the recording says the same."""
-    run = start(tmp_path, "--workers", "1", "--set", "warmup=1000000")
+    run, _ = scripted_run(tmp_path, FLAMED, until_s=25.0)  # stops playing inside the warm-up
     app = LiveApp(run)
-    seen: list[str] = []
 
     async def scenario() -> None:
         async with app.run_test(size=(120, 40)) as pilot:
             await wait_for(pilot, lambda: app.snapshot is not None and app.snapshot.warmup is not None
-                           and app.snapshot.warmup.done >= 200, 100, "warm-up progress")
+                           and app.snapshot.t_s >= 24.0, 30, "warm-up progress")
             await pilot.pause(0.3)
             w = app.snapshot.warmup
-            assert w.active and w.needed == 1_000_000 and w.unit == "transitions"
+            assert w.active and 0 < w.done < 2048 and w.needed == 2048 and w.unit == "transitions"
             text = time_panel_text(app)
-            assert f"warming up {w.done:,.0f}/1,000,000 transitions" in text, text
+            assert f"warming up {w.done:,.0f}/2,048 transitions" in text, text
             assert "comm / execution" not in text and "0.0%" not in text.split("\n", 2)[-1]
-            seen.append(text)
             await pilot.press("q")
             await wait_for(pilot, lambda: app.ended is not None, 30, "the run to stop")
 
@@ -120,23 +105,23 @@ def test_warmup_is_labelled_live_and_in_replay(tmp_path):
         async with rapp.run_test(size=(120, 40)) as pilot:
             await pilot.pause(0.5)
             assert rapp.snapshot.warmup == final
-            assert f"warming up {final.done:,.0f}/1,000,000 transitions" in time_panel_text(rapp)
+            assert f"warming up {final.done:,.0f}/2,048 transitions" in time_panel_text(rapp)
 
     asyncio.run(replay())
-    assert descendants_alive() == []
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(60)
 def test_live_run_that_finishes_stays_on_screen(tmp_path):
-    run = start(tmp_path, "--iterations", "3", "--workers", "1")
+    run, launcher = scripted_run(tmp_path, speed=30.0)
     app = LiveApp(run)
 
     async def scenario() -> None:
         async with app.run_test(size=(80, 24)) as pilot:
-            await wait_for(pilot, lambda: app.ended is not None, 100, "the run to finish")
+            await wait_for(pilot, lambda: app.ended is not None, 30, "the run to finish")
             await pilot.pause(0.3)
+            assert launcher.done and run.failure is None
             assert "FINISHED" in app.query_one(RunHeader).render().plain
-            assert app.snapshot.iterations == 3
+            assert app.snapshot.iterations == 150
             # The end-of-run marker reached the view through the same Metrics as every other row.
             assert app.snapshot.complete
             assert all(r.has_class("-finished") for r in app.query(WorkerRow))
@@ -147,36 +132,31 @@ def test_live_run_that_finishes_stays_on_screen(tmp_path):
             assert "f" not in keys and "q" in keys, keys
             assert app.query_one("#flame").hint == ""
             await pilot.press("ctrl+c")  # same as q
-        assert app.return_value == 130
+        assert app.interrupted  # `marlwatch run` exits 130
 
     asyncio.run(scenario())
     rec = open_recording(run.record_path)
     assert rec.read_all().num_rows > 0 and rec.complete
-    assert descendants_alive() == []
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(60)
 def test_killed_worker_shows_crash_and_exits_1(tmp_path):
-    run = start(tmp_path, "--workers", "1")
+    run, _ = scripted_run(tmp_path, crash_at=(1, 15.0))
     app = LiveApp(run)
 
     async def scenario() -> None:
         async with app.run_test(size=(80, 24)) as pilot:
-            await wait_for(pilot, lambda: app.snapshot is not None and app.snapshot.iterations >= 2, 100,
-                           "iterations")
-            os.kill(run.procs[1].pid, signal.SIGKILL)
             await wait_for(pilot, lambda: app.ended is not None, 30, "the run to stop")
             await pilot.pause(0.3)
             assert "FAILED" in app.query_one(RunHeader).render().plain
             crashed = app.query_one("#proc-1", WorkerRow)
             assert crashed.has_class("-crashed") and "SIGKILL" in (crashed.row.error or "")
             await pilot.press("q")
-        assert app.return_value == 1
+        assert app.ended.failure  # `marlwatch run` exits 1
 
     asyncio.run(scenario())
     assert run.failure and "SIGKILL" in run.failure
-    assert open_recording(run.record_path).read_all().num_rows > 0
-    assert descendants_alive() == []
+    assert 0 < summarize(open_recording(run.record_path)).iterations < 150  # stopped at the crash
 
 
 @pytest.mark.timeout(150)

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from marlwatch.app.replay import ReplayApp, load
+from marlwatch.app.replay import ReplayApp
 from marlwatch.app.widgets import PhaseTable, RunHeader, ThroughputPanel, TimePanel
+from marlwatch.cli.files import load_replay as load
 from marlwatch.report import ms
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ def test_play_pause_seek_speed():
             assert "end" in header_text(app)
 
             await pilot.press("q")
-        assert app.return_value == 0
+        assert app.return_code == 0
 
     asyncio.run(scenario())
 

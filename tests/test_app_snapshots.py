@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from marlwatch.app.replay import ReplayApp, load
+from marlwatch.app.replay import ReplayApp
+from marlwatch.cli.files import load_replay as load
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "recordings" / "maddpg-3agents-2workers.arrow"

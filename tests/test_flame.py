@@ -14,12 +14,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pyarrow.compute as pc
 import pytest
 
 from marlwatch.cli import main
-from marlwatch.flame import FlameController, pyspy_command, samples_from_chrometrace
+from marlwatch.flame.align import attribute
+from marlwatch.flame.controller import FlameController
+from marlwatch.flame.pyspy import Samples, pyspy_command, samples_from_chrometrace
 from marlwatch.metrics import summarize
 from marlwatch.recording import open_recording
 from marlwatch.runner import Run, RunConfig
@@ -102,20 +105,15 @@ def test_flame_run_stores_samples_attributed_to_open_spans(flamed):
             in_code[phase] += r["value"]
         if phase:
             in_phase[code] += r["value"]
+    # Both ways, on a real run: update's own code was seen and stored under update. How well a
+    # loaded machine's py-spy stamps line up is not asserted here (it varies with the load,
+    # docs/flame.md "Accuracy"); the alignment itself is checked on known data below.
     assert in_code[True] >= 20 and in_phase[True] >= 20, (in_code, in_phase)
-    assert in_code[True] / sum(in_code.values()) >= 0.85, in_code
-    assert in_phase[True] / sum(in_phase.values()) >= 0.85, in_phase
-    # Below the top level (update/critic, update/actor: a few ms each) attribution is only as good
-    # as py-spy's stamps, whose jitter grows with the machine's load: measured, not asserted
-    # (docs/flame.md, "Accuracy"). An assertion that sub-phases beat chance failed on loaded runs.
     done = {d["phase"]: d for d in events(table, "flame_done")}
     assert set(done) == {"update", "sample"}
-    # Agreement of py-spy's own phase guess with the spans after the clock shift: ~0.8-0.95 here,
-    # lower on a loaded machine (sampling jitter); the stack-vs-code checks above are the strict ones.
-    # The worker's capture is 2 s of short steps (act ~0.1 ms, env_step ~0.2 ms), the hardest case:
-    # 0.68 was seen with the suite running beside other work.
-    assert done["update"]["alignment"]["0"]["agreement"] > 0.7, done
-    assert done["sample"]["alignment"]["1"]["agreement"] > 0.6, done
+    for phase, slot in (("update", "0"), ("sample", "1")):
+        alignment = done[phase]["alignment"][slot]
+        assert -50 <= alignment["shift_ms"] <= 400 and 0 <= alignment["agreement"] <= 1, alignment
 
 
 def events(table, name: str) -> list[dict]:
@@ -341,6 +339,53 @@ def test_gone_process_and_unserved_requests_keep_the_run_going(tmp_path, no_left
     assert len(err) == 1 and err[0].startswith(f"marlwatch: {rec} holds no py-spy samples: py-spy could not "
                                                f"profile worker 1 (pid {gone_pid}): "), err
     assert "'update' was not profiled: 'update' never did real work" in err[0] and "marlwatch run" not in err[0]
+
+
+def synthetic_capture(delay_ms: int, jitter_ms: int, seed: int = 0):
+    """Three seconds of a learner's loop (sample ~30 ms, update ~20 ms with update/critic inside,
+    sync ~6 ms) and py-spy's samples of it at 100 Hz: stamped `delay_ms` early (py-spy's clock
+    started after marlwatch launched it) and up to `jitter_ms` late (stamped when handled).
+    Returns (samples, spans, the true top-level phase and innermost span name of each sample)."""
+    rng = np.random.default_rng(seed)
+    ms = 1_000_000
+    stack_of = {"sample": "learner_main (process.py:1);collect (algo.py:5);step (env.py:9)",
+                "update": "learner_main (process.py:1);update (algo.py:7);backward (torch.py:3)",
+                "sync": "learner_main (process.py:1);gather (workers.py:2);recv (connection.py:1)"}
+    spans, t, it = [], 0, 0
+    while t < 3000 * ms:
+        for name, mean in (("sample", 30), ("update", 20), ("sync", 6)):
+            d = int(mean * ms * rng.uniform(0.8, 1.2))
+            spans.append((t, d, name, it, True))
+            if name == "update":
+                spans.append((t + 2 * ms, d // 2, "update/critic", it, False))
+            t += d
+        it += 1
+    true = np.arange(0, 3000 * ms, 10 * ms)
+    truth = []
+    for x in true.tolist():
+        inner = [s for s in spans if s[0] <= x < s[0] + s[1]]
+        truth.append((next(s[2] for s in inner if s[4]), min(inner, key=lambda s: s[1])[2]))
+    stamps = true - delay_ms * ms + rng.integers(0, jitter_ms * ms + 1, len(true))
+    return Samples(stamps.astype(np.int64), [stack_of[top] for top, _ in truth]), spans, truth
+
+
+def test_alignment_finds_py_spys_clock_and_attributes_every_sample():
+    # py-spy started 120 ms late, stamps up to 3 ms late: the shift is found from the stacks alone.
+    samples, spans, truth = synthetic_capture(delay_ms=120, jitter_ms=3)
+    batch, unattributed, alignment = attribute(0, samples, spans, rate=100)
+    assert unattributed == 0 and abs(alignment["shift_ms"] - 118.5) <= 2, alignment
+    assert alignment["agreement"] > 0.9, alignment
+    top_of_stack = {"collect": "sample", "update": "update", "gather": "sync"}
+    rows = batch.to_pylist()
+    assert sum(r["value"] for r in rows) == len(truth)
+    for r in rows:  # every sample is in the top-level phase its own stack is in
+        assert r["name"].split("/")[0] == top_of_stack[r["text"].split(";")[1].split(" ")[0]], r
+    # Stamps without delay or jitter: each sample goes to the innermost span open at its time.
+    samples, spans, truth = synthetic_capture(delay_ms=0, jitter_ms=0)
+    batch, unattributed, alignment = attribute(0, samples, spans, rate=100)
+    assert alignment["shift_ms"] == 0 and unattributed == 0
+    got = [name for r in batch.to_pylist() for name in [r["name"]] * int(r["value"])]
+    assert got == [inner for _, inner in truth]
 
 
 def test_chrometrace_rebuild_counts_samples():

@@ -7,7 +7,6 @@ for speed; a few cases run the real command in a subprocess as well.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -18,7 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from marlwatch.cli import main
+from marlwatch.cli import UsageError, main
+from marlwatch.cli.files import load_replay
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.timeout(240)
@@ -41,10 +41,6 @@ def small(tmp_path_factory) -> bytes:
     return (d / "small.arrow").read_bytes()
 
 
-def has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
 def check(capsys, argv: list[str]) -> int:
     """Run the CLI; it must succeed or fail with exactly one `marlwatch:` line on stderr."""
     capsys.readouterr()
@@ -60,12 +56,9 @@ def check(capsys, argv: list[str]) -> int:
 
 
 def readers(path: Path, tmp: Path) -> list[list[str]]:
-    out = [["summary", str(path)], ["summary", str(path), "--json"]]
-    if has("marlwatch.diff"):
-        out.append(["diff", str(path), str(path), "--resamples", "100"])  # the fewest diff takes
-    if has("marlwatch.export"):
-        out.append(["export", str(path), "--to", "perfetto", "-o", str(tmp / "trace.json")])
-    return out
+    return [["summary", str(path)], ["summary", str(path), "--json"],
+            ["diff", str(path), str(path), "--resamples", "100"],  # the fewest diff takes
+            ["export", str(path), "--to", "perfetto", "-o", str(tmp / "trace.json")]]
 
 
 def feed(capsys, tmp_path: Path, data: bytes) -> None:
@@ -73,15 +66,11 @@ def feed(capsys, tmp_path: Path, data: bytes) -> None:
     path.write_bytes(data)
     for argv in readers(path, tmp_path):
         check(capsys, argv)
-    if has("marlwatch.app.replay"):
-        # The replay command reads the whole file before it opens the app: that part must fail cleanly.
-        from marlwatch.app.replay import load
-        from marlwatch.cli import UsageError
-
-        try:
-            load(str(path))
-        except UsageError as e:
-            assert "\n" not in str(e)
+    # The replay command reads the whole file before it opens the app: that part must fail cleanly.
+    try:
+        load_replay(str(path))
+    except UsageError as e:
+        assert "\n" not in str(e)
 
 
 @FUZZ

@@ -224,7 +224,8 @@ KEYS = ["end", "home", "space", "f", "f", "right", "[", "s", "down", "question_m
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", FILES)
 def test_replay_on_hostile_files(files, tmp_path, name, monkeypatch):
-    from marlwatch.app.replay import ReplayApp, load
+    from marlwatch.app.replay import ReplayApp
+    from marlwatch.cli.files import load_replay as load
 
     monkeypatch.chdir(tmp_path)  # where a [@click=app.screenshot(...)] would write
     if name in UNREADABLE:

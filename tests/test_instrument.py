@@ -130,9 +130,16 @@ def test_spans_off_still_counts_iterations(implementation):
 
 def test_without_a_monitor_spans_do_nothing():
     instrument.disconnect()
+    tel = instrument.telemetry()
+    # Every phase gets the one do-nothing span: no name is registered, nothing is buffered.
+    assert instrument.span("update") is instrument.span("update/critic") is tel._null_span
     with instrument.span("update"):
-        pass
-    instrument.tick()  # no error, no output
+        with instrument.span("update/critic"):
+            pass
+    instrument.tick()
+    tel.flush()
+    assert tel.sink is None and not tel.spans_enabled
+    assert tel._spans == {} and tel._new_names == [] and tel.spans_buffered == 0 and tel.spans_sent == 0
 
 
 def test_the_c_spans_are_built_where_a_compiler_was_there():

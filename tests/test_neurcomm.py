@@ -7,9 +7,7 @@ import pytest
 import torch
 
 from algorithms.neurcomm import NeurCommNet, hop_distances, neighbour_table
-from marlwatch.metrics import summarize
-from marlwatch.recording import open_recording
-from tests.conftest import marlwatch
+from tests.conftest import marlwatch, real_run
 
 LINE4 = np.abs(np.arange(4)[:, None] - np.arange(4)[None, :]) == 1
 
@@ -86,12 +84,7 @@ def test_critic_reads_only_neighbour_actions(loop: bool) -> None:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("agents, account", [(2, "messages"), (4, "layer")])
 def test_real_run_has_comm_phases(tmp_path, agents: int, account: str, no_leftovers) -> None:
-    path = tmp_path / "nc.arrow"
-    proc = marlwatch("run", "--headless", "--algo", "neurcomm", "--agents", str(agents), "--workers", "1",
-                     "--iterations", "4", "--record", str(path), "--set", "max_cycles=20",
-                     "--set", f"comm_account={account}")
-    assert proc.returncode == 0, proc.stderr
-    snap = summarize(open_recording(path))
+    snap = real_run(tmp_path, "neurcomm", agents, 4, "max_cycles=20", f"comm_account={account}")
     names = {p.name for p in snap.phases}
     layer = "comm/" if account == "layer" else ""
     assert {"sample/comm/messages", "sample/comm/encode", f"sample/{layer}lstm", "update/comm/messages",

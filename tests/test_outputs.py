@@ -22,7 +22,7 @@ import pytest
 
 from marlwatch.outputs import OutputError, atomic_output, numbered, write_text
 from marlwatch.recording import SCHEMA, RecordingExists, RecordingWriter, RunInfo, open_recording
-from marlwatch.sweep import _new_folder
+from marlwatch.sweep import new_folder
 from tests.conftest import FAST, REPO, marlwatch
 
 SHIPPED = REPO / "recordings" / "maddpg-3agents-2workers.arrow"
@@ -330,8 +330,8 @@ def test_a_monitor_killed_at_once_leaves_a_readable_file(tmp_path, no_leftovers)
 
 def test_a_sweep_never_reuses_a_folder(tmp_path):
     base = tmp_path / "sweep-x"
-    assert _new_folder(base) == base
-    assert _new_folder(base) == tmp_path / "sweep-x-2"
+    assert new_folder(base) == base
+    assert new_folder(base) == tmp_path / "sweep-x-2"
     out = tmp_path / "sweep"
     out.mkdir()
     (out / "maddpg-a2-w1.arrow").write_text("an earlier cell")

@@ -112,8 +112,9 @@ def test_spans_nodes_and_clocks_from_both_nodes(lost_node_run):
 
 @pytest.mark.timeout(500)
 def test_cores_panel_groups_cores_by_node(lost_node_run):
-    from marlwatch.app.replay import ReplayApp, load
+    from marlwatch.app.replay import ReplayApp
     from marlwatch.app.widgets import CoresPanel, WorkersPanel
+    from marlwatch.cli.files import load_replay as load
 
     path = lost_node_run[0]
 

@@ -116,8 +116,8 @@ def test_nothing_valid_left_is_one_line_and_exit_2(tmp_path, capsys):
                  ["export", str(path), "--to", "csv", "-o", str(tmp_path / "out")], ["repair", str(path)]):
         err = one_line_error(capsys, argv)
         assert "nothing valid to read: skipped 50 rows (50 NaN or infinite)" in err, err
-    from marlwatch.app.replay import load
     from marlwatch.cli import UsageError
+    from marlwatch.cli.files import load_replay as load
 
     with pytest.raises(UsageError, match="nothing valid to read"):
         load(str(path))

@@ -9,9 +9,7 @@ import torch
 
 from algorithms import make_config
 from algorithms.tarmac import TarMACLearner, encode, heads, make_messages, targeted_attention
-from marlwatch.metrics import summarize
-from marlwatch.recording import open_recording
-from tests.conftest import marlwatch
+from tests.conftest import real_run
 
 
 def _kvq(b: int = 2, n: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -95,12 +93,7 @@ def test_an_update_steps_every_agent_and_returns_float_gauges() -> None:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("agents", [2, 4])
 def test_real_run_has_comm_phases(tmp_path, agents: int, no_leftovers) -> None:
-    path = tmp_path / "tarmac.arrow"
-    proc = marlwatch("run", "--headless", "--algo", "tarmac", "--agents", str(agents), "--workers", "1",
-                     "--iterations", "3", "--record", str(path),
-                     "--set", "max_cycles=10", "--set", "episodes_per_iteration=1")
-    assert proc.returncode == 0, proc.stderr
-    snap = summarize(open_recording(path))
+    snap = real_run(tmp_path, "tarmac", agents, 3, "max_cycles=10", "episodes_per_iteration=1")
     names = {p.name for p in snap.phases}
     assert {"sample/comm/signature", "sample/comm/attention", "update/comm/signature",
             "update/comm/attention", "update/backward", "update/optim"} <= names

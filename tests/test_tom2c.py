@@ -18,9 +18,7 @@ from algorithms.tom2c import (
     final_goals,
     pair_inputs,
 )
-from marlwatch.metrics import summarize
-from marlwatch.recording import open_recording
-from tests.conftest import marlwatch
+from tests.conftest import marlwatch, real_run
 
 
 def _spread_obs(agents: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
@@ -176,13 +174,7 @@ def test_tom_trains_on_its_own_schedule_and_the_policy_every_iteration(graph: st
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("agents", [2, 4])
 def test_real_run_has_comm_phases(tmp_path, agents: int, no_leftovers) -> None:
-    path = tmp_path / "tom2c.arrow"
-    proc = marlwatch("run", "--headless", "--algo", "tom2c", "--agents", str(agents), "--workers", "1",
-                     "--iterations", "3", "--record", str(path), "--set", "max_cycles=10",
-                     # ToM trains in iterations 0 and 2: iteration 0 is start-up, left out of the figures
-                     "--set", "episodes_per_iteration=1", "--set", "tom_every=2")
-    assert proc.returncode == 0, proc.stderr
-    snap = summarize(open_recording(path))
+    snap = real_run(tmp_path, "tom2c", agents, 3, "max_cycles=10", "episodes_per_iteration=1", "tom_every=1")
     names = {p.name for p in snap.phases}
     assert {"sample/comm/tom", "sample/comm/graph", "sample/comm/messages", "update/comm/tom",
             "update/comm/graph", "update/comm/messages", "update/comm/critic_attention",

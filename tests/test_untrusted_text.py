@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from marlwatch.app.replay import ReplayApp, load, run_app
+from marlwatch.app.replay import ReplayApp
 from marlwatch.app.widgets import PhaseTable, WorkersPanel
 from marlwatch.cli import main
+from marlwatch.cli.files import load_replay as load
+from marlwatch.cli.files import run_app
 from marlwatch.terminal import finite, printable
 from tests.conftest import REPO
 from tests.hostile import INFO, end_row, run_file, run_rows, write

@@ -103,7 +103,8 @@ def test_the_live_app_watches_a_command_and_q_stops_it_cleanly(tmp_path, no_left
 
     from marlwatch.app.live import LiveApp
     from marlwatch.app.widgets import RunHeader
-    from marlwatch.cli import build_parser, finish_message, make_run, start_run
+    from marlwatch.cli.parser import build_parser
+    from marlwatch.cli.run import finish_message, make_run, start_run
     from tests.conftest import wait_for
 
     loop = write_loop(tmp_path)

@@ -15,6 +15,7 @@ from textual.reactive import reactive
 from textual.widgets import Static
 
 from marlwatch.metrics import Snapshot
+from marlwatch.report import percent
 from marlwatch.terminal import printable
 
 ROWS = 6
@@ -84,8 +85,7 @@ class TopFunctionsPanel(Static):
         phase = self.phase or ""
         shown = printable(phase) or "-"
         self.lines = s.top_functions(phase, ROWS) if phase else []
-        total = sum(sum(f.values()) for name, f in s.stacks.items()
-                    if phase and (name == phase or name.startswith(phase + "/")))
+        total = sum(s.phase_samples(phase).values()) if phase else 0
         self.border_title = Text(f"py-spy: top functions in {shown}")  # Text: a str would be parsed as markup
         self.border_subtitle = f"{total} samples · t closes"
         text = Text(no_wrap=True, overflow="ellipsis")
@@ -95,7 +95,7 @@ class TopFunctionsPanel(Static):
         for i, (func, n) in enumerate(self.lines):
             if i:
                 text.append("\n")
-            text.append(f"{100 * n / total:5.1f}% ", style="bold")
+            text.append(f"{percent(n / total, 5)} ", style="bold")
             text.append(f"{n:6d}  ")
             name, _, where = printable(func).partition(" (")
             text.append(name, style="bold magenta" if i == 0 else "")

@@ -1,4 +1,4 @@
-"""`marlwatch run`: start a run and watch it live.
+"""The live app (`marlwatch run`): watch a started run.
 
 One thread owns the run: it drives it (`marlwatch.runner.drive`, the loop headless `run` uses
 too), which records every row and feeds `Metrics` through `run.listeners`, and posts a
@@ -8,9 +8,6 @@ the run, so the run is never touched from two threads. The UI thread only displa
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import signal
 import threading
 
 from textual import work
@@ -21,11 +18,9 @@ from marlwatch.app.base import REFRESH_HZ, WatchApp
 from marlwatch.app.flame_panel import TopFunctionsPanel
 from marlwatch.app.messages import RunEnded, SnapshotUpdate
 from marlwatch.app.widgets import Status, clock
-from marlwatch.metrics import Metrics, Snapshot
-from marlwatch.runner import STOP_GRACE_S, STOP_SIGNALS, drive
-from marlwatch.terminal import say
+from marlwatch.metrics import Metrics
+from marlwatch.runner import drive
 
-EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 NO_SPANS_NOTICE_S = 10.0
 
 
@@ -46,7 +41,7 @@ class LiveApp(WatchApp):
         super().__init__()
         self.run_ = run
         if flame is None:
-            from marlwatch.flame import FlameController
+            from marlwatch.flame.controller import FlameController
 
             flame = FlameController(run)
         self.flame = flame
@@ -122,7 +117,7 @@ class LiveApp(WatchApp):
     def on_run_ended(self, message: RunEnded) -> None:
         self.ended = message
         if self.quitting:
-            self.exit(self.exit_code_for(message))
+            self.exit()
             return
         # Nothing runs any more: `f` leaves the footer and the py-spy panel's hint.
         self.query_one(TopFunctionsPanel).hint = ""
@@ -137,11 +132,6 @@ class LiveApp(WatchApp):
             self.notify("run finished, but the recording has no end marker. q to leave.", severity="warning",
                         timeout=30)
 
-    def exit_code_for(self, ended: RunEnded) -> int:
-        if ended.failure:
-            return EXIT_FAILED
-        return EXIT_INTERRUPTED if self.interrupted else EXIT_OK
-
     def stop(self) -> None:
         """Ask the run's thread to finish the run; safe from a signal handler (sets an Event)."""
         self.quitting = True
@@ -149,7 +139,7 @@ class LiveApp(WatchApp):
 
     def action_quit(self) -> None:  # type: ignore[override]
         if self.ended is not None:
-            self.exit(self.exit_code_for(self.ended))
+            self.exit()
             return
         if not self.stop_requested.is_set():
             self.notify("stopping the run and closing the recording…", timeout=10)
@@ -189,51 +179,3 @@ class LiveApp(WatchApp):
             size = self.latest.recording_bytes if self.latest else 0
             self.query_one("#header").status = self._status(size)
 
-
-def run_live(args: argparse.Namespace) -> int:
-    """`marlwatch run` with the app. Bad input fails before the terminal is taken over."""
-    from marlwatch.cli import UsageError, finish_message, make_flame, make_run, start_run
-    from marlwatch.report import human_bytes, summary_text
-
-    refresh = getattr(args, "refresh", REFRESH_HZ)
-    if not 0.1 <= refresh <= 30:
-        raise UsageError(f"--refresh must be between 0.1 and 30 redraws per second, got {refresh}")
-    run = make_run(args, default_iterations=None, command_log=True)
-    flame = make_flame(run, args, always=True)
-    app = LiveApp(run, flame, refresh_hz=refresh)
-
-    def on_signal(signum: int, frame: object) -> None:
-        run.stop_signal = run.stop_signal or signum
-        app.interrupted = True
-        app.stop()
-
-    # Ctrl-C reaches the app as a key (the terminal is in raw mode); these are for `kill`, and
-    # SIGHUP for a terminal or SSH session that closes under the app: a clean stop, like q.
-    old = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
-    try:
-        start_run(run)
-        code = app.run()
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        # Whatever ended the app, the run's thread finishes the run (never two threads on it),
-        # then no child may outlive us and the recording gets its end marker.
-        app.stop()
-        if app.pumping:
-            app.run_done.wait(STOP_GRACE_S + 10)
-        if run.started:
-            run.abort("app exited")
-    snap: Snapshot = app.snapshot or app.metrics.snapshot()
-    if app.ended is not None:
-        snap = app.ended.snapshot
-    # The status is the file's: the run's thread may not have finished it (the fallback above).
-    complete = run.writer is not None and run.writer.closed and run.writer.failed is None
-    with contextlib.suppress(OSError):  # a terminal that went away (SIGHUP) cannot show it
-        print(summary_text(snap, str(run.record_path), "complete" if complete else "truncated"))
-        say(f"recording {run.record_path} ({human_bytes(run.recording_bytes)})")
-    if app.return_code and run.failure is None and run.cfg.command is None:  # the app itself failed
-        return app.return_code if code is None else code
-    result = finish_message(run, snap)
-    if result == EXIT_OK and app.interrupted and run.stop_signal is None:
-        return EXIT_INTERRUPTED  # Ctrl-C as a key
-    return result

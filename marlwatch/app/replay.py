@@ -1,4 +1,4 @@
-"""`marlwatch replay FILE`: the live view, driven by a recording instead of a run.
+"""The replay app (`marlwatch replay FILE`): the live view, driven by a recording instead of a run.
 
 The panels are the live app's; the figures come from the same `Metrics`, fed by a `Playback`
 that moves a playhead over the recorded rows on a timer.
@@ -6,8 +6,6 @@ that moves a playhead over the recorded rows on a timer.
 
 from __future__ import annotations
 
-import argparse
-import math
 import time
 from collections.abc import Callable
 
@@ -15,7 +13,7 @@ from textual.binding import Binding
 
 from marlwatch.app.base import REFRESH_HZ, WatchApp
 from marlwatch.app.widgets import Status, clock
-from marlwatch.playback import SPEEDS, Playback, speed_label
+from marlwatch.playback import Playback, speed_label
 from marlwatch.terminal import printable
 
 
@@ -104,7 +102,7 @@ class ReplayApp(WatchApp):
 
     # -- keys ---------------------------------------------------------------------------------
     def action_quit(self) -> None:  # type: ignore[override]
-        self.exit(0)
+        self.exit()
 
     def _then_refresh(self, step: Callable[[], object]) -> None:
         self.replay_error = None  # a key pressed: try again (seeking back reads a file anew)
@@ -132,68 +130,3 @@ class ReplayApp(WatchApp):
     def action_end(self) -> None:
         self._then_refresh(self.playback.to_end)
 
-
-def _seconds(text: str) -> float:
-    """argparse type of --at: a finite number of seconds >= 0 (past the end means the end)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"--at takes a number of seconds >= 0, got {text!r}")
-    return value
-
-
-def _speed(text: str) -> float:
-    value = math.inf if text.strip().lower() in ("max", "inf") else None
-    if value is None:
-        try:
-            value = float(text.strip().rstrip("xX"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--speed takes 1, 4, 16 or max, got {text!r}") from None
-    if value not in SPEEDS:
-        raise argparse.ArgumentTypeError(f"--speed takes 1, 4, 16 or max, got {text!r}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", help="a recording (.arrow) written by `marlwatch run`")
-    parser.add_argument("--speed", type=_speed, default=1.0, help="1, 4, 16 or max (default 1)")
-    parser.add_argument("--at", type=_seconds, default=None, metavar="SECONDS",
-                        help="start with the playhead this many seconds into the recording")
-    parser.add_argument("--paused", action="store_true", help="start paused")
-
-
-def load(path: str) -> tuple[Playback, str, int]:
-    """Open and read a recording for replay; bad files raise UsageError with one line."""
-    from marlwatch.cli import UsageError, open_or_fail
-    from marlwatch.recording import RecordingError
-
-    rec = open_or_fail(path)
-    try:
-        playback = Playback.from_recording(rec)
-    except RecordingError as e:  # nothing valid in it
-        raise UsageError(str(e)) from None
-    except Exception as e:  # noqa: BLE001 - a damaged file must give one line, not a traceback
-        raise UsageError(f"{path}: damaged recording ({type(e).__name__}: {e})") from None
-    if playback.rows == 0:
-        raise UsageError(f"{path}: the recording holds no rows")
-    return playback, rec.status, rec.path.stat().st_size
-
-
-def cli(args: argparse.Namespace) -> int:
-    from marlwatch.cli import warn_skipped
-
-    playback, status, size = load(args.file)
-    app = ReplayApp(playback, args.file, size, status, at_s=args.at, play=not args.paused, speed=args.speed)
-    code = run_app(app)
-    if playback.source is not None:  # on the terminal again: the app showed it as a notice
-        warn_skipped(playback.source)
-    return code
-
-
-def run_app(app: ReplayApp, **run_kwargs: object) -> int:
-    """Run the app; its exit code. Textual ends an app on an exception nothing handled, restores
-    the terminal and prints the traceback, but run() then returns None: that is a failure (1)."""
-    code = app.run(**run_kwargs)  # type: ignore[arg-type]
-    return app.return_code or code or 0

@@ -14,7 +14,7 @@ from textual.widgets import Static
 
 from marlwatch.app.charts import column_plot, hbar, stacked_bar
 from marlwatch.metrics import PhaseRow, ProcRow, Snapshot
-from marlwatch.report import human_bytes, ms, warming_up
+from marlwatch.report import human_bytes, ms, percent, warming_up
 from marlwatch.terminal import printable
 
 TOP_STYLES = {"sample": "dodger_blue2", "update": "magenta", "sync": "yellow", "other": "grey50"}
@@ -27,10 +27,6 @@ def clock(seconds: float) -> str:
     h, rest = divmod(int(seconds), 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
-
-
-def pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
 
 
 def short_role(role: str) -> str:
@@ -128,7 +124,7 @@ class ThroughputPanel(Vertical):
             line2.append(f"  latency p50 {ms(s.iteration_ms['p50'])} p99 {ms(s.iteration_ms['p99'])} ms")
         if s.latency_bound_ms is not None and s.bounded_ips is not None:
             # Latency-bounded throughput (--latency-bound): only iterations within the bound count.
-            met = "" if s.bound_met is None or math.isnan(s.bound_met) else f", {pct(s.bound_met)} of it"
+            met = "" if s.bound_met is None or math.isnan(s.bound_met) else f", {percent(s.bound_met)} of it"
             line1.append(f"  ≤{s.latency_bound_ms:g} ms: ")
             line1.append(f"{s.bounded_ips:.2f}", style="bold")
             line1.append(f" IPS{met}")
@@ -159,7 +155,7 @@ class TimePanel(Static):
         wide = sum(len(k) + 9 for k, _ in shown) <= width
         for k, v in shown:
             legend.append("■", style=TOP_STYLES[k])
-            legend.append(f"{k} {pct(v) if wide else f'{100 * v:.0f}%'} ")
+            legend.append(f"{k} {percent(v, decimals=1 if wide else 0)} ")
         exec_line = Text(no_wrap=True, overflow="ellipsis")
         upd_line = Text(no_wrap=True, overflow="ellipsis")
         if s.startup_s is None:
@@ -172,9 +168,9 @@ class TimePanel(Static):
             exec_line.append(f" {warming_up(s.warmup)} ", style="bold reverse yellow")
             upd_line.append(" no model update yet: comm shares start after it", style="dim")
         else:
-            exec_line.append(f" {pct(s.comm_share):>6} ", style="bold reverse red")
+            exec_line.append(f" {percent(s.comm_share):>6} ", style="bold reverse red")
             exec_line.append(" comm / execution", style="bold")
-            upd_line.append(f" {pct(s.comm_share_update):>6} ", style="bold reverse magenta")
+            upd_line.append(f" {percent(s.comm_share_update):>6} ", style="bold reverse magenta")
             upd_line.append(" comm / model update", style="bold")
         seconds = Text(f"exec {s.exec_s:.1f} s  comm {s.comm_s:.1f} s  update {s.update_s:.1f} s",
                        style="dim", no_wrap=True, overflow="ellipsis")
@@ -298,7 +294,7 @@ class PhaseTable(Vertical):
         self.cells = []
         for p in self.displayed():
             label = printable(phase_label(p, names, self.sort_key == "tree")) + (" ✉" if p.comm else "")
-            self.cells.append([label, f"{p.total_s:.3f}", pct(p.share), str(p.count),
+            self.cells.append([label, f"{p.total_s:.3f}", percent(p.share), str(p.count),
                                ms(p.p50_ms), ms(p.p95_ms), ms(p.p99_ms)])
         longest = max((len(c[0]) for c in self.cells), default=5)
         name_w = max(10, min(longest + 1, self.content_size.width - sum(self.WIDTHS) - 1))
@@ -320,7 +316,7 @@ class PhaseTable(Vertical):
                 scroll.scroll_to(y=max(0, row - rows // 2), animate=False)
         if hottest is not None:
             # Text, not a str: a str title is parsed as markup, and phase names come from the recording.
-            self.border_subtitle = Text(f"hottest: {printable(hottest.name)} {pct(hottest.share)}")
+            self.border_subtitle = Text(f"hottest: {printable(hottest.name)} {percent(hottest.share)}")
 
 
 class CoresPanel(Static):

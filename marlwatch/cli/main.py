@@ -1,0 +1,111 @@
+"""`main`: parse the command line, run the subcommand, and make every ending one line and an exit code."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from marlwatch.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, RunFailed, UsageError, fail
+from marlwatch.cli.parser import COMMANDS, build_parser
+from marlwatch.outputs import OutputError
+
+
+class StdoutError(OSError):
+    """Standard output does not take what a command prints (a full disk, an I/O error). An
+    OSError, so that a command writing its output there (`export -o -`) reports it as it
+    reports any failed write."""
+
+
+class _GuardedStdout:
+    """sys.stdout while a command runs: a write or flush that fails raises StdoutError, which
+    main() turns into one line, instead of an OSError traceback from whichever print() hit it (or
+    from the interpreter's last flush, after main() has returned)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def _guard(self, method: str, *args: object) -> object:
+        try:
+            return getattr(self._stream, method)(*args)
+        except BrokenPipeError:
+            raise  # a reader that left (`| head`): not a failure, see _main
+        except OSError as e:
+            raise StdoutError(e.errno, e.strerror or str(e)) from None
+
+    def write(self, text: str) -> int:
+        return self._guard("write", text)  # type: ignore[return-value]
+
+    def flush(self) -> None:
+        self._guard("flush")
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stream, name)
+
+
+def _stdout_to_devnull() -> None:
+    # What is still buffered for stdout would fail again when the interpreter flushes it on exit
+    # (a traceback-like "Exception ignored" after our line): stdout goes to /dev/null from here on.
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    real_stdout = sys.stdout
+    sys.stdout = _GuardedStdout(real_stdout)  # type: ignore[assignment]
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a full disk shows here, while we can still say so in one line
+        return code
+    except KeyboardInterrupt:
+        # Ctrl-C before a command installed its own handler (`run` does, before it starts any
+        # process): still importing torch or reading a file, nothing started, nothing to keep.
+        return fail("interrupted", EXIT_INTERRUPTED)
+    except StdoutError as e:
+        sys.stdout = real_stdout
+        _stdout_to_devnull()
+        return fail(f"cannot write to standard output: {e.strerror}", EXIT_FAILED)
+    finally:
+        sys.stdout = real_stdout
+
+
+def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """`marlwatch [run] [options] -- COMMAND ...`: marlwatch's own arguments, and the user's command.
+    For other subcommands `--` keeps its usual meaning (the end of options)."""
+    if "--" not in argv:
+        return argv, None
+    i = argv.index("--")
+    subcommand = next((a for a in argv[:i] if not a.startswith("-")), "run")
+    if subcommand != "run":
+        return argv, None
+    return argv[:i], argv[i + 1:]
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, user_command = _split_command(argv)
+    try:
+        args = build_parser().parse_args(own)
+        if args.command is None:
+            args = build_parser().parse_args(["run", *own])
+    except UsageError as e:
+        return fail(str(e))
+    args.user_command = user_command
+    module, function, _ = COMMANDS[args.command]
+    try:
+        return getattr(importlib.import_module(f"marlwatch.cli.{module}"), function)(args)
+    except (UsageError, OutputError) as e:
+        return fail(str(e))
+    except RunFailed as e:
+        return fail(f"run failed: {e}", EXIT_FAILED)
+    except BrokenPipeError:
+        _stdout_to_devnull()  # output piped into `head`, which has read what it wanted
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
