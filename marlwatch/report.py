@@ -96,7 +96,7 @@ def summary_text(s: Snapshot, path: str = "", status: str = "") -> str:
     if s.latency_bound_ms is not None and s.bounded_ips is not None:
         met = "-" if s.bound_met is None or math.isnan(s.bound_met) else percent(s.bound_met)
         lines.append(f"latency-bounded IPS {s.bounded_ips:.2f} (bound {s.latency_bound_ms:g} ms: {met} of "
-                     f"iterations within, p99 {'within' if s.p99_within_bound else 'over'})")
+                     f"iterations, p99 {'within' if s.p99_within_bound else 'over'})")
     lines.append(f"communication: {percent(s.comm_share)} of execution time (sample+update), "
                  f"{percent(s.comm_share_update)} of update time")
     if s.warmup is not None:

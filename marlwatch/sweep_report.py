@@ -34,6 +34,7 @@ from marlwatch.report import percent
 from marlwatch.sweep import Row, bound_choices, bound_lines, fits, fitted_growth
 
 REPORT_NAME = "report.html"
+MIN_PHASE_SHARE = 0.01  # phase plots show phases of at least 1% of update time at the most agents
 
 
 class ReportError(ValueError):
@@ -136,6 +137,8 @@ def phase_series(rows: list[Row], workers: int | None = None, top: str = "update
     sel = groups[workers if workers in groups else min(groups)]
     under = {n for r in sel for n in r.phase_ms if n.startswith(top + "/")}
     names = sorted(n for n in under if not any(m.startswith(n + "/") for m in under))
+    # Phases too small to matter at the most agents are left out (they only clutter the plot).
+    update_at_most = max(sel, key=lambda r: r.agents).update_ms_per_iter
     out = []
     for name in names:
         pts = [(r.agents, r.phase_ms.get(name, 0.0)) for r in sel if r.phase_ms.get(name, 0.0) > 0]
@@ -145,7 +148,7 @@ def phase_series(rows: list[Row], workers: int | None = None, top: str = "update
         growth = fitted_growth(a, y)
         out.append((growth or 0.0, Series(f"{name.split('/', 1)[1]} ({_x(growth)}/2x)", a, y, is_comm(name))))
     out.sort(key=lambda gs: -gs[0])
-    return [s for _, s in out]
+    return [s for _, s in out if s.y[-1] >= MIN_PHASE_SHARE * update_at_most]
 
 
 def share_series(rows: list[Row]) -> list[Series]:
@@ -172,7 +175,7 @@ def _figure() -> tuple[Any, Any]:
     import matplotlib.pyplot as plt
 
     plt.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "marlwatch", "font.size": 9})
-    return plt.subplots(figsize=(6.4, 3.8))
+    return plt.subplots(figsize=(8.6, 3.8))
 
 
 def _svg(fig: Any) -> str:
@@ -187,31 +190,30 @@ def _svg(fig: Any) -> str:
 
 
 def _lines(ax: Any, series: list[Series], loglog: bool) -> None:
+    from matplotlib.ticker import LogFormatter, NullLocator
+
     for s in series:
         ax.plot(s.x, s.y, marker="o", linestyle="--" if s.dashed else "-", label=s.label)
     if loglog:
-        ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        # 400, not 4x10^2; LogFormatter thins the minor labels when the range is wide.
+        ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
+    ax.set_xscale("log", base=2)  # agent and worker counts double
     xs = sorted({x for s in series for x in s.x})
     if xs:
         ax.set_xticks(xs, [f"{x:g}" for x in xs])
-        ax.xaxis.set_minor_locator(_null_locator())  # the measured counts are the only x ticks
+        ax.xaxis.set_minor_locator(NullLocator())  # the measured counts are the only x ticks
     ax.grid(True, which="major", alpha=0.3)
-    if series:
-        ax.legend(fontsize=7)
-
-
-def _null_locator() -> Any:
-    from matplotlib.ticker import NullLocator
-
-    return NullLocator()
+    if series:  # beside the plot, never over the lines
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
 def plot_times(rows: list[Row]) -> str:
     fig, ax = _figure()
     _lines(ax, time_series(rows), loglog=True)
     ax.set(xlabel="agents", ylabel="ms per learner iteration",
-           title="Update and communication time vs agents (log-log; fitted growth per doubling)")
+           title="Update (solid) and communication (dashed) time vs agents, log-log")
     return _svg(fig)
 
 
@@ -227,10 +229,8 @@ def plot_phases(rows: list[Row]) -> str:
 def plot_shares(rows: list[Row]) -> str:
     fig, ax = _figure()
     _lines(ax, share_series(rows), loglog=False)
-    ax.set_xscale("log", base=2)
-    ax.xaxis.set_minor_locator(_null_locator())
     ax.set(xlabel="agents", ylabel="% of time", ylim=(0, 100),
-           title="Communication share of execution (solid) and of update (dashed) vs agents")
+           title="Communication share of execution (solid) and of update (dashed)")
     return _svg(fig)
 
 
@@ -238,12 +238,15 @@ def plot_ips(rows: list[Row], choices: list[BoundChoice], bound_ms: float | None
     fig, ax = _figure()
     _lines(ax, ips_series(rows), loglog=False)
     for ch in choices:
+        over = [(dict(c.setting)["workers"], c.ips) for c, ok, _ in ch.rows if not ok]
+        if over:  # settings whose p99 is over the bound: crossed out
+            ax.plot(*zip(*over, strict=True), marker="x", markersize=10, color="grey", linestyle="none", zorder=4)
         if ch.best is not None:
             ax.plot([dict(ch.best.setting)["workers"]], [ch.best.ips], marker="*", markersize=16,
                     color="black", linestyle="none", zorder=5)
             ax.annotate(f"LBT {ch.agents}a", (dict(ch.best.setting)["workers"], ch.best.ips),
                         textcoords="offset points", xytext=(6, 6), fontsize=7)
-    bound = f" (star: highest IPS with p99 <= {bound_ms:g} ms)" if bound_ms is not None else ""
+    bound = f" (star: highest IPS with p99 <= {bound_ms:g} ms; x: p99 over it)" if bound_ms is not None else ""
     ax.set(xlabel="rollout workers", ylabel="iterations per second", title=f"IPS vs workers{bound}")
     return _svg(fig)
 

@@ -148,3 +148,21 @@ def test_report_bad_input_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2 and proc.stderr.strip() == f"marlwatch: {tmp_path / 'nope'}: not a folder (give the folder a sweep wrote)"
     proc = marlwatch("report", str(tmp_path), timeout=60)
     assert proc.returncode == 2 and "no recordings" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_without_matplotlib_the_report_is_refused_before_anything_runs(tmp_path: Path, sweep_dir: Path) -> None:
+    """The plotting library is an optional extra: without it `sweep --report` says how to get it
+    before any cell runs, and `report` refuses with one line; the terminal plots need no extra."""
+    import os
+
+    hidden = tmp_path / "no-matplotlib"
+    (hidden / "matplotlib").mkdir(parents=True)
+    (hidden / "matplotlib" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hidden), os.environ.get("PYTHONPATH", "")])}
+    proc = marlwatch("report", str(sweep_dir), env=env, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "marlwatch: the HTML report needs matplotlib: pip install 'marlwatch[report]'"
+    out = tmp_path / "sweep"
+    proc = marlwatch("sweep", "--algo", "neurcomm", "--agents", "2", "--iterations", "1", "--report",
+                     "--out", str(out), env=env, timeout=60)
+    assert proc.returncode == 2 and "needs matplotlib" in proc.stderr and not out.exists()
