@@ -308,8 +308,8 @@ class ToM2CConfig(ActorCriticConfig):
         # The N x N pairs: ToM inputs (2N+2 each), goal guesses over N targets (logits and
         # probabilities), the ToM GRU's state, and the graph's edge features each round.
         pairs = n * n * ((2 * n + 2) + 2 * n + 4 * h + 2 * h * (self.prop_steps + 1)) + 6 * n * h
-        if self.graph == "per_agent":  # N graphs of N x N edges, ~6 g-wide tensors per round
-            pairs += n * n * n * self.graph_width * (4 + 6 * self.prop_steps)
+        if self.graph == "per_agent":  # N graphs of N x N edges: ~3 g-wide tensors kept per round
+            pairs += n * n * n * self.graph_width * (2 + 3 * self.prop_steps)
         return pairs
 
     def validate(self) -> None:

@@ -42,6 +42,7 @@ TORCH_FIRST_UPDATE = 120 * 2**20
 @pytest.mark.parametrize("algo, agents, workers, settings", [
     ("maddpg", 6, 1, {"buffer_size": "80000", "warmup": "0"}),  # the buffer dominates
     ("tom2c", 10, 1, {}),  # the N x N x N update dominates
+    ("tom2c", 6, 1, {"graph": "per_agent"}),  # N graphs of N x N edges, 192 wide
 ])
 def test_the_estimate_is_a_lower_bound_within_3x_of_a_real_learner(algo, agents, workers, settings):
     """Low enough never to refuse a run that fits, close enough to refuse one that cannot."""
