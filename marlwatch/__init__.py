@@ -41,9 +41,9 @@ def ray_env() -> dict[str, str]:
 def auto_phases() -> None:
     """Record phases without code changes (env steps, backward passes, optimizer steps,
     torch.distributed collectives, and iterations): see marlwatch.autophases."""
-    from marlwatch import autophases
+    from marlwatch import autophases, instrument
 
-    autophases.install()
+    autophases.install(lambda: instrument)
 
 if TYPE_CHECKING:
     from marlwatch.instrument import (

@@ -1,6 +1,6 @@
 """Auto phases: where the time goes in code that was never instrumented.
 
-`install()` (also `marlwatch.auto_phases()`, and the start-up hook of `marlwatch run -- COMMAND`)
+`install(span_api)` (also `marlwatch.auto_phases()`, and the start-up hook of `marlwatch run -- COMMAND`)
 hooks whichever of these libraries the program uses, each only when the program imports it (an
 import hook: installing costs nothing at start-up and makes none of them a dependency):
 
@@ -52,13 +52,15 @@ def installed() -> bool:
 def _inst() -> ModuleType:
     global _instrument
     if _instrument is None:
-        from marlwatch import instrument
-
-        _instrument = instrument
+        assert _span_api is not None, "install() first"
+        _instrument = _span_api()
     return _instrument
 
 
-_instrument: ModuleType | None = None  # marlwatch.instrument, imported on first use
+# The span API (marlwatch.instrument) the hooks record through, got from what install() was given
+# on first use: installing the hooks at start-up does not import it (nor does this module).
+_span_api: Callable[[], ModuleType] | None = None
+_instrument: ModuleType | None = None
 
 
 # -- wrappers ----------------------------------------------------------------------------------
@@ -282,13 +284,15 @@ class _Finder(importlib.abc.MetaPathFinder):
         return None
 
 
-def install() -> None:
-    """Install the auto phases in this process (once; later calls do nothing)."""
-    global _installed
+def install(span_api: Callable[[], ModuleType]) -> None:
+    """Install the auto phases in this process (once; later calls do nothing). `span_api` returns
+    marlwatch.instrument, the first time a hook records (so that installing costs no import)."""
+    global _installed, _span_api
     with _install_lock:
         if _installed:
             return
         _installed = True
+        _span_api = span_api
         sys.meta_path.insert(0, _Finder())
         for name, section in SECTIONS.items():
             module = sys.modules.get(name)

@@ -716,7 +716,7 @@ if _telemetry._autoconnect and os.environ.get(AUTO_PHASES_ENV) == "1":
     # A watched process that imports marlwatch without the start-up hook on its PYTHONPATH.
     from marlwatch import autophases
 
-    autophases.install()
+    autophases.install(lambda: sys.modules[__name__])
 
 
 def telemetry() -> Telemetry:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from marlwatch.aggregates import N_BINS
-from marlwatch.recording import (
+from marlwatch.schema import (
     BATCH_SEQ_KEY,
     CORE,
     COUNTER,

@@ -18,9 +18,11 @@ def _start() -> None:
     if not os.environ.get("MARLWATCH_ADDRESS") or os.environ.get("MARLWATCH_AUTO_PHASES") != "1":
         return
     try:
+        import importlib
+
         from marlwatch import autophases
 
-        autophases.install()
+        autophases.install(lambda: importlib.import_module("marlwatch.instrument"))
     except Exception as e:  # noqa: BLE001 - a start-up hook must never stop the program
         import sys
 
