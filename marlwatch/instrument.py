@@ -659,16 +659,21 @@ def _hello() -> dict[str, Any]:
     return hello
 
 
+def _ray() -> Any:
+    """Ray, when this process imported and initialised it (it is a Ray worker or driver); else None."""
+    ray = sys.modules.get("ray")
+    try:
+        return ray if ray is not None and ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - Ray's internals moved: as if there were no Ray
+        return None
+
+
 def _ray_actor() -> str | None:
     """``ray actor ClassName`` inside a Ray actor (its argv is Ray's default_worker.py)."""
-    ray = sys.modules.get("ray")
-    if ray is None:
-        return None
+    ray = _ray()
     try:
-        if not ray.is_initialized():
-            return None
-        ctx = ray.get_runtime_context()
-        if not ctx.get_actor_id():
+        ctx = ray.get_runtime_context() if ray is not None else None
+        if ctx is None or not ctx.get_actor_id():
             return None
         name = ctx.current_actor._ray_actor_creation_function_descriptor.class_name
         return f"ray actor {name}"[:_ROLE_CHARS]
@@ -679,12 +684,10 @@ def _ray_actor() -> str | None:
 def ray_node() -> dict[str, str] | None:
     """The Ray node this process runs on, when it is a Ray worker or driver (Ray imported and
     initialised): the monitor groups processes and cores by node."""
-    ray = sys.modules.get("ray")
+    ray = _ray()
     if ray is None:
         return None
     try:
-        if not ray.is_initialized():
-            return None
         from ray.util import get_node_ip_address
 
         return {"id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
