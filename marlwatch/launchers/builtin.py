@@ -52,6 +52,7 @@ class BuiltinLauncher:
         self._stop: Connection | None = None  # the monitor's end of the learner's stop pipe
         self._stop_reason: str | None = None
         self._stop_sent = False
+        self._starting = ""  # what is being started, for the message when it cannot be
 
     def run_info(self) -> RunInfo:
         cfg = self.cfg
@@ -76,9 +77,13 @@ class BuiltinLauncher:
     def start(self, monitor: Monitor) -> None:
         for slot, role in self.roles.items():
             monitor.add_process(role, core=self.pinning[slot])
+        self._start_children(monitor)
+
+    def _start_children(self, monitor: Monitor) -> None:
+        """Start the processes, and say which could not start and why (StartFailed)."""
         ctx = mp.get_context("spawn")
         child_ends: list[Connection] = []  # the children's ends of the pipes, and the learner's data ends
-        starting = "the resource tracker"
+        self._starting = "the resource tracker"
         try:
             # Spawning starts multiprocessing's resource tracker on first use, and that code unblocks
             # SIGINT on its way out: inside _spawn's window, the child would then start unprotected.
@@ -88,27 +93,9 @@ class BuiltinLauncher:
             # stops when the monitor dies (the pipe reads EOF).
             stop_r, self._stop = ctx.Pipe(duplex=False)
             child_ends.append(stop_r)
-            learner_data: list[Connection] = []
-            for w in range(1, self.workers + 1):
-                starting = f"worker {w}"
-                tel_r, tel_w = ctx.Pipe(duplex=False)
-                child_ends.append(tel_w)
-                monitor.attach(w, tel_r)  # the monitor's to close from here on, whatever happens
-                a, b = ctx.Pipe(duplex=True)
-                learner_data.append(a)
-                child_ends += [a, b]
-                p = ctx.Process(target=worker_main, name=f"marlwatch-worker-{w}",
-                                args=(self._child_spec("worker", w), tel_w, b), daemon=True)
-                self._spawn(monitor, w, p)
-            starting = "the learner"
-            tel_r, tel_w = ctx.Pipe(duplex=False)
-            child_ends.append(tel_w)
-            monitor.attach(0, tel_r)
-            p = ctx.Process(target=learner_main, name="marlwatch-learner",
-                            args=(self._child_spec("learner", 0), tel_w, learner_data, stop_r), daemon=True)
-            self._spawn(monitor, 0, p)
+            self._spawn_all(monitor, ctx, stop_r, child_ends)
         except OSError as e:
-            raise StartFailed(f"cannot start {starting}: {os_reason(e)}") from None
+            raise StartFailed(f"cannot start {self._starting}: {os_reason(e)}") from None
         finally:
             # Our copies of the children's pipe ends must go, or a dead child's pipe never reads EOF.
             for c in child_ends:
@@ -117,6 +104,28 @@ class BuiltinLauncher:
             # A stop asked for before the stop pipe existed (a Ctrl-C delivered when starting the
             # resource tracker unblocked SIGINT, say) had nothing to send on: send it now.
             self.request_stop(self._stop_reason)
+
+    def _spawn_all(self, monitor: Monitor, ctx: Any, stop_r: Connection, child_ends: list[Connection]) -> None:
+        """The workers, then the learner (with their data pipes); `child_ends` are closed after."""
+        learner_data: list[Connection] = []
+        for w in range(1, self.workers + 1):
+            self._starting = f"worker {w}"
+            tel_r, tel_w = ctx.Pipe(duplex=False)
+            child_ends.append(tel_w)
+            monitor.attach(w, tel_r)  # the monitor's to close from here on, whatever happens
+            a, b = ctx.Pipe(duplex=True)
+            learner_data.append(a)
+            child_ends += [a, b]
+            p = ctx.Process(target=worker_main, name=f"marlwatch-worker-{w}",
+                            args=(self._child_spec("worker", w), tel_w, b), daemon=True)
+            self._spawn(monitor, w, p)
+        self._starting = "the learner"
+        tel_r, tel_w = ctx.Pipe(duplex=False)
+        child_ends.append(tel_w)
+        monitor.attach(0, tel_r)
+        p = ctx.Process(target=learner_main, name="marlwatch-learner",
+                        args=(self._child_spec("learner", 0), tel_w, learner_data, stop_r), daemon=True)
+        self._spawn(monitor, 0, p)
 
     def _child_spec(self, role: str, slot: int) -> ChildSpec:
         cfg = self.cfg

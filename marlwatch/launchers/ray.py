@@ -16,19 +16,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
-import multiprocessing as mp
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from typing import Any
 
-from marlwatch.launchers import LaunchError, StartFailed
-from marlwatch.launchers.builtin import BuiltinLauncher, os_reason
+from marlwatch.launchers import LaunchError
+from marlwatch.launchers.builtin import BuiltinLauncher
 from marlwatch.monitor import Monitor
 from marlwatch.process import learner_main
 from marlwatch.recording import RunInfo
@@ -88,6 +86,7 @@ class RayLauncher(BuiltinLauncher):
         self.ray_address: str | None = cfg.ray_address
         self._reaper: subprocess.Popen[bytes] | None = None
         self._sock_dir: str | None = None
+        self._monitor_address, self._key = "", b""  # where and how the actors reach the monitor
 
     def run_info(self) -> RunInfo:
         info = super().run_info()
@@ -110,32 +109,22 @@ class RayLauncher(BuiltinLauncher):
             address = monitor.listen(f"unix:{self._sock_dir}/monitor.sock", key)
         for role in self.roles.values():
             monitor.add_process(role, core=None)
-        ctx = mp.get_context("spawn")
-        child_ends: list[Connection] = []
-        starting = "the resource tracker"
-        try:
-            resource_tracker.ensure_running()  # see BuiltinLauncher.start
-            stop_r, self._stop = ctx.Pipe(duplex=False)
-            child_ends.append(stop_r)
-            starting = "the learner"
-            tel_r, tel_w = ctx.Pipe(duplex=False)
-            child_ends.append(tel_w)
-            monitor.attach(0, tel_r)
-            spec = dataclasses.replace(self._child_spec("learner", 0), backend="ray", ray_address=self.ray_address,
-                                       workers=self.workers, monitor_address=address, authkey=key.hex(),
-                                       ray_tmpdir=self._sock_dir)
-            p = ctx.Process(target=learner_main, name="marlwatch-learner", args=(spec, tel_w, [], stop_r),
-                            daemon=True)
-            self._spawn(monitor, 0, p)
-            starting = "the reaper"
-            self._start_reaper(p.pid)  # type: ignore[arg-type]
-        except OSError as e:
-            raise StartFailed(f"cannot start {starting}: {os_reason(e)}") from None
-        finally:
-            for c in child_ends:
-                c.close()
-        if self._stop_reason is not None:
-            self.request_stop(self._stop_reason)
+        self._monitor_address, self._key = address, key
+        self._start_children(monitor)
+
+    def _spawn_all(self, monitor: Monitor, ctx: Any, stop_r: Connection, child_ends: list[Connection]) -> None:
+        """The learner only (the Ray driver: it starts the actors), then the reaper of its group."""
+        self._starting = "the learner"
+        tel_r, tel_w = ctx.Pipe(duplex=False)
+        child_ends.append(tel_w)
+        monitor.attach(0, tel_r)
+        spec = dataclasses.replace(self._child_spec("learner", 0), backend="ray", ray_address=self.ray_address,
+                                   workers=self.workers, monitor_address=self._monitor_address,
+                                   authkey=self._key.hex(), ray_tmpdir=self._sock_dir)
+        p = ctx.Process(target=learner_main, name="marlwatch-learner", args=(spec, tel_w, [], stop_r), daemon=True)
+        self._spawn(monitor, 0, p)
+        self._starting = "the reaper"
+        self._start_reaper(p.pid)  # type: ignore[arg-type]
 
     def _start_reaper(self, pgid: int) -> None:
         self._reaper = start_reaper(pgid)
