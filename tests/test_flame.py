@@ -16,15 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
 from marlwatch.cli import main
 from marlwatch.flame.align import attribute
+from marlwatch.flame.auto import AutoTrigger
 from marlwatch.flame.controller import FlameController
 from marlwatch.flame.pyspy import Samples, pyspy_command, samples_from_chrometrace
 from marlwatch.metrics import summarize
-from marlwatch.recording import open_recording
+from marlwatch.recording import SCHEMA, open_recording
 from marlwatch.runner import Run, RunConfig
 from tests.conftest import REPO
 
@@ -475,3 +477,43 @@ def test_real_work_without_iterations_uses_a_time_window():
             assert act.share("update", [3]) is None  # not long enough yet
     s = act.share("update", [3])
     assert s is not None and s.iterations == 0 and s.share == pytest.approx(0.1, abs=0.01)
+
+
+def _window(start_iter: int, update_ms: float, sample_ms: float = 10.0) -> pa.RecordBatch:
+    """Ten iterations of a learner: a sample and an update span each, then the tick."""
+    rows, ms = [], 1_000_000
+    for i in range(start_iter, start_iter + 10):
+        t = i * 100 * ms
+        rows += [{"kind": "span", "proc": 0, "name": "sample", "t_ns": t, "dur_ns": int(sample_ms * ms), "iter": i},
+                 {"kind": "span", "proc": 0, "name": "update", "t_ns": t + 20 * ms, "dur_ns": int(update_ms * ms),
+                  "iter": i},
+                 {"kind": "iter", "proc": 0, "t_ns": t + 90 * ms, "iter": i + 1}]
+    return pa.RecordBatch.from_pylist(rows, schema=SCHEMA)
+
+
+def test_auto_trigger_fires_once_when_a_p95_jumps_after_its_baseline():
+    info = open_recording(SHIPPED).info
+    auto = AutoTrigger(info)
+    auto.add(_window(0, update_ms=5))
+    assert auto.check() is None  # the first window is start-up
+    auto.add(_window(10, update_ms=5))
+    assert auto.check() is None  # the baseline
+    auto.add(_window(20, update_ms=5.5))
+    assert auto.check() is None  # within 1.5x: no jump
+    auto.add(_window(30, update_ms=9))
+    fired = auto.check()
+    assert fired is not None and fired[0] == "update" and fired[1].startswith("p95 of 'update' jumped from ")
+    assert auto.fired and not auto.due()
+    auto.add(_window(40, update_ms=50))
+    assert auto.check() is None  # once
+
+
+def test_auto_trigger_fires_when_another_phase_stays_the_hottest_for_two_windows():
+    auto = AutoTrigger(open_recording(SHIPPED).info)
+    # sample is the hottest phase, then update is (sample got faster; update's p95 barely moved):
+    # one window is not enough, the second in a row fires.
+    for k, (sample, update) in enumerate([(10, 9), (10, 9), (6, 9.5), (6, 9.5)]):
+        auto.add(_window(10 * k, update_ms=update, sample_ms=sample))
+        fired = auto.check()
+        assert (fired is None) == (k < 3), (k, fired)
+    assert fired == ("update", "'update' became the hottest phase (was 'sample')")
