@@ -21,6 +21,18 @@ def marlwatch(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedPro
                           timeout=timeout, cwd=kw.pop("cwd", REPO), **kw)
 
 
+@pytest.fixture(scope="session")
+def maddpg_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One real headless MADDPG run of today's code for the whole session (3 agents, 2 workers,
+    40 iterations past a short warm-up): its recording and the finished command. Tests that only
+    read a real run share it."""
+    path = tmp_path_factory.mktemp("maddpg") / "maddpg.arrow"
+    proc = marlwatch("run", "--headless", "--algo", "maddpg", "--agents", "3", "--workers", "2",
+                     "--iterations", "40", "--record", str(path), *FAST)
+    assert proc.returncode == 0, proc.stderr
+    return path, proc
+
+
 def real_run(tmp_path: Path, algo: str, agents: int, iterations: int, *settings: str):
     """A short real headless run of a built-in algorithm with one worker; its summary (Snapshot)."""
     from marlwatch.metrics import summarize

@@ -17,7 +17,6 @@ from tests.conftest import REPO, marlwatch
 
 pytestmark = pytest.mark.timeout(120)
 SHIPPED = REPO / "recordings" / "maddpg-3agents-2workers.arrow"
-QUICK = ["--set", "warmup=512", "--set", "batch_size=256"]
 
 
 MS = 1_000_000
@@ -141,14 +140,10 @@ def test_intervals_come_from_the_per_iteration_table(runs):
 
 
 @pytest.mark.parametrize("which", ["shipped", "fresh"])
-def test_summary_and_diff_agree_on_every_figure_they_share(tmp_path, capsys, which):
+def test_summary_and_diff_agree_on_every_figure_they_share(capsys, which, request):
     """One definition per figure (metrics.py): `diff A A` shows A's figures as `summary A` does."""
-    path = SHIPPED
-    if which == "fresh":  # a run of today's code, stopped at its iteration count
-        path = tmp_path / "fresh.arrow"
-        r = marlwatch("run", "--headless", "--workers", "1", "--iterations", "8", *QUICK, "--record", str(path),
-                      timeout=150)
-        assert r.returncode == 0, r.stderr
+    # "fresh": a run of today's code, stopped at its iteration count
+    path = SHIPPED if which == "shipped" else request.getfixturevalue("maddpg_run")[0]
     assert main(["summary", str(path), "--json"]) == 0
     summ = json.loads(capsys.readouterr().out)
     _, out = diff_json(capsys, path, path)

@@ -27,6 +27,8 @@ from tests.conftest import FAST, REPO, marlwatch
 
 SHIPPED = REPO / "recordings" / "maddpg-3agents-2workers.arrow"
 QUICK = ["--workers", "1", "--agents", "2", "--iterations", "3", *FAST]
+# A run whose process does nothing: what a run writes, without training anything.
+BRIEF = [sys.executable, "-c", "pass"]
 
 
 def leftovers(d: Path) -> list[str]:
@@ -261,13 +263,13 @@ def test_run_refuses_an_existing_record_and_force_overwrites_it(tmp_path):
     path = tmp_path / "r.arrow"
     path.write_text("an earlier recording")
     t = time.monotonic()
-    proc = marlwatch("run", "--headless", *QUICK, "--record", str(path))
+    proc = marlwatch("run", "--headless", "--record", str(path), "--", *BRIEF)
     assert proc.returncode == 2
     assert one_line_error(proc) == (f"marlwatch: recording {path} exists already; not overwritten "
                                     "(--force overwrites it)")
     assert path.read_text() == "an earlier recording"
     assert time.monotonic() - t < 30  # refused before any process started
-    proc = marlwatch("run", "--headless", *QUICK, "--record", str(path), "--force")
+    proc = marlwatch("run", "--headless", "--record", str(path), "--force", "--", *BRIEF)
     assert proc.returncode == 0, proc.stderr
     rec = open_recording(path)
     list(rec.batches())
@@ -280,12 +282,13 @@ def test_two_runs_started_together_get_a_file_each(tmp_path, no_leftovers):
     runs = tmp_path / "runs"
     runs.mkdir()
     now = time.time()
-    taken = {runs / f"maddpg-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now + s))}.arrow"
+    stem = Path(sys.executable).name  # a command's recordings are named after it
+    taken = {runs / f"{stem}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now + s))}.arrow"
              for s in range(-2, 240)}
     for p in taken:
         p.write_text("someone else's")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    procs = [subprocess.Popen([sys.executable, "-m", "marlwatch", "run", "--headless", *QUICK], cwd=tmp_path,
+    procs = [subprocess.Popen([sys.executable, "-m", "marlwatch", "run", "--headless", "--", *BRIEF], cwd=tmp_path,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=180) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs

@@ -20,13 +20,9 @@ from tests.conftest import FAST, REPO, descendants_alive, marlwatch, real_run
 pytestmark = pytest.mark.timeout(150)
 
 
-@pytest.fixture(scope="module")
-def headless_recording(tmp_path_factory):
-    path = tmp_path_factory.mktemp("run") / "out.arrow"
-    proc = marlwatch("run", "--headless", "--algo", "maddpg", "--agents", "3", "--workers", "2",
-                     "--iterations", "40", "--record", str(path), *FAST)
-    assert proc.returncode == 0, proc.stderr
-    return path, proc
+@pytest.fixture
+def headless_recording(maddpg_run):
+    return maddpg_run
 
 
 def test_headless_run_records_every_process_phase_and_core(headless_recording):
@@ -137,8 +133,11 @@ def test_worker_crash_stops_the_run_naming_the_worker(tmp_path, no_leftovers):
 
 
 @pytest.mark.parametrize("algo", ["maddpg", "independent"])
-def test_maddpg_communicates_and_the_independent_baseline_does_not(tmp_path, algo):
-    snap = real_run(tmp_path, algo, 3, 8, *FAST[1::2])
+def test_maddpg_communicates_and_the_independent_baseline_does_not(tmp_path, algo, maddpg_run):
+    from marlwatch.metrics import summarize
+
+    snap = summarize(open_recording(maddpg_run[0])) if algo == "maddpg" else real_run(tmp_path, algo, 3, 8,
+                                                                                        *FAST[1::2])
     comm = [p.name for p in snap.phases if p.comm]
     assert "update/critic" in {p.name for p in snap.phases}  # past the warm-up: it really updated
     if algo == "maddpg":
