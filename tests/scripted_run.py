@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from marlwatch.monitor import Monitor
-from marlwatch.recording import END, RunInfo, open_recording
+from marlwatch.recording import END, EVENT, STACK, RunInfo, open_recording
 from marlwatch.runner import Run, RunConfig
 from tests.conftest import REPO
 
@@ -34,9 +34,13 @@ class ScriptedLauncher:
         play no row recorded after this second until the attribute is set to None (from any thread)."""
         rec = open_recording(path)
         self.info: RunInfo = rec.info
-        # Every row but the recording's end marker: the monitor writes its own when the run ends.
+        # Every row the processes sent, and the samples the monitor took of them, but not the
+        # end marker (the monitor writes its own when the run ends) nor what a py-spy controller
+        # wrote then (its samples and flame_* events: this run's controller writes its own).
         table = pa.Table.from_batches(list(rec.batches()))
-        table = table.filter(pc.not_equal(table.column("kind"), END))
+        kind, name = table.column("kind"), pc.fill_null(table.column("name").cast(pa.string()), "")
+        flame = pc.or_(pc.equal(kind, STACK), pc.and_(pc.equal(kind, EVENT), pc.starts_with(name, "flame_")))
+        table = table.filter(pc.and_(pc.not_equal(kind, END), pc.invert(flame)))
         self.rows = table.sort_by("t_ns")
         self.times = self.rows.column("t_ns").to_numpy()
         self.speed = speed

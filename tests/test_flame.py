@@ -29,9 +29,11 @@ from marlwatch.metrics import summarize
 from marlwatch.recording import SCHEMA, open_recording
 from marlwatch.runner import Run, RunConfig
 from tests.conftest import REPO
+from tests.scripted_run import scripted_run
 
 pytestmark = pytest.mark.timeout(180)
 SHIPPED = REPO / "recordings" / "maddpg-3agents-2workers.arrow"
+FLAMED = REPO / "recordings" / "maddpg-flame.arrow"  # with py-spy samples; a warm-up until 28 s
 QUICK = {"warmup": "512", "batch_size": "256"}
 
 
@@ -295,29 +297,31 @@ def test_denied_attach_keeps_the_run_going(tmp_path, monkeypatch, no_leftovers, 
 
 
 @pytest.mark.timeout(150)
-def test_gone_process_and_unserved_requests_keep_the_run_going(tmp_path, no_leftovers, capsys):
-    # A run where nothing gets profiled: the process py-spy is pointed at is gone; `update` never
-    # leaves its warm-up in this short run; `updat` is a typo. The run goes on and ends normally;
-    # the waiting requests say so, and are given up at the end with the reason in the recording.
-    rec = tmp_path / "w.arrow"
-    run = Run(RunConfig(agents=2, workers=1, iterations=60, record=str(rec), settings={"warmup": "500000"}))
+def test_gone_process_and_unserved_requests_keep_the_run_going(tmp_path, capsys):
+    # A run where nothing gets profiled (a recorded run played through a real monitor, stopped
+    # inside its warm-up): the processes py-spy is pointed at are gone; `update` never leaves its
+    # warm-up; `updat` is a typo. The run goes on and ends normally; the waiting requests say so,
+    # and are given up at the end with the reason in the recording.
+    run, _ = scripted_run(tmp_path, FLAMED, until_s=25.0)  # start-up until 21 s, warm-up until 28 s
+    rec = run.record_path
     ctl = FlameController(run)
     ctl.request("update", 1)
     ctl.request("updat", 1)
-    run.start()
     try:
-        drive(run, lambda: 1 in run.procs and run.procs[1].pid is not None and ctl.slots_for("sample"))
+        drive(run, lambda: ctl.slots_for("sample") == [1, 2])
         # (Not the pid of a process that just ended: in a busy test session that pid can be
         # handed out again before py-spy looks. The top of the pid range is free.)
         pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
-        gone_pid = next(p for p in range(pid_max - 1, 1, -1) if not psutil.pid_exists(p))
-        run.procs[1].pid = gone_pid
+        gone = [p for p in range(pid_max - 1, 1, -1) if not psutil.pid_exists(p)][:2]
+        run.procs[1].pid, run.procs[2].pid = gone
         ctl.request("sample", 1)
         drive(run, lambda: ctl.done)
-        gone_msgs = [m for m in ctl.messages if f"(pid {gone_pid})" in m]
-        assert len(gone_msgs) == 1 and "the run goes on" in gone_msgs[0], ctl.messages
+        for pid in gone:
+            gone_msgs = [m for m in ctl.messages if f"(pid {pid})" in m]
+            assert len(gone_msgs) == 1 and "the run goes on" in gone_msgs[0], ctl.messages
         assert run.failure is None and run.alive
-        drive(run, lambda: False)  # until the run has done its iterations
+        run.request_stop("enough")
+        drive(run, lambda: False)
     finally:
         run.finish()
     assert run.failure is None, run.failure
@@ -325,7 +329,7 @@ def test_gone_process_and_unserved_requests_keep_the_run_going(tmp_path, no_left
     waiting = [m for m in ctl.messages if m.startswith("flame: waiting for 'update' to do real work")]
     assert waiting and "profiling starts at 2%" in waiting[0], ctl.messages
     # With the warm-up's progress, as MADDPG reports it (marlwatch.warmup).
-    assert re.search(r"; warming up [\d,]+/500,000 transitions \(\d+%\), waited \d+ s\)$", waiting[0]), waiting
+    assert re.search(r"; warming up [\d,]+/2,048 transitions \(\d+%\), waited \d+ s\)$", waiting[0]), waiting
     ended = [m for m in ctl.messages if m.startswith("flame: the run ended before profiling")]
     assert len(ended) == 2, ctl.messages
     assert ended[0].startswith("flame: the run ended before profiling 'update': 'update' never did real work "
@@ -334,12 +338,12 @@ def test_gone_process_and_unserved_requests_keep_the_run_going(tmp_path, no_left
     assert ended[1] == ("flame: the run ended before profiling 'updat': no process ran 'updat' (phases seen: "
                         "sample, sync, update; is the name right?); nothing was profiled")
     names = [n for n in open_recording(rec).read_all()["name"].to_pylist() if n and n.startswith("flame_")]
-    assert names.count("flame_failed") == 1 and names.count("flame_skipped") == 2, names
+    assert names.count("flame_failed") == 2 and names.count("flame_skipped") == 2, names
     # `marlwatch flame` on that file says what happened, without sending the user back to the same command.
     assert main(["flame", str(rec), "--phase", "update"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"marlwatch: {rec} holds no py-spy samples: py-spy could not "
-                                               f"profile worker 1 (pid {gone_pid}): "), err
+                                               f"profile worker 1 (pid {gone[0]}): "), err
     assert "'update' was not profiled: 'update' never did real work" in err[0] and "marlwatch run" not in err[0]
 
 

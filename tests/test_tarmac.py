@@ -91,7 +91,7 @@ def test_an_update_steps_every_agent_and_returns_float_gauges() -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("agents", [2, 4])
+@pytest.mark.parametrize("agents", [3])  # other agent counts: the unit tests above
 def test_real_run_has_comm_phases(tmp_path, agents: int, no_leftovers) -> None:
     snap = real_run(tmp_path, "tarmac", agents, 3, "max_cycles=10", "episodes_per_iteration=1")
     names = {p.name for p in snap.phases}

@@ -172,7 +172,7 @@ def test_tom_trains_on_its_own_schedule_and_the_policy_every_iteration(graph: st
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("agents", [2, 4])
+@pytest.mark.parametrize("agents", [3])  # other agent counts: the unit tests above
 def test_real_run_has_comm_phases(tmp_path, agents: int, no_leftovers) -> None:
     # ToM trains in iterations 0 and 2: iteration 0 is start-up, left out of the figures
     snap = real_run(tmp_path, "tom2c", agents, 3, "max_cycles=10", "episodes_per_iteration=1", "tom_every=2")
