@@ -2,6 +2,11 @@
 config (its buffer filled, two updates), next to the config's Footprint estimate.
 
     python tests/memory_probe.py ALGO AGENTS WORKERS '{"setting": "value"}'  -> one JSON line
+
+Two measurements: `live` is the peak of the bytes the learner itself holds (torch's own count of
+tensor allocations, from its profiler, plus the replay buffer's arrays), the same on any machine;
+`rss` is what the process took from the system, which also holds what the allocator and the BLAS
+kernels keep, and differs between machines (200 MB here, 500 MB on a CI machine, for one config).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import sys
 
 import psutil
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from algorithms import get_algorithm, make_config
 from algorithms.envs import env_sizes, make_env
@@ -27,16 +33,23 @@ rollouts = [spec.rollout_cls(cfg, i) for i in range(workers)]
 payloads = [r.collect() for r in rollouts]
 gc.collect()
 base = psutil.Process().memory_info().rss
-learner = spec.learner_cls(cfg)
-buf = getattr(learner, "buffer", None)
-if buf is not None:  # a long run fills it: touch every page
-    for arr in buf.data.values():
-        arr.fill(0)
-    buf.size = buf.capacity
-for _ in range(2):
-    learner.update(payloads)
+with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    learner = spec.learner_cls(cfg)
+    buf = getattr(learner, "buffer", None)
+    if buf is not None:  # a long run fills it: touch every page
+        for arr in buf.data.values():
+            arr.fill(0)
+        buf.size = buf.capacity
+    for _ in range(2):
+        learner.update(payloads)
+held = tensor_peak = 0
+for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns()):
+    held += event.nbytes()  # negative when freed
+    tensor_peak = max(tensor_peak, held)
+buffer_bytes = sum(arr.nbytes for arr in buf.data.values()) if buf is not None else 0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 now = psutil.Process().memory_info().rss
 obs, acts = env_sizes(cfg.env, agents)
 fp = cfg.footprint(obs, acts, None)
-print(json.dumps({"measured": max(peak, now) - base, "estimate": fp.learner}))
+print(json.dumps({"live": tensor_peak + buffer_bytes, "rss": max(peak, now) - base, "estimate": fp.learner}))

@@ -33,11 +33,6 @@ def test_env_sizes_without_the_env_match_the_env(env, agents):
     assert env_sizes(env, agents) == (len(obs[first]), built.action_space(first).n)
 
 
-# The learner's own first update costs torch ~80 MB that no setting controls (allocator pools,
-# autograd, optimiser state set-up): part of what PROCESS_BYTES stands for, not of the estimate.
-TORCH_FIRST_UPDATE = 120 * 2**20
-
-
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("algo, agents, workers, settings", [
     ("maddpg", 6, 1, {"buffer_size": "80000", "warmup": "0"}),  # the buffer dominates
@@ -51,7 +46,10 @@ def test_the_estimate_is_a_lower_bound_within_3x_of_a_real_learner(algo, agents,
     assert out.returncode == 0, out.stderr
     m = json.loads(out.stdout.strip().splitlines()[-1])
     assert m["estimate"] > 50 * 2**20, m  # large enough for the comparison to mean something
-    assert m["estimate"] <= m["measured"] <= 3 * m["estimate"] + TORCH_FIRST_UPDATE, m
+    # What the learner holds is measured the same way on every machine; what the process takes from
+    # the system is more (allocator pools, BLAS buffers: part of PROCESS_BYTES) and machine-dependent.
+    assert m["estimate"] <= m["live"] <= 3 * m["estimate"], m
+    assert m["estimate"] <= m["rss"], m
 
 
 def test_more_workers_than_the_rule_allows_are_refused_unless_limits_are_ignored(tmp_path):
