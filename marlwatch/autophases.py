@@ -13,6 +13,8 @@ import hook: installing costs nothing at start-up and makes none of them a depen
   (`torch.optim.optimizer.register_optimizer_step_pre_hook`/`_post_hook`), every optimizer.
 - `sync/comm/<op>`: torch.distributed collectives and point-to-point calls (the call; an
   `async_op=True` call returns before the communication ends).
+- Ray workers: no phase, but what a task or actor method recorded is shipped when it returns
+  (Ray ends its workers without atexit; see `_ray_tasks`).
 
 Iterations, for a program that never calls `marlwatch.tick()`: one iteration is one
 sample-then-update cycle. An iteration ends when an outermost `sample/env_step` begins after an
@@ -226,6 +228,42 @@ def _optimizer_post(optimizer: Any, args: Any, kwargs: Any) -> None:
     tel._armed = True
 
 
+def _ray_tasks(module: ModuleType) -> None:
+    """In a Ray worker, ship what each task (or actor method) recorded when it returns.
+
+    Not a phase, a delivery: Ray ends its workers itself (at `ray.shutdown()` the core worker
+    exits the process without running atexit), and a task is a call with nothing after it until
+    the next one, so whatever the last call recorded after the last shipment (up to
+    `flush_interval_s`, the whole of a short run) would never reach the monitor. Ray looks up what
+    to run for a task with `FunctionActorManager.get_execution_info` (once per function: it caches
+    the answer), hence this patch at import, before any task runs. Costs one flush per task.
+    """
+    manager = module.FunctionActorManager
+    lookup = manager.get_execution_info
+    if getattr(lookup, _MARK, None):
+        return
+
+    def flushing(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def task(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                tel = _inst()._telemetry
+                if tel.sink is not None:
+                    tel.flush()
+
+        return task
+
+    @functools.wraps(lookup)
+    def get_execution_info(self: Any, *args: Any, **kwargs: Any) -> Any:
+        info = lookup(self, *args, **kwargs)
+        return info._replace(function=flushing(info.function))
+
+    setattr(get_execution_info, _MARK, "ray task")
+    manager.get_execution_info = get_execution_info
+
+
 # Module that defines the hooked classes -> its section.
 SECTIONS: dict[str, Callable[[ModuleType], None]] = {
     "gymnasium.core": _gymnasium_core,
@@ -234,6 +272,7 @@ SECTIONS: dict[str, Callable[[ModuleType], None]] = {
     "torchrl.envs.common": _torchrl_envs,
     "stable_baselines3.common.vec_env.base_vec_env": _sb3_vec_env,
     "torch": _torch,
+    "ray._private.function_manager": _ray_tasks,
 }
 
 

@@ -40,4 +40,6 @@ def test_actors_of_a_users_ray_program_connect_with_auto_phases(tmp_path):
         assert "sample/env_step" in by_slot.get(slot, set())
     assert "update/backward" in by_slot.get(0, set())  # the driver's own auto phases
     summary = json.loads(marlwatch("summary", "--json", str(path)).stdout)
-    assert summary["phases"]["sample/env_step"]["count"] > 100
+    # Every step of every actor, the last call's too: Ray ends its workers without atexit, so
+    # what a task recorded is shipped when it returns (4 iterations x 2 actors x 100 steps).
+    assert summary["phases"]["sample/env_step"]["count"] == 4 * 2 * 100
