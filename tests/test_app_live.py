@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -191,6 +192,37 @@ def test_real_terminal_q_exits_cleanly(tmp_path):
         assert rec.read_all().num_rows > 0 and rec.complete
         assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE
                     and "resource_tracker" not in " ".join(c.cmdline())]
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux for a real terminal")
+def test_real_terminal_sigterm_after_the_run_ended_leaves_the_app(tmp_path):
+    """The app stays open on a finished run until q; a SIGTERM (a job scheduler, `timeout`, a
+    closed SSH session's SIGHUP alike) must still end it, with 128 + 15."""
+    record, status = tmp_path / "done.arrow", tmp_path / "status"
+    session = f"mwterm{os.getpid()}"
+    cmd = (f"{Path(sys.executable).with_name('marlwatch')} run --record {record} -- {sys.executable} -c 'pass'; "
+           f"echo $? > {status}")
+    pane = int(subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "100", "-y", "30", "-P", "-F",
+                               "#{pane_pid}", cmd], capture_output=True, text=True, check=True).stdout)
+    try:
+        deadline = time.monotonic() + 60
+        screen = ""
+        while "FINISHED" not in screen:
+            assert time.monotonic() < deadline, f"the app did not show the run as finished:\n{screen}"
+            time.sleep(0.5)
+            screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True,
+                                    text=True).stdout
+        monitor = psutil.Process(pane).children()[0]
+        monitor.send_signal(signal.SIGTERM)
+        while not status.exists() or not status.read_text().strip():
+            assert time.monotonic() < deadline + 20, "SIGTERM did not end the app of a finished run"
+            time.sleep(0.2)
+        assert status.read_text().strip() == "143"
+        rec = open_recording(record)
+        assert rec.read_all().num_rows > 0 and rec.complete
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
 

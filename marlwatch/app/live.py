@@ -133,9 +133,15 @@ class LiveApp(WatchApp):
                         timeout=30)
 
     def stop(self) -> None:
-        """Ask the run's thread to finish the run; safe from a signal handler (sets an Event)."""
+        """Ask the run's thread to finish the run, and the app to leave once it has; safe from a
+        signal handler (sets an Event, or schedules the exit on the app's loop)."""
         self.quitting = True
         self.stop_requested.set()
+        loop = self._loop
+        if self.ended is not None and loop is not None and not loop.is_closed():
+            # The run has ended already (the app stays open on its last state): nobody else will
+            # see `quitting`. A SIGTERM or a closed terminal must still end the app.
+            loop.call_soon_threadsafe(self.exit)
 
     def action_quit(self) -> None:  # type: ignore[override]
         if self.ended is not None:
