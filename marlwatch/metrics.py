@@ -23,7 +23,7 @@ from marlwatch import lifecycle
 from marlwatch.aggregates import N_BINS as _N_BINS
 from marlwatch.aggregates import bins as _bins
 from marlwatch.aggregates import exact_quantiles, group_rows, quantiles_from_hist
-from marlwatch.nodes import MAX_NODES
+from marlwatch.nodes import MAX_NODES, node_detail
 from marlwatch.recording import (
     CORE,
     COUNTER,
@@ -37,6 +37,7 @@ from marlwatch.recording import (
     SPAN_SUM,
     STACK,
     Recording,
+    RunEnd,
     RunInfo,
     kind_codes,
     kinds_present,
@@ -496,6 +497,10 @@ class Metrics:
             self._stack_samples(rows(STACK, ["name", "text", "value"]))
         if END in present:
             self.complete = True
+            for text in rows(END, ["text"]).column("text").to_pylist():
+                end = RunEnd.parse(text)
+                if end.nodes:  # the nodes' last word (the events before say the same, bit by bit)
+                    self.nodes = {n["node"]: n for n in end.nodes}
 
     def _spans(self, b: pa.RecordBatch, mask: np.ndarray | None = None, aggregate: bool = False) -> None:
         """Add the span rows of `b` (where `mask` is true; all rows when it is None); with
@@ -682,9 +687,9 @@ class Metrics:
                 detail = {}
             self.events.append({"t_s": t / 1e9, "proc": slot, "name": name, **detail})
             if slot is None:
-                if name == "node" and isinstance(detail.get("node"), str) and \
-                        (detail["node"] in self.nodes or len(self.nodes) < MAX_NODES):
-                    self.nodes[detail["node"]] = detail  # the latest says most (its cores, once sampled)
+                node = node_detail(detail) if name == "node" else None
+                if node is not None and (node["node"] in self.nodes or len(self.nodes) < MAX_NODES):
+                    self.nodes[node["node"]] = node  # the latest says most (its cores, once sampled)
                 continue
             p = self._proc(slot)
             p.state, p.error = lifecycle.after(p.state, p.error, name, detail)  # as the monitor did

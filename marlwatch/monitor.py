@@ -485,6 +485,8 @@ class Monitor:
                 self._node(info, local=isinstance(info, dict) and info.get("id") == local)
         elif kind == "sys" and st.node is not None:
             self._node_sample(st, t, m)
+        elif kind == "event" and m.get("name") == "lost":
+            self._lost(slot, t, m)
         elif kind == "event":
             name = str(m.get("name", "event"))
             detail = {k: v for k, v in m.items() if k not in ("type", "name", "t_ns")}
@@ -492,6 +494,19 @@ class Monitor:
             self.emit(event_row(t, slot, name, **detail))
             if self.on_process_event is not None:
                 self.on_process_event(st, name, detail)
+
+    def _lost(self, reporter: int, t: int, m: dict[str, Any]) -> None:
+        """A process reports another one, by role, gone (a Ray learner its actor, with the actor and
+        its node): that one crashed, with that error, whatever its connection said (``left``)."""
+        role, error = m.get("role"), m.get("error")
+        target = next((s for s, st in self.procs.items() if st.role == role and s != reporter), None)
+        if target is None or not isinstance(error, str):
+            return
+        st = self.procs[target]
+        st.on("crashed", {"error": error[:300]})
+        self.emit(event_row(t, target, "crashed", error=st.error, reported_by=self.procs[reporter].role))
+        if self.on_process_event is not None:
+            self.on_process_event(st, "crashed", {"error": st.error})
 
     # -- nodes (marlwatch.nodes) -----------------------------------------------------------
     def _node(self, info: Any, *, local: bool = False) -> Node | None:
@@ -600,7 +615,8 @@ class Monitor:
         self.deliver()
 
     def close(self, detail: dict[str, Any]) -> None:
-        """Close every connection and the recording (with its end marker, which listeners see too)."""
+        """Close every connection and the recording (with its end marker, which listeners see
+        too, saying `detail` and the nodes: RunEnd)."""
         if self._acceptor is not None:
             self._acceptor.close()
         for conn in [*self._conns, *self._hello_pending]:
@@ -609,6 +625,8 @@ class Monitor:
         self._conns.clear()
         self._hello_pending.clear()
         self.deliver()
+        if self.nodes.by_id:  # a run across machines: its nodes are part of what the end row says
+            detail = {**detail, "nodes": [n.detail() for n in self.nodes.by_id.values()]}
         if self.writer is not None:
             end = self.writer.close(t_ns=self.now_ns(), detail=detail)
             if end is not None:  # listeners (Metrics) see the recording complete, as a reader of the file would

@@ -4,7 +4,9 @@ A run on one machine has no nodes: its cores are ``cpu0``, ``cpu1``... A Ray run
 ``node-a`` (the monitor's), ``node-b``, ... in the order it learns of them; each node's cores
 take a range of the recording's core numbers (``first_core`` .. ``first_core + cores - 1``),
 shown as ``node-b/cpu0``. Every node is recorded as a ``node`` event (name, id, host, ip,
-cores, first_core, local), which is how readers learn of them (docs/recording-format.md).
+cores, first_core, local) as it becomes known, and the recording's end row lists them all
+(``nodes``, their last word): readers take them from either, checked by `node_details`
+(docs/recording-format.md).
 """
 
 from __future__ import annotations
@@ -40,6 +42,31 @@ class Node:
 
 def _text(value: Any) -> str:
     return value[:_TEXT] if isinstance(value, str) else ""
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 16 else None
+
+
+def node_detail(value: Any) -> dict[str, Any] | None:
+    """A node as a recording says it (a ``node`` event's detail, an item of the end row's
+    ``nodes``), checked: its name a short string, host/ip/id strings, cores and first_core small
+    counts or None; None when it names no node."""
+    if not isinstance(value, dict) or not isinstance(value.get("node"), str) or not value["node"]:
+        return None
+    return {"node": value["node"][:_TEXT], "id": _text(value.get("id")), "host": _text(value.get("host")),
+            "ip": _text(value.get("ip")), "local": value.get("local") is True,
+            "cores": _count(value.get("cores")), "first_core": _count(value.get("first_core"))}
+
+
+def node_details(value: Any) -> list[dict[str, Any]]:
+    """The checked nodes of a list such as the end row's ``nodes`` (at most MAX_NODES, one per name)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in value if isinstance(value, list) else []:
+        d = node_detail(item)
+        if d is not None and (d["node"] in out or len(out) < MAX_NODES):
+            out[d["node"]] = d
+    return list(out.values())
 
 
 class Nodes:

@@ -213,6 +213,8 @@ class RayWorkerPool:
 
     def _lose(self, index: int, why: str) -> None:
         self.alive.remove(index)
+        # Its connection only says it left: the monitor learns here what became of it, and where.
+        instrument.telemetry().event("lost", role=f"worker {index + 1}", error=f"{self.where[index]} {why}")
         if not self.keep_going or not self.alive:
             raise WorkerLost(f"worker {index + 1} ({self.where[index]}) {why}")
 

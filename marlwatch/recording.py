@@ -59,6 +59,7 @@ from marlwatch.schema import (  # noqa: F401
     STACK,
     RecordingError,
     RecordingExists,
+    RunEnd,
     RunInfo,
     kind_codes,
     kinds_present,
@@ -401,6 +402,8 @@ class Recording:
     version: int = FORMAT_VERSION
     # Whether the last pass used aggregates in place of the spans they cover.
     used_aggregates: bool = False
+    # What the end row says (stop reason, failure, a run's nodes), once read; None without one.
+    end: RunEnd | None = None
 
     def batches(self, aggregates: bool = False, iterations: bool = False,
                 totals: bool = True) -> Iterator[pa.RecordBatch]:
@@ -419,7 +422,7 @@ class Recording:
 
         self.skipped.reset()
         checker = BatchChecker(self.skipped)
-        self.complete = False
+        self.complete, self.end = False, None
         self.truncated_mid_batch = False
         self.batches_read = 0
         self.used_aggregates = False
@@ -455,9 +458,9 @@ class Recording:
                 if checker.repeated(batch, custom):
                     continue
                 if m.custom.get(BATCH_PART_KEY) in (None, ROWS_PART):  # where an end row can be
-                    kinds, codes = kind_codes(batch)
-                    if codes[-1] >= 0 and kinds[codes[-1]] == END:
-                        self.complete = True
+                    end = _end_of(batch)
+                    if end is not None:
+                        self.complete, self.end = True, end
                 if m.custom.get(BATCH_PART_KEY) in (AGGREGATES_PART, ITERATIONS_PART):
                     self.used_aggregates = True
                 # Small batches (a flush's other rows, a group's aggregates) are checked and
@@ -563,8 +566,8 @@ class Recording:
         last = [p for p in out if p.part == ROWS_PART][-1:]
         self.complete = False
         for batch in self.read(last):
-            kinds, codes = kind_codes(batch)
-            self.complete = bool(len(codes)) and codes[-1] >= 0 and kinds[codes[-1]] == END
+            self.end = _end_of(batch)
+            self.complete = self.end is not None
         return out
 
     def read(self, parts: list[Part]) -> Iterator[pa.RecordBatch]:
@@ -628,6 +631,14 @@ class Recording:
         if self.complete:
             return "complete"
         return "truncated mid-batch" if self.truncated_mid_batch else "truncated"
+
+
+def _end_of(batch: pa.RecordBatch) -> RunEnd | None:
+    """What the end row says, when the batch's last row is one (where the writer puts it)."""
+    kinds, codes = kind_codes(batch)
+    if not len(codes) or codes[-1] < 0 or kinds[codes[-1]] != END:
+        return None
+    return RunEnd.parse(batch.column("text")[-1].as_py())
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import textwrap
+from typing import Any
 
 from marlwatch.metrics import Snapshot, Warmup
 from marlwatch.terminal import printable
@@ -74,6 +75,12 @@ def startup_line(s: Snapshot) -> str:
     return f"start-up {s.startup_s:.2f} s (run start to the end of the first iteration)"
 
 
+def node_line(n: dict[str, Any]) -> str:
+    """``node-b host-2 (2 cores)``: a node of a run across machines (marlwatch.nodes)."""
+    cores = "cores not reported" if n.get("cores") is None else plural(n["cores"], "core")
+    return f"{n['node']} {n.get('host') or n.get('ip') or '?'} ({cores}{', the monitor' if n.get('local') else ''})"
+
+
 def summary_text(s: Snapshot, path: str = "", status: str = "") -> str:
     info = s.info
     lines = []
@@ -114,10 +121,14 @@ def summary_text(s: Snapshot, path: str = "", status: str = "") -> str:
         lines.append(f"{label:<{w}}{p.total_s:8.3f}{percent(p.share, 6)}{p.count:8d}{ms(p.p50_ms):>8}"
                      f"{ms(p.p95_ms):>8}{ms(p.p99_ms):>8}")
     lines.append("(* communication)")
-    if s.cores_mean:
+    if s.cores_mean or s.nodes:
         lines.append("")
-        host = f"host {info.host}, " if info and info.host else ""
-        lines += textwrap.wrap(f"cores ({host}mean util): " + "  ".join(f"cpu{i} {u:.0f}%" for i, u in
+    if s.nodes:
+        lines += textwrap.wrap("nodes: " + "  ".join(node_line(n) for n in s.nodes), WIDTH, subsequent_indent="  ",
+                               break_long_words=False)
+    if s.cores_mean:
+        host = f"host {info.host}, " if info and info.host and not s.nodes else ""
+        lines += textwrap.wrap(f"cores ({host}mean util): " + "  ".join(f"{s.core_label(i)} {u:.0f}%" for i, u in
                                                                  enumerate(s.cores_mean)),
                                WIDTH, subsequent_indent="  ", break_long_words=False)
     if s.procs:

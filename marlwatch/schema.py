@@ -15,6 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from marlwatch.nodes import node_details
+
 METADATA_KEY = b"marlwatch.run"
 # The format's version, in the schema metadata (and the run metadata's `format_version`). 1: the
 # first format (strings for kind/name/parent, no aggregates; files without this key). 2: those
@@ -153,3 +155,33 @@ class RunInfo:
             return "processes that connected (marlwatch listen)"
         return (f"{self.algo} {self.env} {self.agents} agent{'s' * (self.agents != 1)} "
                 f"{self.workers} worker{'s' * (self.workers != 1)}")
+
+
+@dataclass
+class RunEnd:
+    """What a recording's ``end`` row says (its `text`, JSON): the facts known only when the run
+    ended: the rows written, why it stopped, its failure, and the nodes of a run across machines
+    (``node`` details: name, id, host, ip, local, cores, first_core; empty on one machine)."""
+
+    rows: int | None = None
+    stop_reason: str | None = None
+    failure: str | None = None
+    nodes: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, text: Any) -> RunEnd:
+        """The end row's text, checked (a damaged or hand-written one says what it can)."""
+        try:
+            d = json.loads(text) if isinstance(text, str) else {}
+        except ValueError:
+            d = {}
+        if not isinstance(d, dict):
+            d = {}
+
+        def line(key: str) -> str | None:
+            v = d.get(key)
+            return v[:500] if isinstance(v, str) else None
+
+        rows = d.get("rows")
+        return cls(rows if isinstance(rows, int) and not isinstance(rows, bool) and rows >= 0 else None,
+                   line("stop_reason"), line("failure"), node_details(d.get("nodes")))

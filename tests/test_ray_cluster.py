@@ -9,6 +9,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import tempfile
 import pyarrow.compute as pc
 import pytest
 
+from marlwatch.recording import open_recording
 from tests.conftest import FAST, REPO, marlwatch
 from tests.ray_helpers import (
     events,
@@ -75,12 +77,18 @@ def test_lost_node_stops_the_run_naming_actor_and_node(lost_node_run):
     path, code, err = lost_node_run
     assert code == 1, err[-3000:]
     last = err.strip().splitlines()[-1]
-    assert last.startswith("marlwatch: run failed: learner stopped: worker "), err[-3000:]
-    assert "on node-b" in last and "Ray actor" in last
+    # The learner reports which of its actors is lost, and where: that worker crashed, its own
+    # connection only said it left.
+    assert re.match(r"marlwatch: run failed: worker [12] crashed: Ray actor [0-9a-f]{8} on node-b \(", last), \
+        err[-3000:]
     assert "Traceback" not in err
     r = marlwatch("summary", "--json", str(path))
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["complete"]  # everything before the loss is kept
+    summary = json.loads(r.stdout)
+    assert summary["complete"]  # everything before the loss is kept
+    lost = [p for p in summary["procs"] if p["state"] == "crashed"]
+    assert len(lost) == 1 and lost[0]["node"] == "node-b" and "Ray actor" in lost[0]["error"]
+    assert "on node-b" in lost[0]["error"]
 
 
 @pytest.mark.timeout(500)
@@ -105,15 +113,31 @@ def test_spans_nodes_and_clocks_from_both_nodes(lost_node_run):
     assert pc.sum(pc.greater(procs["t_ns"], sampled_from)).as_py() > 0  # from node-b's sampler
     clocks = {c["proc"] for c in events(t, "clock")}
     assert {1, 2, sampler} <= clocks
+    # The recording's metadata (its end row) lists both nodes, with their hosts and cores.
+    rec = open_recording(path)
+    for _ in rec.batches():
+        pass
+    listed = {n["node"]: n for n in rec.end.nodes}
+    assert set(listed) == {"node-a", "node-b"}
+    assert listed["node-a"]["cores"] == rec.info.cores and listed["node-b"]["cores"] >= 1
+    assert all(n["host"] for n in listed.values())
     summary = json.loads(marlwatch("summary", "--json", str(path)).stdout)
     assert [n["node"] for n in summary["nodes"]] == ["node-a", "node-b"]
+    text = marlwatch("summary", str(path)).stdout
+    assert f"node-b {listed['node-b']['host']} (" in text and "node-b/cpu0" in text, text
     assert {p["node"] for p in summary["procs"] if p["role"].startswith("worker")} == {"node-a", "node-b"}
+
+
+def _plain(renderable) -> str:
+    """A row's text (a crashed one's is a Group: its line and its error)."""
+    parts = getattr(renderable, "renderables", [renderable])
+    return "\n".join(getattr(p, "plain", str(p)) for p in parts)
 
 
 @pytest.mark.timeout(500)
 def test_cores_panel_groups_cores_by_node(lost_node_run):
     from marlwatch.app.replay import ReplayApp
-    from marlwatch.app.widgets import CoresPanel, WorkersPanel
+    from marlwatch.app.widgets import CoresPanel, WorkerRow
     from marlwatch.cli.files import load_replay as load
 
     path = lost_node_run[0]
@@ -126,8 +150,10 @@ def test_cores_panel_groups_cores_by_node(lost_node_run):
             cores = app.query_one(CoresPanel).render()
             text = "\n".join(line.plain for line in cores.renderables)
             assert "node-a/cpu0" in text and "node-b/cpu0" in text, text
-            workers = " ".join(str(w.render()) for w in app.query_one(WorkersPanel).children)
+            workers = " ".join(_plain(w.content) for w in app.query(WorkerRow))
             assert "node-b" in workers
+            lost = [w for w in app.query(WorkerRow) if w.has_class("-crashed")]
+            assert len(lost) == 1 and re.search(r"Ray actor [0-9a-f]{8} on node-b", _plain(lost[0].content)), workers
 
     asyncio.run(scenario())
 
