@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from marlwatch.recording import open_recording
 from marlwatch.sweep import COLUMNS, _growth, fitted_growth
-from tests.conftest import marlwatch
+from tests.conftest import REPO, marlwatch
 
 
 def test_growth_per_doubling() -> None:
@@ -79,3 +83,25 @@ def test_out_must_be_a_folder(tmp_path) -> None:
     f.write_text("x")
     proc = marlwatch("sweep", "--algo", "neurcomm", "--out", str(f), timeout=60)
     assert proc.returncode == 2 and "not a folder" in proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_stops_the_sweep_with_the_cell_recorded(tmp_path, no_leftovers) -> None:
+    """A job scheduler's stop (SIGTERM) in the middle of a cell: that cell's recording is complete,
+    no later cell starts, nothing is left running, exit 128 + 15."""
+    out = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "marlwatch", "sweep", "--algo", "neurcomm", "--agents", "2,3",
+                             "--workers", "1", "--iterations", "100000", "--set", "max_cycles=10", "--out", str(out)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = out / "neurcomm-a2-w1.arrow"
+    deadline = time.monotonic() + 90
+    while not (first.exists() and first.stat().st_size > 20_000):  # the cell runs and records
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "sweep stopped by SIGTERM; 0 complete cells kept" in err and "cell 2/2" not in err
+    rec = open_recording(first)
+    assert rec.read_all().num_rows > 0 and rec.complete
+    assert not (out / "neurcomm-a3-w1.arrow").exists()

@@ -4,14 +4,15 @@ cell, and tabulate and plot it (the table: marlwatch/sweep.py; the plots: marlwa
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
-from marlwatch.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError, reading
+from marlwatch.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError, reading, signal_exit_code
 from marlwatch.cli.run import build_run, start_run
 from marlwatch.recording import default_record_path
 from marlwatch.report import plural
-from marlwatch.runner import RunConfig, drive
+from marlwatch.runner import RunConfig, drive, stop_on_signals
 from marlwatch.sweep import markdown, new_folder, recordings_in, save, table
 from marlwatch.terminal import say
 
@@ -63,11 +64,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
               f"{plural(run.workers, 'worker')}, {plural(args.iterations, 'iteration')} -> {run.record_path}",
               file=sys.stderr, flush=True)
         try:
-            start_run(run)
-            drive(run)
+            # Ctrl-C, SIGTERM (a job scheduler's stop) and SIGHUP end this cell cleanly, its
+            # recording complete, and the sweep with it; a second one forces the end.
+            with stop_on_signals(run):
+                start_run(run)
+                drive(run)
         except KeyboardInterrupt:
             print(f"marlwatch: sweep interrupted; {len(done)} complete cells kept in {out}", file=sys.stderr)
             return EXIT_INTERRUPTED
+        if run.stop_signal is not None:
+            print(f"marlwatch: sweep stopped by {signal.Signals(run.stop_signal).name}; {len(done)} complete cells "
+                  f"kept in {out}, and the stopped cell's recording {run.record_path.name}", file=sys.stderr)
+            return signal_exit_code(run.stop_signal)
         if run.failure:
             say(f"sweep cell failed: {run.failure} (recording kept: {run.record_path})")  # the failure quotes user code
             return EXIT_FAILED
