@@ -140,7 +140,6 @@ class ParallelEnvRunner:
         self.obs_dim = self.obs.shape[1]
         self.n_actions = int(env.action_space(self.agents[0]).n)
         self.episode_return = 0.0
-        self.episode_len = 0
         self.returns: list[float] = []
 
     def _stack(self, d: dict[str, Any]) -> np.ndarray:
@@ -157,12 +156,11 @@ class ParallelEnvRunner:
         self.terminated = bool(term) and all(term.values())
         next_obs = self._stack(obs) if obs else prev
         self.episode_return += float(rewards.sum())
-        self.episode_len += 1
         if done:
             instrument.gauge("episode_return", self.episode_return)
             instrument.counter("episodes")
             self.returns.append(self.episode_return)
-            self.episode_return, self.episode_len = 0.0, 0
+            self.episode_return = 0.0
             obs, _ = self.env.reset()
             self.obs = self._stack(obs)
         else:
@@ -214,7 +212,7 @@ def play_episodes(runner: ParallelEnvRunner, episodes: int, steps: int,
                 data["terminal"][e] = float(done and runner.terminated)
                 data["last_obs"][e] = next_obs
                 if not done:  # episode longer than `steps`: cut it so the next one starts fresh
-                    runner.episode_return, runner.episode_len = 0.0, 0
+                    runner.episode_return = 0.0
                     obs0, _ = runner.env.reset()
                     runner.obs = runner._stack(obs0)
                 break

@@ -88,10 +88,6 @@ def drained_pipe():
     return w, drainer
 
 
-def rss_bytes(pid: int | None = None) -> int:
-    return psutil.Process(pid or os.getpid()).memory_info().rss
-
-
 def main_for(measure, argv: list[str] | None = None) -> int:
     """`python bench/X.py [--quick] [--json]` for one benchmark module."""
     import argparse

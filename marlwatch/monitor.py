@@ -192,7 +192,6 @@ class Monitor:
         self._next_sample = 0.0
         self._pending: list[pa.RecordBatch] = []
         self.write_failure: str | None = None
-        self.spans_received = 0
 
     # -- set-up ----------------------------------------------------------------------------
     def open(self, *, overwrite: bool = False, unique: bool = False) -> None:

@@ -19,16 +19,21 @@ from tests.conftest import wait_for
 
 @pytest.mark.timeout(170)
 def test_auto_flame_then_f_on_the_selected_phase(tmp_path: Path, no_leftovers):
-    # Updates start after the original MADDPG's warm-up (25,600 transitions: 10 s or more here), well after
-    # --auto-flame took its baseline window; then the workers wait for weights while the learner
-    # updates: the p95 of their `sync/wait` jumps and --auto-flame profiles it.
+    # Updates start after a warm-up of 160 iterations (16,000 transitions; 6 s or more at the ~25 IPS
+    # of an idle machine, longer under load), after --auto-flame took its baseline window (the first
+    # 2 s window with 5 iterations past the start-up); then the workers wait for weights while the
+    # learner updates: the p95 of their `sync/wait` jumps and --auto-flame profiles it.
     args = build_parser().parse_args(
         ["run", "--workers", "1", "--agents", "3", "--record", str(tmp_path / "live.arrow"), "--auto-flame",
-         "--latency-bound", "500", "--set", "batch_size=256", "--set", "warmup=25600"])
+         "--latency-bound", "500", "--set", "batch_size=256", "--set", "warmup=16000"])
     run = make_run(args, default_iterations=None)
     start_run(run)
-    app = LiveApp(run, make_flame(run, args, always=True))
-    app.FLAME_SECONDS = 2
+    flame = make_flame(run, args, always=True)
+    # Captures of 1 s (the f key's and the auto trigger's; 5 s by default): 100 samples at py-spy's
+    # 100 Hz, plenty for the panel.
+    flame.auto_seconds = 1.0
+    app = LiveApp(run, flame)
+    app.FLAME_SECONDS = 1.0
 
     async def scenario() -> None:
         async with app.run_test(size=(120, 44)) as pilot:

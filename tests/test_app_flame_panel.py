@@ -24,7 +24,6 @@ from marlwatch.metrics import is_wait
 REPO = Path(__file__).resolve().parents[1]
 FLAMED = REPO / "recordings" / "maddpg-flame.arrow"
 SHIPPED = REPO / "recordings" / "maddpg-3agents-2workers.arrow"  # no samples; its hottest phase is sync/wait
-PANELS = (ThroughputPanel, TimePanel, PhaseTable, TopFunctionsPanel, CoresPanel, WorkersPanel)
 
 pytestmark = pytest.mark.timeout(60)
 

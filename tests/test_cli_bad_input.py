@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from marlwatch.cli import main
-from tests.conftest import marlwatch
 
 
 def one_line_error(capsys, argv: list[str]) -> str:
@@ -39,7 +38,7 @@ def test_run_rejects_bad_input(capsys, argv, expected):
     assert expected in one_line_error(capsys, argv)
 
 
-def test_summary_of_missing_empty_foreign_and_truncated_files(capsys, tmp_path, headless_small):
+def test_summary_of_missing_empty_foreign_and_truncated_files(capsys, tmp_path, recorded):
     assert "no such file" in one_line_error(capsys, ["summary", str(tmp_path / "missing.arrow")])
     empty = tmp_path / "empty.arrow"
     empty.write_bytes(b"")
@@ -57,7 +56,7 @@ def test_summary_of_missing_empty_foreign_and_truncated_files(capsys, tmp_path, 
     assert "not a marlwatch recording" in one_line_error(capsys, ["summary", str(other)])
     # Cut in the middle of the schema message: not readable at all, but an Arrow stream all the
     # same, so it is called truncated (with how much of the schema is there), not foreign.
-    data = headless_small.read_bytes()
+    data = recorded.read_bytes()
     for cut in (5, 100, 500):
         head = tmp_path / f"head{cut}.arrow"
         head.write_bytes(data[:cut])
@@ -65,8 +64,8 @@ def test_summary_of_missing_empty_foreign_and_truncated_files(capsys, tmp_path, 
         assert "truncated" in line and f"({cut} of " in line and "not an Arrow" not in line, line
 
 
-def test_summary_of_a_file_cut_mid_batch_reads_what_is_complete(capsys, tmp_path, headless_small):
-    data = headless_small.read_bytes()
+def test_summary_of_a_file_cut_mid_batch_reads_what_is_complete(capsys, tmp_path, recorded):
+    data = recorded.read_bytes()
     cut = tmp_path / "cut.arrow"
     cut.write_bytes(data[: int(len(data) * 0.7)])
     assert main(["summary", str(cut), "--json"]) == 0
@@ -78,10 +77,7 @@ def test_summary_of_a_file_cut_mid_batch_reads_what_is_complete(capsys, tmp_path
     assert s["status"] == "truncated mid-batch" and s["iterations"] > 0
 
 
-@pytest.fixture(scope="module")
-def headless_small(tmp_path_factory):
-    path = tmp_path_factory.mktemp("small") / "small.arrow"
-    proc = marlwatch("run", "--headless", "--workers", "1", "--iterations", "30", "--record", str(path),
-                     "--set", "warmup=256", "--set", "batch_size=64")
-    assert proc.returncode == 0, proc.stderr
-    return path
+@pytest.fixture
+def recorded(maddpg_run):
+    """A complete recording of today's code: the session's real MADDPG run (tests/conftest.py)."""
+    return maddpg_run[0]

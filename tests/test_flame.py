@@ -138,11 +138,17 @@ def test_update_capture_waited_for_the_end_of_the_warm_up(flamed):
     started = {d["phase"]: d["t_ns"] for d in events(table, "flame_started")}
     assert started["update"] > first_step > first_store, (started, first_step, first_store)
     assert started["sample"] < first_step
-    # What it stored is update's own work: most of update's samples are in a gradient step.
+    # What it stored is update's own work: most of update's samples fell in the phases of a
+    # gradient step, which the warm-up does not run (it only stores transitions). Counted by the
+    # phase each sample was attributed to, not by the code in its stack: how much of a step a
+    # loaded machine's py-spy sees in backward() varied with the load (27% to 60%).
     stacks = table.filter(pc.equal(table["kind"], "stack")).to_pylist()
-    upd = [r for r in stacks if r["name"] == "update" or r["name"].startswith("update/")]
-    stepping = sum(r["value"] for r in upd if "backward" in r["text"] or "torch/optim/" in r["text"])
-    assert stepping >= 0.3 * sum(r["value"] for r in upd), Counter(r["name"] for r in upd)
+    upd = Counter()
+    for r in stacks:
+        if r["name"] == "update" or r["name"].startswith("update/"):
+            upd[r["name"]] += r["value"]
+    stepping = sum(n for name, n in upd.items() if name not in ("update", "update/store"))
+    assert stepping >= 0.5 * sum(upd.values()), upd
 
 
 def test_flame_text_lists_update_code_not_rollout(flamed, capsys):
