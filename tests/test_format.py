@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from marlwatch import aggregates
+from marlwatch import aggregates, ipcscan
 from marlwatch.cli import main
 from marlwatch.diff import compare, read_side
 from marlwatch.metrics import summarize
@@ -132,6 +132,19 @@ def test_the_covered_span_batches_are_not_read(tmp_path, small_groups):
     for b in open_recording(path).batches():
         kinds_exact |= set(b.column("kind").dictionary.to_pylist()[i] for i in pc.unique(b.column("kind").indices).to_pylist())
     assert "span" in kinds_exact and not kinds_exact & {"span_sum", "span_hist"}
+
+
+@pytest.mark.parametrize("aggregated", [True, False])
+def test_both_ways_of_serving_the_messages_read_the_same_batches(tmp_path, small_groups, monkeypatch, aggregated):
+    """ipcscan serves small subsets from one joined copy (decoded on this thread) and large ones
+    through the memory map; the batches are the same either way."""
+    path = record(tmp_path / "r.arrow")
+    joined = list(open_recording(path).batches(aggregates=aggregated))
+    monkeypatch.setattr(ipcscan, "_JOIN_BYTES", 0)
+    mapped = list(open_recording(path).batches(aggregates=aggregated))
+    assert len(joined) == len(mapped) and sum(b.num_rows for b in joined) > 100
+    for a, b in zip(joined, mapped, strict=True):
+        assert a.equals(b)
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.8])
