@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from marlwatch.app.replay import ReplayApp
-from marlwatch.app.widgets import PhaseTable, RunHeader, ThroughputPanel, TimePanel
+from marlwatch.app.widgets import CoresPanel, PhaseTable, RunHeader, ThroughputPanel, TimePanel, WorkerRow
 from marlwatch.cli.files import load_replay as load
 from marlwatch.report import ms
 
@@ -31,6 +31,35 @@ def ips_text(app: ReplayApp) -> str:
 
 def header_text(app: ReplayApp) -> str:
     return app.query_one(RunHeader).render().plain
+
+
+@pytest.mark.timeout(60)
+def test_panels_repaint_only_what_changed():
+    """A refresh that brings the same figures repaints nothing; new figures repaint the panels
+    that show them, without laying the screen out again while no panel changes size."""
+    async def scenario() -> None:
+        app = replay_app(at_s=20.0, play=False)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.pause(0.6)
+            widgets = [app.query_one(t) for t in (RunHeader, TimePanel, CoresPanel, PhaseTable)]
+            widgets += [app.query_one("#phase-body"), app.query_one("#ips"), *app.query(WorkerRow)]
+            calls: list[tuple[str, bool]] = []
+            for w in widgets:
+                def spy(*regions, _real=w.refresh, _id=w.id, **kw):
+                    calls.append((_id, kw.get("layout", False)))
+                    return _real(*regions, **kw)
+                w.refresh = spy
+            app.refresh_view()  # the same position: the same figures
+            await pilot.pause(0.3)
+            assert calls == [], calls
+            app.playback.seek_s(24.0)
+            app.refresh_view()
+            await pilot.pause(0.3)
+            repainted = {i for i, _ in calls}
+            assert {"header", "time", "phase-body", "ips"} <= repainted, calls
+            assert not any(layout for _, layout in calls), calls
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.timeout(60)

@@ -38,7 +38,8 @@ class TopFunctionsPanel(Static):
     TopFunctionsPanel.-has-samples { display: block; }
     TopFunctionsPanel.-has-samples.-closed { display: none; }
     """
-    snapshot: reactive[Snapshot | None] = reactive(None, always_update=True)
+    # Repainted by _update, only when what it shows changed (see widgets.Lines).
+    snapshot: reactive[Snapshot | None] = reactive(None, always_update=True, repaint=False)
     phase: reactive[str | None] = reactive(None)
 
     def __init__(self, hint: str = "", **kwargs) -> None:
@@ -47,6 +48,7 @@ class TopFunctionsPanel(Static):
         self.lines: list[tuple[str, int]] = []  # what is shown, for tests
         self.samples = 0  # samples in the snapshot (any phase)
         self._closed_at: int | None = None  # `samples` when the user closed the panel
+        self._shown: tuple | None = None
 
     @property
     def has_samples(self) -> bool:
@@ -86,8 +88,8 @@ class TopFunctionsPanel(Static):
         shown = printable(phase) or "-"
         self.lines = s.top_functions(phase, ROWS) if phase else []
         total = sum(s.phase_samples(phase).values()) if phase else 0
-        self.border_title = Text(f"py-spy: top functions in {shown}")  # Text: a str would be parsed as markup
-        self.border_subtitle = f"{total} samples · t closes"
+        title = Text(f"py-spy: top functions in {shown}")  # Text: a str would be parsed as markup
+        subtitle = f"{total} samples · t closes"
         text = Text(no_wrap=True, overflow="ellipsis")
         if not self.lines:
             text.append(f"no py-spy samples taken while {printable(phase) or 'this phase'} ran{self.hint}",
@@ -101,4 +103,7 @@ class TopFunctionsPanel(Static):
             text.append(name, style="bold magenta" if i == 0 else "")
             if where:
                 text.append(" (" + short_path(where), style="dim")
-        self.update(text)
+        if (title, subtitle, text) != self._shown:
+            self._shown = (title, subtitle, text)
+            self.border_title, self.border_subtitle = title, subtitle
+            self.update(text)

@@ -44,19 +44,83 @@ class Status:
     size: int = 0
 
 
-class RunHeader(Static):
+# What a refresh costs is Textual repainting widgets (StylesCache.render_lines, about 1 ms for
+# a 20-line panel) and, after a Static.update(), laying out the whole screen again. At 4
+# refreshes a second most panels show the same thing as before (a worker's IPS, the cores, the
+# header change once a second at most), so each panel repaints only when what it shows changed,
+# and asks for a layout pass only when its size can have changed.
+
+
+class Lines(Static):
+    """A Static showing lines of Text (as one Group): `show` repaints it only when the lines differ
+    from what is on screen, and lays the screen out again only when their number or width does."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.shown: list[Text] | None = None
+
+    def show(self, *lines: Text) -> None:
+        new = list(lines)
+        if new == self.shown:
+            return
+        old = self.shown or []
+        self.shown = new
+        layout = len(new) != len(old) or max((t.cell_len for t in new), default=0) != \
+            max((t.cell_len for t in old), default=0)
+        self.update(Group(*new), layout=layout)
+
+
+def set_subtitle(widget: Static | Vertical, text: str | Text) -> None:
+    """border_subtitle, set only when it changes (setting it repaints the whole panel)."""
+    if getattr(widget, "_subtitle_shown", None) != text:
+        widget._subtitle_shown = text  # type: ignore[union-attr]
+        widget.border_subtitle = text
+
+
+class Drawn:
+    """For a panel drawn by `render()` from its `snapshot`: a new snapshot repaints it only when
+    `lines()`, what it would draw, differs from what it drew last (its watcher, not the reactive,
+    decides: declare `snapshot` with repaint=False). A resize repaints it as any widget."""
+
+    _drawn: list[Text] | None = None
+
+    def lines(self) -> list[Text]:
+        raise NotImplementedError
+
+    def redraw_if_changed(self) -> None:
+        lines = self.lines()
+        if lines != self._drawn:
+            self._drawn = lines
+            self.refresh()  # type: ignore[attr-defined]
+
+    def render(self) -> Group:
+        self._drawn = self.lines()
+        return Group(*self._drawn)
+
+
+class RunHeader(Drawn, Static):
     """Mode, position, run configuration, recording; a second line for the recording when narrow."""
 
     DEFAULT_CSS = """
     RunHeader { dock: top; height: auto; max-height: 2; background: $boost; }
     """
-    snapshot: reactive[Snapshot | None] = reactive(None, always_update=True)
-    status: reactive[Status] = reactive(Status("LIVE"), always_update=True)
+    snapshot: reactive[Snapshot | None] = reactive(None, always_update=True, repaint=False)
+    status: reactive[Status] = reactive(Status("LIVE"), always_update=True, repaint=False)
 
     def on_resize(self) -> None:
         self.refresh(layout=True)  # one line or two depends on the width
 
-    def render(self) -> Text:
+    def watch_snapshot(self) -> None:
+        self.redraw_if_changed()
+
+    def watch_status(self) -> None:
+        self.redraw_if_changed()
+
+    def render(self) -> Text:  # type: ignore[override]
+        self._drawn = self.lines()
+        return Text("\n", no_wrap=True).join(self._drawn)
+
+    def lines(self) -> list[Text]:
         st = self.status
         text = Text(no_wrap=True, overflow="ellipsis")
         text.append(" marlwatch ", style="bold reverse")
@@ -73,8 +137,8 @@ class RunHeader(Static):
         rec.append(f"  rec {human_bytes(st.size)} ", style="bold")
         rec.append(printable(st.path))
         if text.cell_len + rec.cell_len <= self.size.width:
-            return text + rec
-        return Text("\n", no_wrap=True).join([text, Text(" ") + rec])
+            return [text + rec]
+        return [text, Text(" ") + rec]
 
 
 class HistoryPlot(Static):
@@ -84,7 +148,11 @@ class HistoryPlot(Static):
     cost for the same picture at a few redraws a second.
     """
 
-    history: reactive[list[float]] = reactive(list, always_update=True)
+    history: reactive[list[float]] = reactive(list, always_update=True, repaint=False)
+
+    def watch_history(self, old: list[float], new: list[float]) -> None:
+        if old != new:  # it gains a value once a second
+            self.refresh()
 
     def render(self) -> Text:
         width, height = self.content_size.width, self.content_size.height
@@ -97,10 +165,10 @@ class ThroughputPanel(Vertical):
     ThroughputPanel > #ips { height: 2; }
     ThroughputPanel > HistoryPlot { height: 1fr; min-height: 1; }
     """
-    snapshot: reactive[Snapshot | None] = reactive(None, always_update=True)
+    snapshot: reactive[Snapshot | None] = reactive(None, always_update=True, repaint=False)
 
     def compose(self) -> ComposeResult:
-        yield Static(id="ips")
+        yield Lines(id="ips")
         yield HistoryPlot(id="ips-history")
 
     def on_mount(self) -> None:
@@ -128,24 +196,27 @@ class ThroughputPanel(Vertical):
             line1.append(f"  ≤{s.latency_bound_ms:g} ms: ")
             line1.append(f"{s.bounded_ips:.2f}", style="bold")
             line1.append(f" IPS{met}")
-        self.query_one("#ips", Static).update(Group(line1, line2))
+        self.query_one("#ips", Lines).show(line1, line2)
         self.query_one(HistoryPlot).history = s.ips_history
         startup = f"start-up {s.startup_s:.1f} s · " if s.startup_s is not None else ""
-        self.border_subtitle = f"{startup}{len(s.ips_history)} s history"
+        set_subtitle(self, f"{startup}{len(s.ips_history)} s history")
 
 
-class TimePanel(Static):
+class TimePanel(Drawn, Static):
     """Where the time goes: sample / update / sync, and the two communication shares."""
 
-    snapshot: reactive[Snapshot | None] = reactive(None, always_update=True)
+    snapshot: reactive[Snapshot | None] = reactive(None, always_update=True, repaint=False)
 
     def on_mount(self) -> None:
         self.border_title = "Where the time goes"
 
-    def render(self) -> Group | Text:
+    def watch_snapshot(self) -> None:
+        self.redraw_if_changed()
+
+    def lines(self) -> list[Text]:
         s = self.snapshot
         if s is None or (s.process_s == 0 and s.startup_s is None):
-            return Text("waiting for the first spans…", style="dim")
+            return [Text("waiting for the first spans…", style="dim")]
         width = max(1, self.content_size.width)
         shares = [(k, s.shares.get(k, 0.0)) for k in ("sample", "update", "sync", "other")]
         bar = stacked_bar([(v, TOP_STYLES[k]) for k, v in shares], width)
@@ -174,7 +245,7 @@ class TimePanel(Static):
             upd_line.append(" comm / model update", style="bold")
         seconds = Text(f"exec {s.exec_s:.1f} s  comm {s.comm_s:.1f} s  update {s.update_s:.1f} s",
                        style="dim", no_wrap=True, overflow="ellipsis")
-        return Group(bar, legend, exec_line, upd_line, seconds)
+        return [bar, legend, exec_line, upd_line, seconds]
 
 
 SORTS = ("tree", "total", "p99", "count")
@@ -214,7 +285,7 @@ class PhaseTable(Vertical):
     """
     COLUMNS = ("phase", "total s", "share", "count", "p50 ms", "p95 ms", "p99 ms")
     WIDTHS = (0, 9, 7, 8, 8, 8, 8)  # the phase column takes what is left
-    snapshot: reactive[Snapshot | None] = reactive(None, always_update=True)
+    snapshot: reactive[Snapshot | None] = reactive(None, always_update=True, repaint=False)
     sort_key: reactive[str] = reactive("tree")
     # The phase `f` profiles (↑/↓); None: the hottest that is not a wait (Snapshot.hottest_work).
     selected: reactive[str | None] = reactive(None)
@@ -225,9 +296,9 @@ class PhaseTable(Vertical):
         self._shown_choice: str | None = None
 
     def compose(self) -> ComposeResult:
-        yield Static(id="phase-head")
+        yield Lines(id="phase-head")
         with VerticalScroll():
-            yield Static(id="phase-body")
+            yield Lines(id="phase-body")
 
     def on_mount(self) -> None:
         self._title()
@@ -298,15 +369,14 @@ class PhaseTable(Vertical):
                                ms(p.p50_ms), ms(p.p95_ms), ms(p.p99_ms)])
         longest = max((len(c[0]) for c in self.cells), default=5)
         name_w = max(10, min(longest + 1, self.content_size.width - sum(self.WIDTHS) - 1))
-        self.query_one("#phase-head", Static).update(Text(self._line(list(self.COLUMNS), name_w)))
-        body = Text(no_wrap=True, overflow="ellipsis")
-        for i, (p, cells) in enumerate(zip(self.displayed(), self.cells, strict=True)):
-            if i:
-                body.append("\n")
+        self.query_one("#phase-head", Lines).show(Text(self._line(list(self.COLUMNS), name_w)))
+        body = []
+        for p, cells in zip(self.displayed(), self.cells, strict=True):
             hot = hottest is not None and p.name == hottest.name
             style = "bold red" if hot else ("magenta" if p.comm else "")
-            body.append(self._line(cells, name_w), style=f"{style} reverse" if p.name == chosen else style)
-        self.query_one("#phase-body", Static).update(body)
+            body.append(Text(self._line(cells, name_w), style=f"{style} reverse" if p.name == chosen else style,
+                             no_wrap=True, overflow="ellipsis"))
+        self.query_one("#phase-body", Lines).show(*body)
         order = [p.name for p in self.displayed()]
         scroll = self.query_one(VerticalScroll)
         if chosen != self._shown_choice and chosen in order and scroll.size.height > 0:
@@ -316,13 +386,13 @@ class PhaseTable(Vertical):
                 scroll.scroll_to(y=max(0, row - rows // 2), animate=False)
         if hottest is not None:
             # Text, not a str: a str title is parsed as markup, and phase names come from the recording.
-            self.border_subtitle = Text(f"hottest: {printable(hottest.name)} {percent(hottest.share)}")
+            set_subtitle(self, Text(f"hottest: {printable(hottest.name)} {percent(hottest.share)}"))
 
 
-class CoresPanel(Static):
+class CoresPanel(Drawn, Static):
     """Per-core utilisation, who is pinned where, and each process's CPU and memory."""
 
-    snapshot: reactive[Snapshot | None] = reactive(None, always_update=True)
+    snapshot: reactive[Snapshot | None] = reactive(None, always_update=True, repaint=False)
 
     def on_mount(self) -> None:
         self.border_title = "Cores"
@@ -335,11 +405,12 @@ class CoresPanel(Static):
         if lines != self._lines:
             self._lines = lines
             self.refresh(layout=True)
+        self.redraw_if_changed()
 
-    def render(self) -> Group | Text:
+    def lines(self) -> list[Text]:
         s = self.snapshot
         if s is None or not s.cores_now:
-            return Text("sampling…", style="dim")
+            return [Text("sampling…", style="dim")]
         width = max(10, self.content_size.width)
         pinned: dict[int, list[str]] = {}
         for p in s.procs:
@@ -372,10 +443,10 @@ class CoresPanel(Static):
             lines.append(row)
         if len(s.procs) > MAX_PROC_ROWS:
             lines.append(Text(f"… and {len(s.procs) - MAX_PROC_ROWS} more processes", style="dim"))
-        return Group(*lines)
+        return lines
 
 
-class WorkerRow(Static):
+class WorkerRow(Lines):
     """One process: state, iteration, own IPS; a crashed one shows its error."""
 
     DEFAULT_CSS = """
@@ -383,7 +454,7 @@ class WorkerRow(Static):
     WorkerRow.-stalled { background: $warning 20%; }
     WorkerRow.-crashed { background: $error 25%; }
     """
-    row: reactive[ProcRow | None] = reactive(None, always_update=True)
+    row: reactive[ProcRow | None] = reactive(None, always_update=True, repaint=False)
 
     def watch_row(self, row: ProcRow | None) -> None:
         if row is None:
@@ -397,10 +468,9 @@ class WorkerRow(Static):
         text.append(f"{printable(row.state):<9}", style=STATE_STYLES.get(row.state, ""))
         text.append(f"it {row.iterations:<6}{row.ips:5.2f} IPS")
         if row.error:
-            err = Text(f"  {printable(row.error)}", style="red", no_wrap=True, overflow="ellipsis")
-            self.update(Group(text, err))
+            self.show(text, Text(f"  {printable(row.error)}", style="red", no_wrap=True, overflow="ellipsis"))
         else:
-            self.update(text)
+            self.show(text)
 
 
 # Processes shown one per line in the Workers and Cores panels; the rest are counted in a last
@@ -409,12 +479,12 @@ MAX_PROC_ROWS = 64
 
 
 class WorkersPanel(Vertical):
-    snapshot: reactive[Snapshot | None] = reactive(None, always_update=True)
+    snapshot: reactive[Snapshot | None] = reactive(None, always_update=True, repaint=False)
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._rows: dict[int, WorkerRow] = {}
-        self._more: Static | None = None
+        self._more: Lines | None = None
 
     def on_mount(self) -> None:
         self.border_title = "Workers"
@@ -431,10 +501,10 @@ class WorkersPanel(Vertical):
             w.row = p
         hidden = len(s.procs) - MAX_PROC_ROWS
         if hidden > 0 and self._more is None:
-            self._more = Static(id="procs-more")
+            self._more = Lines(id="procs-more")
             new.append(self._more)
         if new:
             self.mount_all(new)
         if self._more is not None:
-            self._more.update(Text(f"… and {hidden} more processes (marlwatch summary lists them all)",
+            self._more.show(Text(f"… and {hidden} more processes (marlwatch summary lists them all)",
                                    style="dim"))
