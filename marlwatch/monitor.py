@@ -499,8 +499,8 @@ class Monitor:
         its node): that one crashed, with that error, whatever its connection said (``left``)."""
         role, error = m.get("role"), m.get("error")
         target = next((s for s, st in self.procs.items() if st.role == role and s != reporter), None)
-        if target is None or not isinstance(error, str):
-            return
+        if target is None or not isinstance(error, str) or self.procs[target].state in lifecycle.FINAL:
+            return  # what a process said of its own end (its crash, with where) says more
         st = self.procs[target]
         st.on("crashed", {"error": error[:300]})
         self.emit(event_row(t, target, "crashed", error=st.error, reported_by=self.procs[reporter].role))
