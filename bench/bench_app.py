@@ -9,11 +9,18 @@ Real runs of `marlwatch run` (2 workers) in a tmux pane, alternating the app and
 - the run's IPS with the app vs headless: the median of the per-pair ratios IPS_app/IPS_headless - 1.
   IPS is the main loop's steady rate from the recording's iteration ticks after the first 20%.
 
-Targets (issue 3): app under 15% of one core; IPS within 2% of headless. This machine is shared
-(2 cores, several people): run-to-run noise in IPS is tens of percent; read the spread. The table
-also gives a bound that does not depend on that noise: the run keeps every core busy, so the
-UI's own CPU (app monitor - headless monitor) comes out of the run's share: cost <= UI CPU / cores.
-One extra app run at `--refresh 1` shows what the redraw rate costs.
+Whole runs a minute apart scatter by tens of percent in IPS on this shared machine, so the IPS
+comparison that counts is made inside one run: the app runs with MARLWATCH_APP_BLANK_S=4 and
+draws only every other 4-second window of the run's clock; in the others it computes and shows
+nothing, as `--headless` does (Metrics is fed throughout, as headless feeds its own). The app
+records each window's start and the monitor's CPU time then (`app_ab` events), so the IPS of
+drawing vs blank windows (neighbouring pairs, a 95% interval over the pairs) and the monitor's
+CPU in each come from the recording. The worst-case charge to training is the monitor's extra
+CPU while drawing, counted in full against the iteration (bench/overhead.py's bound, for the app).
+
+Targets (issue 14): the monitor with the app at its default refresh and 2 workers <= 5% of one
+core; IPS with the app within 1% of headless; worst-case charge under 0.5%. One extra app run
+at `--refresh 1` shows what the redraw rate costs.
 """
 
 from __future__ import annotations
@@ -29,8 +36,10 @@ from pathlib import Path
 import psutil
 from _common import REPO, machine, main_for, median, row, spread
 
-CPU_TARGET = 15.0  # % of one core
-IPS_TARGET = 0.02
+CPU_TARGET = 5.0  # % of one core (issue 14; it was 15 in issue 3)
+IPS_TARGET = 0.01  # issue 14: IPS with the app within 1% of headless
+CHARGE = 0.005  # issue 14: the worst-case charge to training
+AB_WINDOW_S = 4.0
 SETTINGS = ["--set", "warmup=1024", "--set", "batch_size=256"]
 MARLWATCH = str(Path(sys.executable).with_name("marlwatch"))
 
@@ -58,9 +67,11 @@ def _cmdline(p: psutil.Process) -> list[str]:
 
 
 def one_run(app: bool, iterations: int, record: Path, window_s: float, session: str,
-            refresh: float | None = None) -> dict:
-    """Start a run in a fresh tmux pane; measure the monitor's CPU over a mid-run window."""
-    cmd = [MARLWATCH, "run", "--workers", "2", "--iterations", str(iterations), "--record", str(record), *SETTINGS]
+            refresh: float | None = None, blank_s: float | None = None) -> dict:
+    """Start a run in a fresh tmux pane; measure the monitor's CPU over a mid-run window.
+    `blank_s`: the app draws only every other window of that many seconds (the in-run A/B)."""
+    env = [f"env MARLWATCH_APP_BLANK_S={blank_s:g}"] if blank_s else []
+    cmd = [*env, MARLWATCH, "run", "--workers", "2", "--iterations", str(iterations), "--record", str(record), *SETTINGS]
     if not app:
         cmd.append("--headless")
     elif refresh is not None:
@@ -101,10 +112,64 @@ def one_run(app: bool, iterations: int, record: Path, window_s: float, session: 
     return {"cpu_percent": cpu, "ips": ips, "rss_mb": rss / 2**20}
 
 
+def ab_windows(path: Path) -> dict:
+    """The in-run A/B of a run recorded with MARLWATCH_APP_BLANK_S: per window (drawing or blank,
+    bounds and the monitor's CPU time at each from the app's `app_ab` events), the main loop's
+    iterations that ended inside it and their time, and the monitor's CPU share over it."""
+    import json
+
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from marlwatch.app.live import AB_EVENT
+    from marlwatch.metrics import Metrics
+    from marlwatch.recording import EVENT, open_recording
+
+    rec = open_recording(path)
+    m = Metrics(rec.info)
+    events = []
+    for b in rec.batches():
+        m.add(b)
+        sel = pc.and_(pc.equal(b.column("kind").cast("string"), EVENT),
+                      pc.equal(b.column("name").cast("string"), AB_EVENT))
+        for t, text in zip(b.column("t_ns").filter(pc.fill_null(sel, False)).to_pylist(),
+                           b.column("text").filter(pc.fill_null(sel, False)).to_pylist(), strict=True):
+            events.append((t, json.loads(text)))
+    ticks = m.iteration_times_ns()
+    ticks = ticks[len(ticks) // 10:]  # past start-up and warm-up
+    windows = []
+    for (t0, e0), (t1, e1) in zip(events, events[1:], strict=False):
+        inside = ticks[(ticks >= t0) & (ticks < t1)]
+        if len(inside) < 2 or t0 < ticks[0]:
+            continue
+        windows.append({"drawing": bool(e0["drawing"]), "iterations": len(inside) - 1,
+                        "iteration_s": float(inside[-1] - inside[0]) / 1e9,
+                        "cpu_percent": 100 * (e1["cpu_s"] - e0["cpu_s"]) / ((t1 - t0) / 1e9)})
+    # Pairs of neighbouring windows, a drawing one and a blank one: the IPS ratio of each.
+    ratios = []
+    for a, b in zip(windows, windows[1:], strict=False):
+        if a["drawing"] != b["drawing"] and a["iteration_s"] > 0 and b["iteration_s"] > 0:
+            on, off = (a, b) if a["drawing"] else (b, a)
+            ratios.append((on["iterations"] / on["iteration_s"]) / (off["iterations"] / off["iteration_s"]) - 1)
+    out: dict = {"windows": windows, "pair_ratios": ratios}
+    for mode, drawing in (("drawing", True), ("blank", False)):
+        ws = [w for w in windows if w["drawing"] == drawing]
+        n, secs = sum(w["iterations"] for w in ws), sum(w["iteration_s"] for w in ws)
+        out[f"ips_{mode}"] = n / secs if secs else float("nan")
+        out[f"cpu_{mode}"] = median([w["cpu_percent"] for w in ws]) if ws else float("nan")
+        out[f"windows_{mode}"] = len(ws)
+    out["ips_ratio_minus_1"] = out["ips_drawing"] / out["ips_blank"] - 1
+    r = np.array(ratios)
+    half = 1.96 * r.std(ddof=1) / np.sqrt(len(r)) if len(r) > 1 else float("nan")
+    out["pair_ci95"] = (float(r.mean() - half), float(r.mean() + half)) if len(r) > 1 else (float("nan"),) * 2
+    return out
+
+
 def measure(quick: bool = False) -> dict:
     if shutil.which("tmux") is None:
         raise SystemExit("bench_app needs tmux (a real terminal for the app)")
     pairs, iterations, window = (2, 120, 6.0) if quick else (4, 150, 8.0)
+    ab_iterations = 300 if quick else 600
     runs: dict[str, list[dict]] = {"app": [], "headless": []}
     order = []
     for i in range(pairs):
@@ -117,6 +182,12 @@ def measure(quick: bool = False) -> dict:
         # The redraw rate is the app's knob: one run at 1 Hz for its CPU share.
         slow = one_run(True, iterations, Path(tmp) / "slow.arrow", window, "mwbenchslow", refresh=1.0)
         print(f"  app@1Hz  cpu {slow['cpu_percent']:5.1f}%  ips {slow['ips']:.2f}", file=sys.stderr)
+        # The in-run A/B: one run whose app draws only every other window of AB_WINDOW_S.
+        ab_path = Path(tmp) / "ab.arrow"
+        one_run(True, ab_iterations, ab_path, window, "mwbenchab", blank_s=AB_WINDOW_S)
+        ab = ab_windows(ab_path)
+        print(f"  A/B      ips drawing {ab['ips_drawing']:.2f} blank {ab['ips_blank']:.2f}, cpu drawing "
+              f"{ab['cpu_drawing']:.1f}% blank {ab['cpu_blank']:.1f}%", file=sys.stderr)
     app_cpu = [r["cpu_percent"] for r in runs["app"]]
     head_cpu = [r["cpu_percent"] for r in runs["headless"]]
     ratios = [a["ips"] / h["ips"] - 1 for a, h in zip(runs["app"], runs["headless"], strict=True)]
@@ -139,19 +210,35 @@ def measure(quick: bool = False) -> dict:
         # Noise-free bound: the run saturates every core, so the UI's CPU comes out of the run's share.
         "ips_cost_estimate": ui_cpu / (100 * (os.cpu_count() or 1)),
         "runs": runs,
+        "ab_in_run": ab,
     }
+    # Worst case: the monitor's extra CPU while the app draws, charged in full to the training's
+    # iteration time as if none of it ran on a spare core (bench/overhead.py's bound, for the app).
+    charge = max(0.0, ab["cpu_drawing"] - ab["cpu_blank"]) / 100
+    out["ab_worst_case_charge"] = charge
+    alo, ahi = ab["pair_ci95"]
     lo, hi = spread(ratios)
     out["rows"] = [
-        row("app monitor CPU (of one core)", f"{median(app_cpu):.1f}%", f"< {CPU_TARGET:.0f}%",
-            median(app_cpu) < CPU_TARGET, f"runs {', '.join(f'{c:.1f}' for c in app_cpu)}"),
+        row("app monitor CPU (of one core)", f"{median(app_cpu):.1f}%", f"<= {CPU_TARGET:.0f}%",
+            median(app_cpu) <= CPU_TARGET, f"runs {', '.join(f'{c:.1f}' for c in app_cpu)}; 2 workers, 4 Hz"),
         row("headless monitor CPU", f"{median(head_cpu):.1f}%", "", None, "pipes + recording, no UI"),
         row("UI's own CPU (app - headless)", f"{ui_cpu:.1f}%", "", None, "drawing at 4 Hz"),
-        row("IPS app / headless - 1", f"{100 * median(ratios):+.1f}%", f"within {100 * IPS_TARGET:.0f}%",
-            abs(median(ratios)) < IPS_TARGET, f"pairs {100 * lo:+.1f}%..{100 * hi:+.1f}%"),
+        row("IPS app / headless - 1, whole runs", f"{100 * median(ratios):+.1f}%", "", None,
+            f"pairs {100 * lo:+.1f}%..{100 * hi:+.1f}%: whole runs minutes apart, for reference"),
+        row(f"IPS drawing / blank - 1, in one run ({AB_WINDOW_S:g} s windows)",
+            f"{100 * ab['ips_ratio_minus_1']:+.2f}%", f"within {100 * IPS_TARGET:.0f}%",
+            None if not (ahi - alo < 2 * IPS_TARGET) else (abs(alo) <= IPS_TARGET and abs(ahi) <= IPS_TARGET),
+            f"95% CI of {len(ab['pair_ratios'])} neighbouring window pairs {100 * alo:+.1f}..{100 * ahi:+.1f}% "
+            f"(no verdict when wider than the target); IPS {ab['ips_drawing']:.2f} vs {ab['ips_blank']:.2f}; "
+            f"{ab['windows_drawing']}+{ab['windows_blank']} windows of {ab_iterations} iterations"),
+        row("monitor CPU in one run, drawing / blank windows", f"{ab['cpu_drawing']:.1f}% / {ab['cpu_blank']:.1f}%",
+            "", None, "the app present in both; blank windows compute and show nothing (as --headless)"),
+        row("worst-case charge to training of the app's drawing", f"{100 * charge:.2f}%", f"< {100 * CHARGE:.1f}%",
+            charge < CHARGE, "its extra monitor CPU counted in full against the iteration"),
         row("IPS (app, headless)", f"{out['ips_app']:.2f}, {out['ips_headless']:.2f}", "", None,
             f"{iterations} iterations, 2 workers"),
         row("IPS cost estimate (UI CPU / cores)", f"{-100 * out['ips_cost_estimate']:+.1f}%",
-            f"within {100 * IPS_TARGET:.0f}%", out["ips_cost_estimate"] < IPS_TARGET,
+            "", None,
             f"{ui_cpu:.1f}% of a core over {os.cpu_count()} busy cores"),
         row("app monitor CPU at --refresh 1", f"{slow['cpu_percent']:.1f}%", "", None, "one run"),
         row("app monitor RSS", f"{out['app_rss_mb']:.0f} MB", "", None, ""),

@@ -243,3 +243,47 @@ def test_bad_input_fails_before_the_app(argv, message, capsys):
     lines = out.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("marlwatch: ") and message in lines[0]
     assert out.out == ""
+
+
+def test_a_bad_blank_window_fails_before_the_app(monkeypatch, capsys):
+    monkeypatch.setenv("MARLWATCH_APP_BLANK_S", "soon")
+    assert main(["run"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "MARLWATCH_APP_BLANK_S must be a number of seconds" in lines[0]
+
+
+@pytest.mark.timeout(60)
+def test_blank_windows_draw_nothing(tmp_path):
+    """bench_app's in-run A/B: with blank_s the app makes and shows snapshots only in every other
+    window of the run's clock, and the figures are whole again once it draws."""
+    from marlwatch.app.live import AB_EVENT, blank_window
+
+    run, _ = scripted_run(tmp_path, hold=True)
+    app = LiveApp(run, blank_s=0.5)
+    made: list[int] = []
+    real = app.metrics.snapshot
+
+    def snapshot():
+        made.append(run.now_ns())
+        return real()
+
+    app.metrics.snapshot = snapshot
+
+    async def scenario() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            made.clear()  # the one on mount
+            await wait_for(pilot, lambda: run.now_ns() > made[0] + 2_500_000_000 if made else False, 30,
+                           "snapshots over five windows")
+            drawn = [t for t in made if not blank_window(t, app.blank_ns)]
+            assert len(drawn) == len(made) >= 3, made
+            # Drawn in at least two separate windows: the blank ones in between made nothing.
+            assert len({t // app.blank_ns for t in made}) >= 2
+            await pilot.press("q")
+
+    asyncio.run(scenario())
+    # Each window's start is in the recording, with the monitor's CPU time then.
+    events = [e for e in summarize(open_recording(run.record_path)).events if e["name"] == AB_EVENT]
+    assert len(events) >= 4
+    assert [e["drawing"] for e in events] == [not blank_window(int(e["t_s"] * 1e9), app.blank_ns) for e in events]
+    assert {e["drawing"] for e in events} == {True, False}
+    assert all(b["cpu_s"] >= a["cpu_s"] and b["t_s"] > a["t_s"] for a, b in zip(events, events[1:], strict=False))

@@ -9,6 +9,7 @@ the run, so the run is never touched from two threads. The UI thread only displa
 from __future__ import annotations
 
 import threading
+import time
 
 from textual import work
 from textual.binding import Binding
@@ -18,10 +19,19 @@ from marlwatch.app.base import REFRESH_HZ, WatchApp
 from marlwatch.app.flame_panel import TopFunctionsPanel
 from marlwatch.app.messages import RunEnded, SnapshotUpdate
 from marlwatch.app.widgets import Status, clock
+from marlwatch.collector import event_row
 from marlwatch.metrics import Metrics
 from marlwatch.runner import drive
 
 NO_SPANS_NOTICE_S = 10.0
+
+
+AB_EVENT = "app_ab"  # an A/B window starts: {"drawing": bool, "cpu_s": the monitor's CPU time so far}
+
+
+def blank_window(t_ns: int, window_ns: int) -> bool:
+    """Whether the run's time `t_ns` falls in a window where an A/B-ing app draws nothing."""
+    return (t_ns // window_ns) % 2 == 1
 
 
 class LiveApp(WatchApp):
@@ -36,8 +46,11 @@ class LiveApp(WatchApp):
     BINDINGS = [Binding("f", "flame", "py-spy")]
     FLAME_SECONDS = 5.0
 
-    def __init__(self, run, flame=None, refresh_hz: float = REFRESH_HZ) -> None:
-        """`flame`: the run's py-spy controller (marlwatch.flame); one is made for the `f` key if None."""
+    def __init__(self, run, flame=None, refresh_hz: float = REFRESH_HZ, blank_s: float | None = None) -> None:
+        """`flame`: the run's py-spy controller (marlwatch.flame); one is made for the `f` key if None.
+        `blank_s` (bench/bench_app.py's in-run A/B): the app draws only in every other window of
+        that many seconds of the run's clock (windows `run.now_ns() // blank_s` even), and in the
+        others computes and shows nothing, as `--headless` does; Metrics is fed throughout."""
         super().__init__()
         self.run_ = run
         if flame is None:
@@ -47,6 +60,8 @@ class LiveApp(WatchApp):
         self.flame = flame
         flame.on_message = lambda text: self.notify(text, timeout=8)  # notify is thread-safe, and plain text
         self.refresh_hz = refresh_hz
+        self.blank_ns = int(blank_s * 1e9) if blank_s else None
+        self._window: int | None = None
         self.metrics = Metrics(run.info)
         run.listeners.append(self.metrics.add)
         self.stop_requested = threading.Event()
@@ -77,6 +92,17 @@ class LiveApp(WatchApp):
 
         def post() -> None:
             nonlocal no_spans_said
+            if self.blank_ns is not None:
+                now = run.now_ns()
+                window = now // self.blank_ns
+                if window != self._window:
+                    # Recorded, so that the bench reads each window's bounds and the monitor's
+                    # CPU time at them (all its threads) from the recording itself.
+                    self._window = window
+                    run.emit(event_row(now, None, AB_EVENT, drawing=not blank_window(now, self.blank_ns),
+                                       cpu_s=time.process_time()))
+                if blank_window(now, self.blank_ns):
+                    return
             snap = self.metrics.snapshot()
             self.post_message(SnapshotUpdate(snap, run.recording_bytes))
             if not no_spans_said and not snap.phases and snap.t_s > NO_SPANS_NOTICE_S and run.launcher is not None \

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+import os
 import signal
 import sys
 from typing import TYPE_CHECKING
@@ -192,6 +194,24 @@ def _print_exports(run: Run) -> None:
     print(f"export MARLWATCH_AUTHKEY={run.monitor.authkey.hex()}", flush=True)
 
 
+BLANK_ENV = "MARLWATCH_APP_BLANK_S"
+
+
+def _blank_s() -> float | None:
+    """bench/bench_app.py's in-run A/B: the app draws only every other window of this many
+    seconds (LiveApp's `blank_s`); unset or empty: always."""
+    raw = os.environ.get(BLANK_ENV, "")
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0.5 <= value <= 3600:
+        raise UsageError(f"{BLANK_ENV} must be a number of seconds from 0.5 to 3600, got {raw!r}")
+    return value
+
+
 def run_live(args: argparse.Namespace) -> int:
     """`marlwatch run` with the app. Bad input fails before the terminal is taken over."""
     from marlwatch.app.live import LiveApp
@@ -201,9 +221,10 @@ def run_live(args: argparse.Namespace) -> int:
     refresh = args.refresh
     if not 0.1 <= refresh <= 30:
         raise UsageError(f"--refresh must be between 0.1 and 30 redraws per second, got {refresh}")
+    blank_s = _blank_s()
     run = make_run(args, default_iterations=None, command_log=True)
     flame = make_flame(run, args, always=True)
-    app = LiveApp(run, flame, refresh_hz=refresh)
+    app = LiveApp(run, flame, refresh_hz=refresh, blank_s=blank_s)
 
     def on_signal(signum: int, frame: object) -> None:
         run.stop_signal = run.stop_signal or signum
