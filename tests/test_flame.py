@@ -27,7 +27,7 @@ from marlwatch.flame.controller import FlameController
 from marlwatch.flame.pyspy import Samples, pyspy_command, samples_from_chrometrace
 from marlwatch.metrics import summarize
 from marlwatch.recording import SCHEMA, open_recording
-from marlwatch.runner import Run, RunConfig
+from marlwatch.runner import Run
 from tests.conftest import REPO
 from tests.scripted_run import scripted_run
 
@@ -283,23 +283,30 @@ can_deny = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("runuse
 @pytest.mark.skipif(not can_deny, reason="needs root and runuser, to run py-spy as user nobody against our processes")
 def test_denied_attach_keeps_the_run_going(tmp_path, monkeypatch, no_leftovers, pyspy_for_anyone):
     monkeypatch.setenv("MARLWATCH_PYSPY", f"runuser -u {DENY_USER} -- {pyspy_for_anyone}")
-    # No iteration limit: the run must outlive the capture (finish() stops it).
-    run = Run(RunConfig(agents=2, workers=1, iterations=100_000, record=str(tmp_path / "d.arrow"), settings=QUICK))
+    # A recorded run played through a real monitor, whose two workers are stood in for by live
+    # Python processes of ours (py-spy is refused by the kernel, not by what they run): no training
+    # needed to be denied. `hold`: the run outlives the capture (finish() stops it).
+    run, _ = scripted_run(tmp_path, hold=True)
+    stand_ins = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) for _ in range(2)]
+    run.procs[1].pid, run.procs[2].pid = (p.pid for p in stand_ins)
     ctl = FlameController(run)
     ctl.request("sample", 1)
-    run.start()
     try:
         drive(run, lambda: ctl.done)
         assert ctl.done, ctl.messages
         assert run.failure is None and run.alive  # the run went on
         denied = [m for m in ctl.messages if "could not profile" in m]
-        pid = run.procs[1].pid
-        assert denied == [f"flame: py-spy could not profile worker 1 (pid {pid}): permission denied (ptrace not "
-                          "allowed; run as root or set kernel.yama.ptrace_scope=0); the run goes on"], ctl.messages
+        assert denied == [f"flame: py-spy could not profile worker {slot} (pid {p.pid}): permission denied (ptrace "
+                          "not allowed; run as root or set kernel.yama.ptrace_scope=0); the run goes on"
+                          for slot, p in enumerate(stand_ins, 1)], ctl.messages
+        assert all(p.poll() is None for p in stand_ins)  # py-spy never got to them
     finally:
         run.finish()
-    events = [n for n in open_recording(tmp_path / "d.arrow").read_all()["name"].to_pylist() if n and "flame" in n]
-    assert events.count("flame_failed") == 1
+        for p in stand_ins:
+            p.kill()
+            p.wait()
+    events = [n for n in open_recording(run.record_path).read_all()["name"].to_pylist() if n and "flame" in n]
+    assert events.count("flame_failed") == 2
 
 
 @pytest.mark.timeout(150)
