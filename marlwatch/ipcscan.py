@@ -17,12 +17,17 @@ from __future__ import annotations
 import io
 import mmap
 import os
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
 SCHEMA_MSG, DICTIONARY, RECORD_BATCH = "schema", "dictionary", "record batch"
+
+
+_INTS = {(size, signed): struct.Struct("<" + (code.lower() if signed else code))
+         for size, code in ((2, "H"), (4, "I"), (8, "Q")) for signed in (False, True)}
 
 
 class _FlatBuffer:
@@ -34,7 +39,8 @@ class _FlatBuffer:
     def _int(self, pos: int, size: int, signed: bool = False) -> int:
         if pos < 0 or pos + size > len(self.b):
             raise IndexError(pos)
-        return int.from_bytes(self.b[pos:pos + size], "little", signed=signed)
+        # struct reads in place (no slice): the listing reads ~50 of these per message.
+        return _INTS[size, signed].unpack_from(self.b, pos)[0]
 
     def root(self) -> int:
         return self._int(0, 4)
