@@ -161,39 +161,61 @@ def test_killed_worker_shows_crash_and_exits_1(tmp_path):
     assert 0 < summarize(open_recording(run.record_path)).iterations < 150  # stopped at the crash
 
 
+class TmuxPane:
+    """`marlwatch ARGS` in a detached 100x30 tmux pane, as a user runs it in a terminal; its exit
+    status goes to a file when it ends. The session is killed on leaving the `with`."""
+
+    def __init__(self, tmp_path: Path, args: str, name: str) -> None:
+        self.status = tmp_path / f"{name}.status"
+        self.session = f"mw{name}{os.getpid()}"
+        cmd = f"{Path(sys.executable).with_name('marlwatch')} {args}; echo $? > {self.status}"
+        self.pid = int(subprocess.run(["tmux", "new-session", "-d", "-s", self.session, "-x", "100", "-y", "30", "-P",
+                                       "-F", "#{pane_pid}", cmd], capture_output=True, text=True, check=True).stdout)
+
+    def __enter__(self) -> TmuxPane:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run(["tmux", "kill-session", "-t", self.session], capture_output=True)
+
+    def wait_for_screen(self, shown, timeout: float, what: str) -> str:
+        """The pane's text once `shown(text)` holds, or fail after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        screen = ""
+        while not shown(screen):
+            assert time.monotonic() < deadline, f"{what}:\n{screen}"
+            time.sleep(0.5)
+            screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", self.session], capture_output=True,
+                                    text=True).stdout
+        return screen
+
+    def exit_status(self, timeout: float, what: str) -> str:
+        deadline = time.monotonic() + timeout
+        while not self.status.exists() or not self.status.read_text().strip():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.2)
+        return self.status.read_text().strip()
+
+
 @pytest.mark.timeout(150)
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux for a real terminal")
 def test_real_terminal_q_exits_cleanly(tmp_path):
     """`marlwatch run` in a tmux pane, as a user runs it: every panel drawn, q ends it, exit 0."""
-    record, status = tmp_path / "tty.arrow", tmp_path / "status"
-    session = f"mwtest{os.getpid()}"
-    cmd = (f"{Path(sys.executable).with_name('marlwatch')} run --workers 1 --record {record} {' '.join(QUICK)}; "
-           f"echo $? > {status}")
-    pane = int(subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "100", "-y", "30", "-P", "-F",
-                               "#{pane_pid}", cmd], capture_output=True, text=True, check=True).stdout)
-    try:
-        deadline = time.monotonic() + 100
-        screen = ""
-        while "sample" not in screen or " it 0 " in screen:
-            assert time.monotonic() < deadline, f"the app did not show iterations:\n{screen}"
-            time.sleep(1.0)
-            screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True,
-                                    text=True).stdout
+    record = tmp_path / "tty.arrow"
+    with TmuxPane(tmp_path, f"run --workers 1 --record {record} {' '.join(QUICK)}", "tty") as pane:
+        screen = pane.wait_for_screen(lambda s: "sample" in s and " it 0 " not in s, 100,
+                                      "the app did not show iterations")
         for title in ("LIVE", "Throughput", "Where the time goes", "Phases", "Cores", "Workers", "q quit"):
             assert title in screen
-        children = psutil.Process(pane).children(recursive=True)
+        children = psutil.Process(pane.pid).children(recursive=True)
         assert len(children) >= 2  # the monitor and its run
-        subprocess.run(["tmux", "send-keys", "-t", session, "q"], check=True)
-        while not status.exists() or not status.read_text().strip():
-            assert time.monotonic() < deadline + 30, "q did not end the app"
-            time.sleep(0.5)
-        assert status.read_text().strip() == "0"
-        rec = open_recording(record)
-        assert rec.read_all().num_rows > 0 and rec.complete
+        subprocess.run(["tmux", "send-keys", "-t", pane.session, "q"], check=True)
+        assert pane.exit_status(30, "q did not end the app") == "0"
+        # Before the session is killed (which would end any child left behind).
         assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE
                     and "resource_tracker" not in " ".join(c.cmdline())]
-    finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    rec = open_recording(record)
+    assert rec.read_all().num_rows > 0 and rec.complete
 
 
 @pytest.mark.timeout(90)
@@ -201,30 +223,13 @@ def test_real_terminal_q_exits_cleanly(tmp_path):
 def test_real_terminal_sigterm_after_the_run_ended_leaves_the_app(tmp_path):
     """The app stays open on a finished run until q; a SIGTERM (a job scheduler, `timeout`, a
     closed SSH session's SIGHUP alike) must still end it, with 128 + 15."""
-    record, status = tmp_path / "done.arrow", tmp_path / "status"
-    session = f"mwterm{os.getpid()}"
-    cmd = (f"{Path(sys.executable).with_name('marlwatch')} run --record {record} -- {sys.executable} -c 'pass'; "
-           f"echo $? > {status}")
-    pane = int(subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "100", "-y", "30", "-P", "-F",
-                               "#{pane_pid}", cmd], capture_output=True, text=True, check=True).stdout)
-    try:
-        deadline = time.monotonic() + 60
-        screen = ""
-        while "FINISHED" not in screen:
-            assert time.monotonic() < deadline, f"the app did not show the run as finished:\n{screen}"
-            time.sleep(0.5)
-            screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True,
-                                    text=True).stdout
-        monitor = psutil.Process(pane).children()[0]
-        monitor.send_signal(signal.SIGTERM)
-        while not status.exists() or not status.read_text().strip():
-            assert time.monotonic() < deadline + 20, "SIGTERM did not end the app of a finished run"
-            time.sleep(0.2)
-        assert status.read_text().strip() == "143"
-        rec = open_recording(record)
-        assert rec.read_all().num_rows > 0 and rec.complete
-    finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    record = tmp_path / "done.arrow"
+    with TmuxPane(tmp_path, f"run --record {record} -- {sys.executable} -c 'pass'", "term") as pane:
+        pane.wait_for_screen(lambda s: "FINISHED" in s, 60, "the app did not show the run as finished")
+        psutil.Process(pane.pid).children()[0].send_signal(signal.SIGTERM)  # the monitor
+        assert pane.exit_status(20, "SIGTERM did not end the app of a finished run") == "143"
+    rec = open_recording(record)
+    assert rec.read_all().num_rows > 0 and rec.complete
 
 
 @pytest.mark.parametrize(
