@@ -177,6 +177,15 @@ def test_diff_of_a_recording_without_iterations(tmp_path, capsys):
     assert err == [f"marlwatch: {empty}: no complete iteration recorded, nothing to compare"]
     assert main(["diff", str(SHIPPED), str(tmp_path / "missing.arrow")]) == 2
     assert capsys.readouterr().err.strip() == f"marlwatch: {tmp_path / 'missing.arrow'}: no such file"
+    # B is read on a second thread: its error is still the one line, and with both bad, A's.
+    assert main(["diff", str(SHIPPED), str(empty)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"marlwatch: {empty}: no complete iteration recorded, nothing to compare"]
+    other = tmp_path / "other.arrow"
+    other.write_bytes(empty.read_bytes())
+    assert main(["diff", str(other), str(empty)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"marlwatch: {other}: no complete iteration recorded, nothing to compare"]
 
 
 def test_latency_bound_summary_on_shipped_recording(capsys):
