@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from marlwatch.recording import CORE, COUNTER, EVENT, ITER, KIND_TYPE, NAME_TYPE, PROC, SCHEMA, SPAN
+from marlwatch.schema import one_batch
 from marlwatch.sysstats import ProcSample
 from marlwatch.wire import Batch
 
@@ -101,11 +102,7 @@ class ProcStream:
                     value=pa.array([c[2] for c in b.counters], pa.float64()),
                 )
             )
-        if not parts:
-            return None
-        if len(parts) == 1:
-            return parts[0]
-        return pa.Table.from_batches(parts, schema=SCHEMA).combine_chunks().to_batches()[0]
+        return one_batch(parts)
 
 
     def _phase(self, ids: np.ndarray) -> pa.Array:

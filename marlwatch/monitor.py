@@ -29,7 +29,8 @@ from marlwatch import lifecycle, wire
 from marlwatch.clock import ClockSync, boot_id
 from marlwatch.collector import ProcStream, core_rows, event_row, proc_rows
 from marlwatch.nodes import Node, Nodes
-from marlwatch.recording import SCHEMA, RecordingError, RecordingWriter, RunInfo
+from marlwatch.recording import RecordingError, RecordingWriter, RunInfo
+from marlwatch.schema import one_batch
 from marlwatch.sysstats import CoreSampler, ProcSample, ProcSampler
 
 HANDSHAKE_TIMEOUT_S = 5.0
@@ -593,13 +594,9 @@ class Monitor:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        if len(pending) == 1:
-            batch = pending[0]
-        else:
-            combined = pa.Table.from_batches(pending, schema=SCHEMA).combine_chunks().to_batches()
-            if not combined:  # only empty batches
-                return
-            batch = combined[0]
+        batch = one_batch(pending)
+        if batch is None:  # only empty batches
+            return
         for fn in self.listeners:
             fn(batch)
         if self.writer is not None and self.writer.failed is None:

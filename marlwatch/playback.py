@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 
 from marlwatch.metrics import Metrics, Snapshot
 from marlwatch.recording import AGGREGATES_PART, ROWS_PART, SPANS_PART, Part, Recording, RunInfo
+from marlwatch.schema import one_batch
 
 SPEEDS: tuple[float, ...] = (1.0, 4.0, 16.0, math.inf)
 CACHE_BYTES = 128 << 20  # aggregates and other rows kept for jumps (a 10M-span file: ~25 MB)
@@ -135,9 +136,9 @@ class Playback:
         self._reader = self._read_parts(rest)
 
     def _add_together(self, batches: list[pa.RecordBatch]) -> None:
-        if batches:
-            self.metrics.add(batches[0] if len(batches) == 1 else
-                             pa.Table.from_batches(batches).combine_chunks().to_batches()[0])
+        rows = one_batch(batches)
+        if rows is not None:
+            self.metrics.add(rows)
 
     def _read_parts(self, parts: list[Part]) -> Iterator[pa.RecordBatch]:
         """The checked rows of each part, in order. A jump reads the aggregates and every batch of
@@ -286,10 +287,9 @@ class Playback:
         self._feed_whole(whole)
 
     def _feed_whole(self, batches: list[pa.RecordBatch]) -> None:
-        if not batches:
+        rows = one_batch(batches)
+        if rows is None:
             return
-        rows = batches[0] if len(batches) == 1 else \
-            pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
         self.metrics.add(rows)
         self._fed += rows.num_rows
 

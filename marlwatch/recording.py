@@ -63,6 +63,7 @@ from marlwatch.schema import (  # noqa: F401
     RunInfo,
     kind_codes,
     kinds_present,
+    one_batch,
 )
 
 _DICTIONARY_COLUMNS = ("kind", "name", "parent")
@@ -479,10 +480,9 @@ class Recording:
 
     @staticmethod
     def _coalesced(pending: list[pa.RecordBatch], checker: Any) -> Iterator[pa.RecordBatch]:
-        if not pending:
+        batch = one_batch(pending)
+        if batch is None:
             return
-        batch = pending[0] if len(pending) == 1 else \
-            pa.Table.from_batches(pending, schema=SCHEMA).combine_chunks().to_batches()[0]
         checked = checker.rows(batch)
         if checked.num_rows:
             yield checked
@@ -595,10 +595,10 @@ class Recording:
     @staticmethod
     def _checked_each(batches: list[pa.RecordBatch], checker: Any) -> Iterator[pa.RecordBatch]:
         """Each batch's valid rows (one batch each, maybe empty), checked all at once."""
-        if not batches:
+        combined = one_batch(batches)
+        if combined is None:  # no batch, or none with a row
+            yield from batches
             return
-        combined = batches[0] if len(batches) == 1 else \
-            pa.Table.from_batches(batches, schema=SCHEMA).combine_chunks().to_batches()[0]
         ok = checker.valid(combined)
         start = 0
         for b in batches:

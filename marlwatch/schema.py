@@ -107,6 +107,16 @@ def kinds_present(kinds: list[str | None], codes: np.ndarray) -> set[str | None]
     return {k for k, c in zip(kinds, counts.tolist(), strict=True) if c}
 
 
+def one_batch(batches: list[pa.RecordBatch]) -> pa.RecordBatch | None:
+    """The rows of `batches` (one schema) as one record batch, in order: a lone batch as it is;
+    None for no batch, or for two or more without a row. Metrics, the writer and the reader's
+    checks cost per batch, not per row: feeding them one batch per flush or jump keeps them cheap."""
+    if len(batches) <= 1:
+        return batches[0] if batches else None
+    combined = pa.Table.from_batches(batches).combine_chunks().to_batches()
+    return combined[0] if combined else None
+
+
 class RecordingError(Exception):
     """A recording that cannot be written or read; the message is one line for the user."""
 
