@@ -156,9 +156,9 @@ def test_flame_text_lists_update_code_not_rollout(flamed, capsys):
     out = capsys.readouterr().out
     assert out.startswith("phase update: ")
     assert "MADDPGLearner.update" in out
-    # update's own code: the backward pass and the optimiser (torch.optim: Adam.step, zero_grad;
-    # Adam.step alone is ~8% of update's samples, too few to be sure of in a 3 s capture).
-    assert "backward" in out and "torch/optim/" in out, out
+    # update's own code: the backward pass (a third of update's samples). Not the optimiser: under
+    # load py-spy took 86 samples instead of 300 in the 3 s capture, and none in torch.optim (~8%).
+    assert "backward" in out, out
     for rollout in ("MADDPGRollout", "collect", "env_step", "ParallelEnvRunner", "serve_rollout"):
         assert rollout not in out
     # And the other way round: the workers' `sample` is rollout code, not the update.
