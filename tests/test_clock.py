@@ -5,7 +5,6 @@ monitor's timeline by a real `marlwatch listen`."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import pytest
 
 from marlwatch.clock import BURST, RESYNC_S, ClockSync
 from tests.ray_helpers import events, table
-from tests.watch_helpers import env_with_repo, read_exports, start_marlwatch
+from tests.watch_helpers import env_with_repo, listen_with
 
 MS = 1_000_000
 
@@ -101,16 +100,7 @@ print("done", flush=True)
 @pytest.mark.timeout(180)
 def test_a_process_an_hour_ahead_lands_on_the_monitor_timeline(tmp_path):
     path = tmp_path / "skew.arrow"
-    listen = start_marlwatch("listen", "--headless", "--record", str(path))
-    try:
-        env = {**env_with_repo(), **read_exports(listen)}
-        client = subprocess.run([sys.executable, "-c", SKEWED], env=env, capture_output=True, text=True, timeout=120)
-        assert client.returncode == 0 and "done" in client.stdout, client.stderr
-        listen.send_signal(signal.SIGINT)
-        listen.communicate(timeout=60)
-    finally:
-        if listen.poll() is None:
-            listen.kill()
+    listen_with(path, ["-c", SKEWED])
     t = table(path)
     started = events(t, "started")[0]
     assert started["role"] == "skewed" and started["same_machine"] is False

@@ -6,14 +6,13 @@ and the reader's checks on what an end row says."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 
 import pytest
 
 from marlwatch.recording import RunEnd, open_recording
-from tests.watch_helpers import env_with_repo, read_exports, start_marlwatch
+from tests.watch_helpers import env_with_repo, listen_with
 
 # argv: node id, host, and the cores this node's sampler reports ("" for none: the monitor's node)
 ON_A_NODE = r'''
@@ -36,18 +35,8 @@ print("done", flush=True)
 @pytest.mark.timeout(120)
 def test_the_end_row_lists_the_nodes_and_summary_shows_them(tmp_path):
     path = tmp_path / "nodes.arrow"
-    listen = start_marlwatch("listen", "--headless", "--record", str(path))
-    try:
-        env = {**env_with_repo(), **read_exports(listen)}
-        for args in (["A" * 8, "host-a", ""], ["B" * 8, "host-b", "10,20,30"]):
-            r = subprocess.run([sys.executable, "-c", ON_A_NODE, *args], env=env, capture_output=True, text=True,
-                               timeout=60)
-            assert r.returncode == 0 and "done" in r.stdout, r.stderr
-        listen.send_signal(signal.SIGINT)
-        listen.communicate(timeout=60)
-    finally:
-        if listen.poll() is None:
-            listen.kill()
+    listen_with(path, ["-c", ON_A_NODE, "A" * 8, "host-a", ""], ["-c", ON_A_NODE, "B" * 8, "host-b", "10,20,30"],
+                timeout=60)
     rec = open_recording(path)
     for _ in rec.batches():
         pass

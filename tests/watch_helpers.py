@@ -4,6 +4,7 @@ loops that connect to a monitor the way a user's process does."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -71,3 +72,20 @@ def read_exports(proc: subprocess.Popen, timeout: float = 60) -> dict[str, str]:
             name, _, value = line[len("export "):].strip().partition("=")
             found[name] = value
     return found
+
+
+def listen_with(path: Path, *programs: list[str], timeout: float = 120) -> None:
+    """`marlwatch listen --headless --record PATH` with each program (the arguments of a Python
+    command, run with the monitor's address and key) run to its end in turn, printing `done`;
+    then Ctrl-C, which completes the recording."""
+    listen = start_marlwatch("listen", "--headless", "--record", str(path))
+    try:
+        env = {**env_with_repo(), **read_exports(listen)}
+        for args in programs:
+            r = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
+            assert r.returncode == 0 and "done" in r.stdout, r.stderr
+        listen.send_signal(signal.SIGINT)
+        listen.communicate(timeout=60)
+    finally:
+        if listen.poll() is None:
+            listen.kill()
