@@ -21,7 +21,7 @@ from _common import BENCH, machine, print_table, row
 
 # The pipeline and analysis benchmarks go before the real runs import torch, so that the
 # monitor's RSS they report is not inflated by it.
-ALL = ["span_cost", "pipeline", "analysis", "overhead", "autophases", "size", "app", "ray"]
+ALL = ["span_cost", "pipeline", "analysis", "overhead", "autophases", "size", "app", "first_screen", "ray"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                     import analysis
 
                     r = analysis.measure(a.quick)
+                elif name == "first_screen":
+                    import first_screen
+
+                    r = first_screen.measure(a.quick)
                 elif name == "ray":
                     if importlib.util.find_spec("ray") is None:
                         r = {"rows": [row("Ray backend", "not measured", "", None, "ray not installed: .[ray]")]}
