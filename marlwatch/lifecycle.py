@@ -33,7 +33,8 @@ def after(state: str, error: str | None, event: str, detail: Mapping[str, Any]) 
     `exited` takes its state from `detail["state"]` (what the monitor recorded) or else from
     `detail["exitcode"]`, and only changes a state that is not final yet."""
     if event == "started":
-        return RUNNING, error
+        # A process stopped by its launcher while starting may still have sent its hello.
+        return (RUNNING, error) if state not in ENDED else (state, error)
     if event == "crashed":
         return "crashed", str(detail.get("error") or "unknown error")
     if event in FINAL:

@@ -488,12 +488,17 @@ class Monitor:
         elif kind == "event" and m.get("name") == "lost":
             self._lost(slot, t, m)
         elif kind == "event":
-            name = str(m.get("name", "event"))
             detail = {k: v for k, v in m.items() if k not in ("type", "name", "t_ns")}
-            st.on(name, detail)
-            self.emit(event_row(t, slot, name, **detail))
-            if self.on_process_event is not None:
-                self.on_process_event(st, name, detail)
+            self.process_event(slot, str(m.get("name", "event")), detail, t_ns=t)
+
+    def process_event(self, slot: int, name: str, detail: dict[str, Any], *, t_ns: int | None = None) -> None:
+        """A lifecycle (or other) event of the process in `slot`, from itself or from its launcher:
+        applied to its state, recorded, and handed to the run."""
+        st = self.procs[slot]
+        st.on(name, detail)
+        self.emit(event_row(self.now_ns() if t_ns is None else t_ns, slot, name, **detail))
+        if self.on_process_event is not None:
+            self.on_process_event(st, name, detail)
 
     def _lost(self, reporter: int, t: int, m: dict[str, Any]) -> None:
         """A process reports another one, by role, gone (a Ray learner its actor, with the actor and

@@ -66,6 +66,22 @@ from marlwatch.schema import (  # noqa: F401
     one_batch,
 )
 
+
+def _returning_memory_pool() -> None:
+    # pyarrow 26 made mimalloc the default pool, which keeps what a burst of batches took: the
+    # monitor grew by 70 MB while a fast producer flooded a slow recorder (tests/test_faults.py),
+    # and stayed there. jemalloc (pyarrow's earlier default) and the system allocator give it back.
+    # A pool the user chose (ARROW_DEFAULT_MEMORY_POOL) is kept.
+    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL") or pa.default_memory_pool().backend_name != "mimalloc":
+        return
+    try:
+        pa.set_memory_pool(pa.jemalloc_memory_pool())
+    except NotImplementedError:  # a pyarrow built without jemalloc
+        pa.set_memory_pool(pa.system_memory_pool())
+
+
+_returning_memory_pool()
+
 _DICTIONARY_COLUMNS = ("kind", "name", "parent")
 _COALESCE_ROWS = 1 << 16  # the reader hands on small batches together, up to this many rows
 # zstd level 6: a third smaller than level 1 on real recordings (docs/benchmarks.md) for about

@@ -21,6 +21,7 @@ import pytest
 
 from marlwatch import instrument, wire
 from marlwatch.collector import ProcStream
+from marlwatch.metrics import Metrics
 from marlwatch.recording import RecordingWriter, RunInfo, open_recording
 from marlwatch.runner import Run, RunConfig
 from tests.conftest import FAST, REPO, group_members
@@ -259,8 +260,13 @@ def test_ctrl_c_once_stops_cleanly_with_a_complete_recording(tmp_path, when):
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "[complete]" in out
     rec = open_recording(path)
-    list(rec.batches())
+    states = {p.role: p.state for p in Metrics(rec.info).add_all(rec.batches()).snapshot().procs}
     assert rec.complete
+    if when == "starting":
+        # Neither child had connected (both were importing): stopped at once, not waited for
+        # through their start-up, and not called crashed for it.
+        assert states == {"learner": "stopped", "worker 1": "stopped"}, states
+    assert "crashed" not in states.values(), states
     _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive
     # Children spawned after `children` was read (when=spawning) are in the run's process group too.

@@ -6,7 +6,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 from marlwatch.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, RunFailed, UsageError, fail
 from marlwatch.cli.parser import COMMANDS, build_parser
@@ -54,6 +54,30 @@ def _stdout_to_devnull() -> None:
         pass
 
 
+_interrupted_before_start = False
+
+
+def entry() -> None:
+    """The `marlwatch` command and `python -m marlwatch`: main(), then exit with its code."""
+    code = main()
+    if _interrupted_before_start:
+        # CPython 3.11 can end a process that caught a KeyboardInterrupt raised during an import
+        # (seen inside dataclasses' exec'd methods) by SIGINT at shutdown, instead of with our
+        # code (seen: status -2 after "marlwatch: interrupted"). Nothing was started: exit as said.
+        exit_now(code)
+    sys.exit(code)
+
+
+def exit_now(code: int) -> NoReturn:
+    """Flush what was said and end the process with `code`, past the interpreter's shutdown."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     real_stdout = sys.stdout
     sys.stdout = _GuardedStdout(real_stdout)  # type: ignore[assignment]
@@ -64,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         # Ctrl-C before a command installed its own handler (`run` does, before it starts any
         # process): still importing torch or reading a file, nothing started, nothing to keep.
+        global _interrupted_before_start
+        _interrupted_before_start = True
         return fail("interrupted", EXIT_INTERRUPTED)
     except StdoutError as e:
         sys.stdout = real_stdout

@@ -12,6 +12,7 @@ from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from typing import Any
 
+from marlwatch import lifecycle
 from marlwatch.launchers import StartFailed, exit_reason
 from marlwatch.limits import check_machine
 from marlwatch.monitor import Monitor
@@ -156,10 +157,22 @@ class BuiltinLauncher:
         return [p.sentinel for p in self._children.values() if p.exitcode is None]
 
     def poll(self, monitor: Monitor, ready: list[Any]) -> None:
+        if self._stop_reason is not None:
+            self._end_unconnected(monitor)
         for slot, p in self._children.items():
             if monitor.procs[slot].exitcode is None and not p.is_alive():
                 p.join(timeout=1)
                 monitor.process_exited(slot, p.exitcode, error=exit_reason(p.exitcode))
+
+    def _end_unconnected(self, monitor: Monitor) -> None:
+        # A stop asked while a child still starts (importing torch: seconds, tens of seconds on a
+        # loaded machine) would wait for its start-up, and then for its first iteration. It has
+        # sent nothing yet, so there is nothing to flush: it ends now, stopped by us, not crashed.
+        for slot, p in self._children.items():
+            st = monitor.procs[slot]
+            if st.state == lifecycle.STARTING and p.is_alive():
+                monitor.process_event(slot, "stopped", {"reason": "stopped while starting"})
+                p.kill()
 
     @property
     def running(self) -> bool:
