@@ -100,7 +100,10 @@ def serve_rollout(rollout: Any, conn: Connection) -> int:
             return rounds
         payload = rollout_round(rollout, msg[1], msg[2])
         with span("sync/send"):
-            conn.send(("batch", payload))
+            try:
+                conn.send(("batch", payload))
+            except OSError:  # BrokenPipeError: the learner ended (stopped, or lost another worker) meanwhile
+                return rounds
         instrument.tick()
         rounds += 1
 

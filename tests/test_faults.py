@@ -360,3 +360,22 @@ def test_the_cause_of_a_failure_wins_over_its_consequence(tmp_path):
     monitor.process_exited(w2, -signal.SIGKILL, error="was killed by SIGKILL")  # later, unrelated: kept
     assert run.failure == "worker 1 (pid 42) was killed by SIGKILL"
     run.abort()
+
+
+def test_a_worker_whose_learner_ends_during_its_round_finishes_instead_of_crashing():
+    # The learner stops (another worker crashed, or the run was stopped) while this worker collects:
+    # sending the round's batch then fails with a broken pipe, which is the end, not a crash.
+    from marlwatch.workers import serve_rollout
+
+    learner, worker = mp.Pipe()
+
+    class Rollout:
+        def load_weights(self, weights) -> None:
+            pass
+
+        def collect(self) -> list[int]:
+            learner.close()
+            return [0] * 1000
+
+    learner.send(("weights", None, None))
+    assert serve_rollout(Rollout(), worker) == 0
