@@ -451,10 +451,7 @@ class Monitor:
             st = self.procs[slot]
             if not st.ended and not any(s == slot for s in self._conns.values()):
                 # A process that connected by itself has no exit status for us: it left.
-                st.on("left", {})
-                self.emit(event_row(self.now_ns(), slot, "left", role=st.role))
-                if self.on_process_event is not None:
-                    self.on_process_event(st, "left", {})
+                self.process_event(slot, "left", {"role": st.role})
 
     def _control(self, slot: int, m: dict[str, Any]) -> None:
         st = self.procs[slot]
@@ -507,11 +504,7 @@ class Monitor:
         target = next((s for s, st in self.procs.items() if st.role == role and s != reporter), None)
         if target is None or not isinstance(error, str) or self.procs[target].state in lifecycle.FINAL:
             return  # what a process said of its own end (its crash, with where) says more
-        st = self.procs[target]
-        st.on("crashed", {"error": error[:300]})
-        self.emit(event_row(t, target, "crashed", error=st.error, reported_by=self.procs[reporter].role))
-        if self.on_process_event is not None:
-            self.on_process_event(st, "crashed", {"error": st.error})
+        self.process_event(target, "crashed", {"error": error[:300], "reported_by": self.procs[reporter].role}, t_ns=t)
 
     # -- nodes (marlwatch.nodes) -----------------------------------------------------------
     def _node(self, info: Any, *, local: bool = False) -> Node | None:
