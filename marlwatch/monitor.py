@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from marlwatch import lifecycle, wire
 from marlwatch.clock import ClockSync, boot_id
-from marlwatch.collector import ProcStream, core_rows, event_row, proc_rows
+from marlwatch.collector import ProcStream, SystemSamples, event_row
 from marlwatch.nodes import Node, Nodes
 from marlwatch.recording import RecordingError, RecordingWriter, RunInfo
 from marlwatch.schema import one_batch
@@ -36,6 +36,11 @@ from marlwatch.sysstats import CoreSampler, ProcSample, ProcSampler
 HANDSHAKE_TIMEOUT_S = 5.0
 _FRAMES_PER_PASS = 64  # frames one pass of the pump reads, over all connections (at most 6 MB of spans)
 _BACKLOG_FRAMES = 256  # frames a connection may send before its clock offset is known
+PROC_SAMPLE_HZ = 2.0  # per-process CPU and memory, at most this often (cores: sample_hz)
+# Rows are handed to the listeners and the writer in one batch at most every DELIVER_S (sooner
+# once DELIVER_ROWS wait, or when asked): each delivery costs about a millisecond whatever it holds.
+DELIVER_S = 0.5
+DELIVER_ROWS = 1 << 16
 MAX_SLOTS = 1024  # a bound on what connecting processes can make the monitor (and every reader) hold
 
 
@@ -54,7 +59,6 @@ class ProcState:
     node: str | None = None  # the node's name (a run across machines, docs/distributed.md)
     # False for a process on another machine: no psutil, no py-spy, its clock aligned by estimate
     same_machine: bool = True
-    clock_offset_ns: int = 0  # applied to its times (marlwatch.clock)
 
     @property
     def ended(self) -> bool:
@@ -191,7 +195,11 @@ class Monitor:
         self._slot_by_node_pid: dict[tuple[str, int], int] = {}
         self._hello_pids: dict[int, int] = {}  # slot -> pid its process gave (on its own machine)
         self._next_sample = 0.0
+        self._next_proc_sample = 0.0
+        self.samples = SystemSamples()
         self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+        self._next_delivery = 0.0
         self.write_failure: str | None = None
 
     # -- set-up ----------------------------------------------------------------------------
@@ -342,7 +350,6 @@ class Monitor:
         self._control(slot, hello)
 
     def _align(self, slot: int, sync: ClockSync) -> None:
-        self.procs[slot].clock_offset_ns = sync.applied_ns
         self.streams[slot].t_origin_ns = self.t0_ns + sync.applied_ns
 
     def _reserved_slot(self, role: str) -> int | None:
@@ -540,15 +547,14 @@ class Monitor:
                     if other.node == node.name:
                         self.proc_sampler.forget(slot)  # the node's sampler reports them from now on
             if node.first_core is not None and len(cores) == node.cores:
-                self.emit(core_rows(t, [float(c) for c in cores], first=node.first_core))
+                self.samples.add_cores(t, [float(c) for c in cores], first=node.first_core)
         samples = []
         for item in m.get("procs", []) if isinstance(m.get("procs"), list) else []:
             if isinstance(item, list) and len(item) == 3 and all(isinstance(v, int | float) for v in item):
                 slot = self._slot_by_node_pid.get((node.id, int(item[0])))
                 if slot is not None:
                     samples.append(ProcSample(slot, float(item[1]), int(item[2])))
-        if samples:
-            self.emit(proc_rows(t, samples))
+        self.samples.add_procs(t, samples)
 
     def process_exited(self, slot: int, exitcode: int | None, *, error: str | None = None) -> None:
         """A launcher's report that the process in `slot` ended; reads what it sent before it died."""
@@ -570,12 +576,15 @@ class Monitor:
             self.on_process_event(st, "exited", {"exitcode": exitcode})
 
     def _sample(self) -> None:
-        self._next_sample = time.monotonic() + 1.0 / self.sample_hz
+        now = time.monotonic()
+        self._next_sample = now + 1.0 / self.sample_hz
         t = self.now_ns()
-        self.emit(core_rows(t, self.core_sampler.sample()))
-        procs = self.proc_sampler.sample()
-        if procs:
-            self.emit(proc_rows(t, procs))
+        self.samples.add_cores(t, self.core_sampler.sample())
+        if now >= self._next_proc_sample:
+            # psutil reads two /proc files per process (~0.1 ms each): the per-process figures
+            # are sampled at most PROC_SAMPLE_HZ, as top and btop refresh them.
+            self._next_proc_sample = now + 1.0 / min(self.sample_hz, PROC_SAMPLE_HZ)
+            self.samples.add_procs(t, self.proc_sampler.sample())
 
     def _notice(self, text: str) -> None:
         self.emit(event_row(self.now_ns(), None, "notice", text=text))
@@ -584,14 +593,23 @@ class Monitor:
     def emit(self, batch: pa.RecordBatch) -> None:
         """Add rows (SCHEMA) to the run: recorded and passed to listeners at the next `deliver`."""
         self._pending.append(batch)
+        self._pending_rows += batch.num_rows
 
-    def deliver(self) -> None:
-        """Hand the rows that came in since the last call to the listeners and the writer as ONE
-        batch: their cost is mostly per call (a dozen Arrow kernels in Metrics and the writer), so
-        one call per pump instead of one per frame cut the monitor's busy time by about 40%."""
+    def deliver(self, *, when_due: bool = False) -> None:
+        """Hand the rows that came in since the last call (and the system samples) to the listeners
+        and the writer as ONE batch: their cost is mostly per call (a dozen Arrow kernels in Metrics
+        and the writer). With `when_due`, only once DELIVER_S passed since the last delivery or
+        DELIVER_ROWS rows wait (a pump's rows; a view asks for them before it draws)."""
+        now = time.monotonic()
+        if when_due and now < self._next_delivery and self._pending_rows < DELIVER_ROWS:
+            return
+        self._next_delivery = now + DELIVER_S
+        samples = self.samples.rows()
+        if samples is not None:
+            self._pending.append(samples)
         if not self._pending:
             return
-        pending, self._pending = self._pending, []
+        pending, self._pending, self._pending_rows = self._pending, [], 0
         batch = one_batch(pending)
         if batch is None:  # only empty batches
             return
@@ -606,7 +624,7 @@ class Monitor:
     def run_hooks(self, final: bool) -> None:
         for hook in self.hooks:
             hook(final)
-        self.deliver()
+        self.deliver(when_due=not final)
 
     def close(self, detail: dict[str, Any]) -> None:
         """Close every connection and the recording (with its end marker, which listeners see

@@ -325,10 +325,6 @@ class RecordingWriter:
         except (OSError, pa.ArrowException) as e:  # from head(): a full disk, /dev/full
             raise RecordingError(f"cannot write recording {self.path}: {getattr(e, 'strerror', None) or e}") from None
 
-    @property
-    def batches_written(self) -> int:
-        return self._enc.batches
-
     def __enter__(self) -> RecordingWriter:
         return self
 

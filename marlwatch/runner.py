@@ -238,10 +238,9 @@ class Run:
         ready = self.monitor.pump(timeout, waitables)
         if self.launcher is not None:
             self.launcher.poll(self.monitor, ready)
+        self.monitor.run_hooks(False)  # and hands on the rows, when due
         if self.monitor.write_failure and self.failure is None:
             self.fail(self.monitor.write_failure)  # disk full or alike: a run nobody records is not worth it
-        self.monitor.deliver()
-        self.monitor.run_hooks(False)
 
     def _on_process_event(self, st: ProcState, name: str, detail: dict[str, Any]) -> None:
         # A worker's death reaches us twice, in either order: the learner's "stopped: worker N is
@@ -332,6 +331,7 @@ def drive(run: Run, *, every: Callable[[], None] | None = None, period_s: float 
             run.pump(min(0.2, period_s))
             if every is not None and time.monotonic() >= next_call:
                 next_call = time.monotonic() + period_s
+                run.monitor.deliver()  # what `every` shows is up to this moment
                 every()
         run.finish()
     except KeyboardInterrupt:

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pytest
 
 from marlwatch import instrument, wire
+from marlwatch.cli.main import _from_interrupt
 from marlwatch.collector import ProcStream
 from marlwatch.metrics import Metrics
 from marlwatch.recording import RecordingWriter, RunInfo, open_recording
@@ -295,6 +296,23 @@ def test_sigterm_or_sighup_to_the_group_is_a_clean_stop(tmp_path, sig):
     assert rec.complete and end["failure"] is None and signal.Signals(sig).name in end["stop_reason"]
     _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive
+
+
+def test_a_ctrl_c_that_python_wrapped_is_still_an_interrupt():
+    """A SIGINT landing while a dataclass is made during an import reaches us as a RuntimeError
+    (Python 3.11 wraps what `__set_name__` raises); it must end as Ctrl-C, not with a traceback."""
+    class Interrupted:
+        def __set_name__(self, owner: type, name: str) -> None:
+            raise KeyboardInterrupt
+
+    with pytest.raises((RuntimeError, KeyboardInterrupt)) as info:
+        type("Config", (), {"hidden": Interrupted()})
+    assert _from_interrupt(info.value)
+    assert not _from_interrupt(RuntimeError("a real failure"))
+    try:
+        raise ValueError("during a Ctrl-C") from KeyboardInterrupt()
+    except ValueError as e:
+        assert _from_interrupt(e)
 
 
 @pytest.mark.timeout(60)

@@ -60,7 +60,8 @@ def watched(request, tmp_path_factory):
     # One OpenMP thread per process, as the built-in runs have: on 2 cores torch's spinning threads
     # in three processes make the loop several times slower (a setting of the environment, not of
     # the loop).
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # SB3's logger writes to tempdir/SB3-<date> unless told where: keep it with the test's files.
+    env = dict(os.environ, OMP_NUM_THREADS="1", SB3_LOGDIR=str(path.parent))
     proc = marlwatch("run", "--headless", "--record", str(path), "--",
                      sys.executable, str(REPO / "tests" / "third_party" / loop.script), timeout=360, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -69,7 +69,7 @@ def test_a_command_that_never_connects_still_gets_cpu_and_memory(tmp_path, no_le
     rec, procs = _rows(path, "proc")
     assert rec.complete
     cpu = [row["value"] for row in procs if row["proc"] == 0 and row["name"] == "cpu_percent"]
-    assert len(cpu) >= 10 and max(cpu) > 30  # the busy command, sampled at 10 Hz
+    assert len(cpu) >= 4 and max(cpu) > 30  # the busy command, 2.5 s of it sampled at PROC_SAMPLE_HZ (2 Hz)
 
 
 @pytest.mark.timeout(120)

@@ -5,6 +5,7 @@ on its own thread and decoded with `marlwatch.wire.decode`."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -102,9 +103,10 @@ class TinyMonitor:
             except OSError:
                 pass
         self._acceptor.join(5)
-        self.listener.close()
+        self.listener.close()  # removes the socket file
         for t in self._readers:
             t.join(5)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> TinyMonitor:
         return self

@@ -78,11 +78,30 @@ def exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
+def _from_interrupt(e: BaseException) -> bool:
+    """Whether a Ctrl-C is what `e` comes from: Python wraps an exception raised while a class is
+    being made (a KeyboardInterrupt landing in a dataclass field's `__set_name__` during an
+    import) in a RuntimeError."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     real_stdout = sys.stdout
     sys.stdout = _GuardedStdout(real_stdout)  # type: ignore[assignment]
     try:
-        code = _main(argv)
+        try:
+            code = _main(argv)
+        except Exception as e:
+            if not _from_interrupt(e):
+                raise
+            raise KeyboardInterrupt from e
         sys.stdout.flush()  # a full disk shows here, while we can still say so in one line
         return code
     except KeyboardInterrupt:
