@@ -65,10 +65,12 @@ def real_run(algo: str, spans: bool, iterations: int, record: Path, workers: int
 
 def cpu_per_iteration(record: str | Path, t0_ns: int, t1_ns: int, iterations: int, sample_hz: float) -> float:
     """CPU seconds all the run's processes spent per iteration between t0 and t1, from the
-    recording's per-process CPU samples (each the CPU% over the last 1/sample_hz s). Unlike IPS
-    it hardly depends on what else the machine runs, so it shows an overhead that noise hides."""
+    recording's per-process CPU samples (each the CPU% since the one before: the monitor takes
+    them min(sample_hz, PROC_SAMPLE_HZ) times a second). Unlike IPS it hardly depends on what else
+    the machine runs, so it shows an overhead that noise hides."""
     import pyarrow.compute as pc
 
+    from marlwatch.monitor import PROC_SAMPLE_HZ
     from marlwatch.recording import open_recording
 
     total = 0.0
@@ -77,7 +79,7 @@ def cpu_per_iteration(record: str | Path, t0_ns: int, t1_ns: int, iterations: in
         sel = pc.and_(pc.and_(pc.equal(b.column("kind"), "proc"), pc.equal(b.column("name"), "cpu_percent")),
                       pc.and_(pc.greater(t, t0_ns), pc.less_equal(t, t1_ns)))
         total += pc.sum(b.filter(sel).column("value")).as_py() or 0.0
-    return total / 100.0 / sample_hz / max(1, iterations)
+    return total / 100.0 / min(sample_hz, PROC_SAMPLE_HZ) / max(1, iterations)
 
 
 def spans_per_iteration(record: str | Path) -> dict[int, float]:

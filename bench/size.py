@@ -1,7 +1,7 @@
 """Benchmark 4: recording size, bytes per span and per core sample on disk.
 
 Measured on a real MADDPG recording (3 agents, 2 workers; the one benchmark 2 made, or a
-fresh 150-iteration run). Two figures: the whole file over its span count (everything included:
+fresh run of 500 iterations, the default `marlwatch run`'s length; 150 with --quick). Two figures: the whole file over its span count (everything included:
 iteration rows, core and process samples, counters, events, the aggregates; target 8 B), and
 the marginal cost of one row of a kind. For the latter (compression works per batch, so batch boundaries
 matter) the file is rewritten batch for batch with the real
@@ -61,7 +61,9 @@ def measure(quick: bool = False, record: Path | None = None) -> dict:
             import overhead
 
             record = tmp / "run.arrow"
-            overhead.real_run("maddpg", True, 100 if quick else 150, record)
+            # As long as the default `marlwatch run` (500 iterations): a file's fixed parts (schema,
+            # dictionaries, end row: ~10 KB) weigh more per span in a shorter run.
+            overhead.real_run("maddpg", True, 150 if quick else 500, record)
         counts: dict[str, int] = {}
         for b in open_recording(record).batches():
             for d in pc.value_counts(b.column("kind").cast(pa.string())).to_pylist():

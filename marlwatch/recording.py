@@ -84,9 +84,9 @@ _returning_memory_pool()
 
 _DICTIONARY_COLUMNS = ("kind", "name", "parent")
 _COALESCE_ROWS = 1 << 16  # the reader hands on small batches together, up to this many rows
-# zstd level 6: a third smaller than level 1 on real recordings (docs/benchmarks.md) for about
-# a millisecond of the monitor's time per batch.
-_WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", 6))
+# zstd level 9: a third smaller than level 1 on real recordings and 2.5 % smaller than level 6, for
+# ~0.4 us more of the monitor's time per row (0.1 % of a core at 2,000 spans/s; docs/benchmarks.md).
+_WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", 9))
 
 
 RUNS_DIR = Path("runs")
