@@ -42,6 +42,7 @@ from marlwatch.recording import (
     kind_codes,
     kinds_present,
 )
+from marlwatch.schema import one_batch
 from marlwatch.validate import (
     MAX_COUNTERS,
     MAX_FUNCTIONS,
@@ -405,6 +406,16 @@ class _Totals:
         return out
 
 
+# A nested span reaches a process's telemetry before the top-level span around it closes (a span
+# is sent when it ends). Counted at once, the phases under an `update` still running would add
+# to communication and to their own rows while `update` itself did not yet: comm/execution read
+# 160 % for a while in a run of 15-second iterations. So a nested span is counted once its
+# process has closed a top-level span or ended an iteration after it (docs/metrics.md), or once
+# it is HOLD_S of data time old, or at the end of the run; HOLD_ROWS bounds what is held.
+HOLD_S = 60.0
+HOLD_ROWS = 1 << 20
+
+
 class Metrics:
     """Every figure, fed batch by batch. What allocates per name is bounded (marlwatch/validate.py):
     phases past MAX_PHASES names, counters past MAX_COUNTERS and sampled functions past
@@ -424,6 +435,11 @@ class Metrics:
         self.exact = exact
         self.steady = _Totals(exact=exact)
         self.startup: dict[int, _Totals] = {}
+        # Nested spans whose top-level span is still open (HOLD_S), and per process the latest
+        # end of a top-level span or iteration: what closes them.
+        self._held: list[pa.RecordBatch] = []
+        self._held_rows = 0
+        self._closed_ns: dict[int, int] = {}
         self.t_ns = 0
         self.procs: dict[int, _Proc] = {}
         if info:
@@ -453,8 +469,10 @@ class Metrics:
 
     # -- feeding --------------------------------------------------------------------------
     def add_all(self, batches: Iterable[pa.RecordBatch]) -> Metrics:
+        """Add every batch of a recording read to its end: nested spans still held then count too."""
         for b in batches:
             self.add(b)
+        self.release_held(everything=True)
         return self
 
     def add(self, batch: pa.RecordBatch) -> None:
@@ -478,7 +496,7 @@ class Metrics:
             return b if codes is None else b.filter(pa.array(codes == kinds.index(k)))
 
         if SPAN in present:
-            self._spans(batch, None if codes is None else codes == kinds.index(SPAN))
+            self._spans(batch, None if codes is None else codes == kinds.index(SPAN), hold=True)
         if SPAN_SUM in present:
             self._spans(batch, None if codes is None else codes == kinds.index(SPAN_SUM), aggregate=True)
         if SPAN_HIST in present:
@@ -501,10 +519,41 @@ class Metrics:
                 end = RunEnd.parse(text)
                 if end.nodes:  # the nodes' last word (the events before say the same, bit by bit)
                     self.nodes = {n["node"]: n for n in end.nodes}
+        self.release_held(everything=self.complete)
 
-    def _spans(self, b: pa.RecordBatch, mask: np.ndarray | None = None, aggregate: bool = False) -> None:
+    def release_held(self, everything: bool = False) -> None:
+        """Count the held nested spans whose process has closed what was open around them (see
+        HOLD_S); with `everything`, all of them (the run is over)."""
+        if not self._held:
+            return
+        held = one_batch(self._held)
+        procs = pc.fill_null(held.column("proc"), 0).to_numpy(zero_copy_only=False)
+        end = held.column("t_ns").to_numpy(zero_copy_only=False) + held.column("dur_ns").to_numpy(zero_copy_only=False)
+        ready = (end <= self._closed_of(procs)) | (end <= self.t_ns - int(HOLD_S * 1e9))
+        if everything or self._held_rows > HOLD_ROWS:
+            ready[:] = True
+        self._held, self._held_rows = [], 0
+        if not ready.all():
+            self._held, self._held_rows = [held.filter(pa.array(~ready))], int((~ready).sum())
+        if ready.any():
+            self._spans(held if ready.all() else held.filter(pa.array(ready)))
+
+    def _closed_of(self, procs: np.ndarray) -> np.ndarray:
+        """For each row's process, the latest end of its top-level spans and iterations (-1: none)."""
+        slots, inverse = np.unique(procs, return_inverse=True)
+        return np.array([self._closed_ns.get(s, -1) for s in slots.tolist()], np.int64)[inverse]
+
+    def _close(self, procs: np.ndarray, t: np.ndarray) -> None:
+        for slot in np.unique(procs).tolist():
+            latest = int(t[procs == slot].max())
+            if latest > self._closed_ns.get(slot, -1):
+                self._closed_ns[slot] = latest
+
+    def _spans(self, b: pa.RecordBatch, mask: np.ndarray | None = None, aggregate: bool = False,
+               hold: bool = False) -> None:
         """Add the span rows of `b` (where `mask` is true; all rows when it is None); with
-        `aggregate`, its span_sum rows, each `value` spans of summed duration `dur_ns`.
+        `aggregate`, its span_sum rows, each `value` spans of summed duration `dur_ns`; with
+        `hold`, nested spans whose top-level span is still open wait (HOLD_S).
 
         Works on the whole batch with numpy masks, because filtering the batch first copies its
         strings; groups by (name, parent) with dictionary codes and bincount, because Acero's
@@ -521,6 +570,17 @@ class Metrics:
             dur = pc.fill_null(dur, 0)
         dur = dur.to_numpy(zero_copy_only=False)
         count = b.column("value").to_numpy(zero_copy_only=False) if aggregate else None
+        if hold:
+            procs = pc.fill_null(b.column("proc"), 0).to_numpy(zero_copy_only=False)
+            end = pc.fill_null(b.column("t_ns"), 0).to_numpy(zero_copy_only=False) + dur
+            top = parent_codes == len(parents)
+            if (ok & top).any():
+                self._close(procs[ok & top], end[ok & top])
+            wait = ok & ~top & (end > self._closed_of(procs))
+            if wait.any():
+                self._held.append(b.filter(pa.array(wait)))
+                self._held_rows += int(wait.sum())
+                ok &= ~wait
         names, codes = self._bounded(names, codes, ok)
         if not names:
             return
@@ -607,6 +667,7 @@ class Metrics:
             if p.state == lifecycle.STARTING:  # its hello is in a later batch
                 p.state = lifecycle.RUNNING
             p.last_tick = int(ts.max())
+            self._close(np.full(len(ts), int(slot)), ts)
             if self.main_slot is None:
                 self.main_slot = int(slot)
             if int(slot) == self.main_slot:

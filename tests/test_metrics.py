@@ -92,6 +92,56 @@ def test_feeding_in_pieces_gives_the_same_snapshot_as_at_once():
     assert whole.phases == parts.phases and whole.ips == parts.ips
 
 
+def test_phases_inside_an_open_top_level_span_wait_for_it():
+    """A span is sent when it ends, so the phases inside an `update` still running arrive first.
+    They count once `update` closes (or its process ends an iteration), never before: no share
+    above 100 %, no nested row larger than its parent's (docs/metrics.md)."""
+    T = 100 * MS
+    m = Metrics()
+    m.add(rows(tick(0, T, 1), span(0, "sample", None, T, 10 * MS, it=1)))
+    # 30 ms into an update that is still running: 25 ms of communication has ended inside it.
+    m.add(rows(span(0, "update/comm/graph", "update", T + 10 * MS, 25 * MS, it=1),
+               span(0, "update/backward", "update", T + 35 * MS, 5 * MS, it=1)))
+    s = m.snapshot()
+    assert s.comm_share == 0.0 and s.exec_s == pytest.approx(0.010)
+    assert {p.name for p in s.phases} == {"sample"}
+    m.add(rows(span(0, "update", None, T + 10 * MS, 40 * MS, it=1)))  # it closes
+    s = m.snapshot()
+    assert s.comm_share == pytest.approx(25 / 50) and s.comm_share_update == pytest.approx(25 / 40)
+    assert {p.name: p.total_s for p in s.phases} == pytest.approx(
+        {"sample": 0.010, "update": 0.040, "update/comm/graph": 0.025, "update/backward": 0.005})
+
+    # A process whose outer span never closes (a user's span around the whole loop): its
+    # iterations release what ended before them.
+    m.add(rows(span(1, "train/step", "train", T, 5 * MS, it=1)))
+    assert "train/step" not in {p.name for p in m.snapshot().phases}
+    m.add(rows(tick(1, T + 6 * MS, 2)))
+    assert {p.name: p.count for p in m.snapshot().phases}["train/step"] == 1
+
+    # Reading a recording to its end counts everything, closed or not (a run cut mid-update).
+    cut = Metrics().add_all([rows(tick(0, T, 1), span(0, "update/comm/graph", "update", T, 25 * MS, it=1))])
+    assert cut.snapshot().comm_s == pytest.approx(0.025)
+
+
+def test_replay_never_shows_a_share_above_100_percent():
+    """A real recording of 15-second iterations with communication inside them, played at
+    every 2 s: the shares and the comm shares stay within 100 %, and the end is what summary says."""
+    from marlwatch.metrics import summarize
+    from marlwatch.playback import Playback
+    from marlwatch.recording import open_recording
+    from tests.conftest import REPO
+
+    path = REPO / "recordings" / "tom2c-per-agent-8agents-flame.arrow"
+    pb = Playback.from_recording(open_recording(path))
+    for t in np.arange(2.0, pb.duration_s + 2.0, 2.0):
+        pb.seek_s(min(t, pb.duration_s))
+        s = pb.snapshot()
+        assert s.comm_share <= 1 and s.comm_share_update <= 1, (t, s.comm_s, s.exec_s, s.update_s)
+        assert all(v <= 1 + 1e-9 for v in s.shares.values()), (t, s.shares)
+    end = summarize(open_recording(path))
+    assert s.comm_s == pytest.approx(end.comm_s) and s.exec_s == pytest.approx(end.exec_s)
+
+
 def test_percentiles_are_within_the_histogram_resolution():
     rng = np.random.default_rng(0)
     d = rng.lognormal(mean=13, sigma=1.0, size=20_000).astype(np.int64)
