@@ -7,10 +7,13 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from marlwatch.app import REFRESH_HZ
+from marlwatch.app.base import TABLE_HZ
 from marlwatch.app.replay import ReplayApp
 from marlwatch.app.widgets import CoresPanel, PhaseTable, RunHeader, ThroughputPanel, TimePanel, WorkerRow
 from marlwatch.cli.files import load_replay as load
@@ -58,6 +61,31 @@ def test_panels_repaint_only_what_changed():
             repainted = {i for i, _ in calls}
             assert {"header", "time", "phase-body", "ips"} <= repainted, calls
             assert not any(layout for _, layout in calls), calls
+
+    asyncio.run(scenario())
+
+
+def test_the_tables_follow_at_table_hz_and_a_key_shows_everything():
+    """Playing, the throughput and time panels take every refresh's figures, the phase table,
+    cores and workers at most TABLE_HZ (docs/benchmarks.md §6); a seek shows all at once."""
+    async def scenario() -> None:
+        app = replay_app(at_s=12.0, play=False)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.pause(0.3)
+            table, time_panel = app.query_one(PhaseTable), app.query_one(TimePanel)
+            await pilot.press("space")  # play at 1x: REFRESH_HZ refreshes a second
+            seen_time, seen_table = set(), set()
+            start = time.monotonic()
+            while time.monotonic() - start < 4.2:
+                await pilot.pause(0.05)
+                seen_time.add(id(time_panel.snapshot))
+                seen_table.add(id(table.snapshot))
+            assert len(seen_time) >= 0.8 * 4.2 * REFRESH_HZ, len(seen_time)
+            assert 2 <= len(seen_table) <= 1 + 4.2 * TABLE_HZ + 1, len(seen_table)
+            await pilot.press("space")  # pause
+            await pilot.press("right")  # +1 s: a key shows everything at once
+            await pilot.pause(0.1)
+            assert table.snapshot is app.snapshot and app.query_one(CoresPanel).snapshot is app.snapshot
 
     asyncio.run(scenario())
 

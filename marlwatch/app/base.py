@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from textual import events
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -22,7 +24,10 @@ from marlwatch.app.widgets import (
 from marlwatch.metrics import Snapshot
 from marlwatch.terminal import printable
 
-REFRESH_HZ = 4.0  # panels redraw at most this often; the run's own pace is untouched
+# The phase table, cores and workers follow at most this often (the other panels: REFRESH_HZ):
+# every cell of them changes at each refresh, a table that changes twice a second cannot be read
+# anyway, and redrawing them was most of the app's drawing (docs/benchmarks.md §6). A key, a seek or the run's end shows all at once.
+TABLE_HZ = 1.0
 TALL_ROWS = 32  # from this terminal height on, the top panels get more room
 
 HELP = """\
@@ -96,6 +101,7 @@ class WatchApp(App[int]):
     def __init__(self) -> None:
         super().__init__()
         self.snapshot: Snapshot | None = None
+        self._tables_due = 0.0  # monotonic time from which the table panels take a new snapshot
 
     def notify(self, message: str, *, title: str = "", severity: str = "information",  # type: ignore[override]
                timeout: float | None = None, markup: bool = False) -> None:
@@ -119,12 +125,19 @@ class WatchApp(App[int]):
     def on_resize(self, event: events.Resize) -> None:
         self.screen.set_class(event.size.height >= TALL_ROWS, "-tall")
 
-    def show(self, snapshot: Snapshot, status: Status) -> None:
-        """Hand new figures down to every panel."""
+    def show(self, snapshot: Snapshot, status: Status, *, everything: bool = True) -> None:
+        """Hand new figures down to the panels; without `everything` (the refresh timer's), the
+        table panels only once 1/TABLE_HZ passed since they last had some."""
         self.snapshot = snapshot
         self.query_one(RunHeader).snapshot = snapshot
         self.query_one(RunHeader).status = status
-        for panel in (ThroughputPanel, TimePanel, PhaseTable, CoresPanel, WorkersPanel):
+        for panel in (ThroughputPanel, TimePanel):
+            self.query_one(panel).snapshot = snapshot
+        now = time.monotonic()
+        if not everything and now < self._tables_due:
+            return
+        self._tables_due = now + 1.0 / TABLE_HZ
+        for panel in (PhaseTable, CoresPanel, WorkersPanel):
             self.query_one(panel).snapshot = snapshot
         flame = self.query_one(TopFunctionsPanel)
         had = flame.has_samples

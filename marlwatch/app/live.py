@@ -15,7 +15,8 @@ from textual import work
 from textual.binding import Binding
 from textual.worker import get_current_worker
 
-from marlwatch.app.base import REFRESH_HZ, WatchApp
+from marlwatch.app import REFRESH_HZ
+from marlwatch.app.base import WatchApp
 from marlwatch.app.flame_panel import TopFunctionsPanel
 from marlwatch.app.messages import RunEnded, SnapshotUpdate
 from marlwatch.app.widgets import Status, clock
@@ -138,7 +139,7 @@ class LiveApp(WatchApp):
         self.latest = message
         if not self.paused and self.ended is None:
             self.snapshot = message.snapshot
-            self.show(message.snapshot, self._status(message.recording_bytes))
+            self.show(message.snapshot, self._status(message.recording_bytes), everything=False)
 
     def on_run_ended(self, message: RunEnded) -> None:
         self.ended = message

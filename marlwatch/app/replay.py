@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 from textual.binding import Binding
 
-from marlwatch.app.base import REFRESH_HZ, WatchApp
+from marlwatch.app import REFRESH_HZ
+from marlwatch.app.base import WatchApp
 from marlwatch.app.widgets import Status, clock
 from marlwatch.playback import Playback, speed_label
 from marlwatch.terminal import printable
@@ -84,7 +85,8 @@ class ReplayApp(WatchApp):
     def tick(self) -> None:
         now = time.monotonic()
         dt, self._last_tick = now - self._last_tick, now
-        self.guarded(lambda: self.playback.advance(dt) and self.refresh_view())
+        # Playing: the table panels follow at TABLE_HZ; the last step (the end) shows everything.
+        self.guarded(lambda: self.playback.advance(dt) and self.refresh_view(everything=self.playback.at_end))
 
     def status(self) -> Status:
         pb = self.playback
@@ -97,8 +99,8 @@ class ReplayApp(WatchApp):
             state += " [error]"
         return Status("REPLAY", state, f"{clock(pb.position_s)}/{clock(pb.duration_s)}", self.rec_path, self.rec_size)
 
-    def refresh_view(self) -> None:
-        self.show(self.playback.snapshot(), self.status())
+    def refresh_view(self, everything: bool = True) -> None:
+        self.show(self.playback.snapshot(), self.status(), everything=everything)
 
     # -- keys ---------------------------------------------------------------------------------
     def action_quit(self) -> None:  # type: ignore[override]

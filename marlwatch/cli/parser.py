@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from typing import NoReturn
 
+from marlwatch.app import REFRESH_HZ
 from marlwatch.cli.errors import UsageError
 
 # Subcommand -> (module of marlwatch.cli, its function, the help line).
@@ -134,8 +135,8 @@ def _watch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--headless", action="store_true", help="no terminal UI: a progress line and a summary")
     p.add_argument("--json", action="store_true", help="headless: print the final summary as JSON")
     p.add_argument("--sample-hz", type=float, default=10.0, help="per-core sampling rate (Hz; per-process CPU and memory: at most 2 Hz)")
-    p.add_argument("--refresh", type=float, default=4.0, metavar="HZ",
-                   help="live view: redraws per second (default 4; lower costs the run less CPU)")
+    p.add_argument("--refresh", type=float, default=REFRESH_HZ, metavar="HZ",
+                   help=f"live view: redraws per second (default {REFRESH_HZ:g}; lower costs the run less CPU)")
     p.add_argument("--latency-bound", type=latency_bound, default=None, metavar="MS",
                    help="also show latency-bounded IPS: only iterations that took at most MS ms count")
 
