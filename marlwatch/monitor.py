@@ -391,7 +391,7 @@ class Monitor:
             if isinstance(msg, wire.Control):
                 self._control(slot, msg.message)
                 return True
-            rows = self.streams[slot].rows(msg)
+            self._pending_rows += self.streams[slot].add(msg)
         except (wire.ProtocolError, ValueError) as e:
             self.emit(event_row(self.now_ns(), slot, "protocol_error", error=str(e)))
             if conn in self._sockets:
@@ -401,8 +401,6 @@ class Monitor:
                 self._disconnected(conn, slot)
                 return False
             return True
-        if rows is not None:
-            self.emit(rows)
         return True
 
     # -- clocks (marlwatch.clock) ------------------------------------------------------------
@@ -604,6 +602,10 @@ class Monitor:
         if when_due and now < self._next_delivery and self._pending_rows < DELIVER_ROWS:
             return
         self._next_delivery = now + DELIVER_S
+        for stream in self.streams.values():
+            rows = stream.take_rows()
+            if rows is not None:
+                self._pending.append(rows)
         samples = self.samples.rows()
         if samples is not None:
             self._pending.append(samples)

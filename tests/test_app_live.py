@@ -37,9 +37,11 @@ def test_live_run_fills_panels_and_q_stops_it(tmp_path):
     async def scenario() -> None:
         async with app.run_test(size=(120, 40)) as pilot:
             def filled() -> bool:
-                s = app.snapshot
+                # The table panels' snapshot: they follow the others at TABLE_HZ.
+                s = app.query_one(CoresPanel).snapshot
                 return (s is not None and s.ips_now > 0 and s.iterations >= 3 and len(s.phases) >= 5
-                        and bool(s.cores_now) and any(u > 0 for u in s.cores_now))
+                        and bool(s.cores_now) and any(u > 0 for u in s.cores_now)
+                        and any(p.state == "running" for p in s.procs))
 
             await wait_for(pilot, filled, 30, "non-zero IPS, phases and cores")
             s = app.snapshot

@@ -75,7 +75,8 @@ def test_a_producer_faster_than_the_recorder_waits_and_loses_nothing(tmp_path):
                 break
             msg = wire.decode(frame)
             if isinstance(msg, wire.Batch):
-                rows = stream.rows(msg)
+                stream.add(msg)
+                rows = stream.take_rows()
                 if rows is not None:
                     writer.append(rows)
                 time.sleep(0.02)  # a recorder far slower than the producer
