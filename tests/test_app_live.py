@@ -31,7 +31,9 @@ FLAMED = REPO / "recordings" / "maddpg-flame.arrow"  # 2 workers; start-up 21 s,
 
 @pytest.mark.timeout(60)
 def test_live_run_fills_panels_and_q_stops_it(tmp_path):
-    run, _ = scripted_run(tmp_path, hold=True)
+    # At 4x the 28 s recording runs for 7 s: the table panels (TABLE_HZ) see it running, even on
+    # a loaded machine (at the default 10x they could miss it).
+    run, _ = scripted_run(tmp_path, hold=True, speed=4.0)
     app = LiveApp(run)
 
     async def scenario() -> None:
