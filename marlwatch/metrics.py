@@ -529,7 +529,7 @@ class Metrics:
         held = one_batch(self._held)
         procs = pc.fill_null(held.column("proc"), 0).to_numpy(zero_copy_only=False)
         end = held.column("t_ns").to_numpy(zero_copy_only=False) + held.column("dur_ns").to_numpy(zero_copy_only=False)
-        ready = (end <= self._closed_of(procs)) | (end <= self.t_ns - int(HOLD_S * 1e9))
+        ready = ~self._waiting(procs, end)
         if everything or self._held_rows > HOLD_ROWS:
             ready[:] = True
         self._held, self._held_rows = [], 0
@@ -538,16 +538,17 @@ class Metrics:
         if ready.any():
             self._spans(held if ready.all() else held.filter(pa.array(ready)))
 
-    def _closed_of(self, procs: np.ndarray) -> np.ndarray:
-        """For each row's process, the latest end of its top-level spans and iterations (-1: none)."""
+    def _waiting(self, procs: np.ndarray, end: np.ndarray) -> np.ndarray:
+        """Which nested spans (by process and end time) wait: their process has closed no top-level
+        span nor ended an iteration since they ended, and they are not yet HOLD_S old."""
         slots, inverse = np.unique(procs, return_inverse=True)
-        return np.array([self._closed_ns.get(s, -1) for s in slots.tolist()], np.int64)[inverse]
+        closed = np.array([self._closed_ns.get(s, -1) for s in slots.tolist()], np.int64)[inverse]
+        return (end > closed) & (end > self.t_ns - int(HOLD_S * 1e9))
 
-    def _close(self, procs: np.ndarray, t: np.ndarray) -> None:
-        for slot in np.unique(procs).tolist():
-            latest = int(t[procs == slot].max())
-            if latest > self._closed_ns.get(slot, -1):
-                self._closed_ns[slot] = latest
+    def _close(self, slot: int, t: int) -> None:
+        """Process `slot` closed a top-level span or ended an iteration at `t`."""
+        if t > self._closed_ns.get(slot, -1):
+            self._closed_ns[slot] = t
 
     def _spans(self, b: pa.RecordBatch, mask: np.ndarray | None = None, aggregate: bool = False,
                hold: bool = False) -> None:
@@ -570,13 +571,13 @@ class Metrics:
             dur = pc.fill_null(dur, 0)
         dur = dur.to_numpy(zero_copy_only=False)
         count = b.column("value").to_numpy(zero_copy_only=False) if aggregate else None
+        procs = pc.fill_null(b.column("proc"), 0).to_numpy(zero_copy_only=False)
         if hold:
-            procs = pc.fill_null(b.column("proc"), 0).to_numpy(zero_copy_only=False)
             end = pc.fill_null(b.column("t_ns"), 0).to_numpy(zero_copy_only=False) + dur
-            top = parent_codes == len(parents)
-            if (ok & top).any():
-                self._close(procs[ok & top], end[ok & top])
-            wait = ok & ~top & (end > self._closed_of(procs))
+            top = ok & (parent_codes == len(parents))
+            for slot in np.unique(procs[top]).tolist():
+                self._close(slot, int(end[top & (procs == slot)].max()))
+            wait = ok & (parent_codes != len(parents)) & self._waiting(procs, end)
             if wait.any():
                 self._held.append(b.filter(pa.array(wait)))
                 self._held_rows += int(wait.sum())
@@ -598,7 +599,6 @@ class Metrics:
         elif steady.any():
             self.steady.add(*part(steady))
         if first.any():
-            procs = pc.fill_null(b.column("proc"), 0).to_numpy(zero_copy_only=False)
             for slot in np.unique(procs[first]):
                 self.startup.setdefault(int(slot), _Totals(exact=self.exact)).add(*part(first & (procs == slot)))
 
@@ -667,7 +667,7 @@ class Metrics:
             if p.state == lifecycle.STARTING:  # its hello is in a later batch
                 p.state = lifecycle.RUNNING
             p.last_tick = int(ts.max())
-            self._close(np.full(len(ts), int(slot)), ts)
+            self._close(int(slot), p.last_tick)
             if self.main_slot is None:
                 self.main_slot = int(slot)
             if int(slot) == self.main_slot:

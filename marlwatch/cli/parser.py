@@ -134,7 +134,8 @@ def _watch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="let --record overwrite an existing file")
     p.add_argument("--headless", action="store_true", help="no terminal UI: a progress line and a summary")
     p.add_argument("--json", action="store_true", help="headless: print the final summary as JSON")
-    p.add_argument("--sample-hz", type=float, default=10.0, help="per-core sampling rate (Hz; per-process CPU and memory: at most 2 Hz)")
+    p.add_argument("--sample-hz", type=float, default=10.0,
+                   help="per-core sampling rate (Hz; per-process CPU and memory: at most 2 Hz)")
     p.add_argument("--refresh", type=float, default=REFRESH_HZ, metavar="HZ",
                    help=f"live view: redraws per second (default {REFRESH_HZ:g}; lower costs the run less CPU)")
     p.add_argument("--latency-bound", type=latency_bound, default=None, metavar="MS",
