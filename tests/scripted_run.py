@@ -64,14 +64,17 @@ class ScriptedLauncher:
     def start(self, monitor: Monitor) -> None:
         for slot in sorted(self.info.procs, key=int):
             monitor.add_process(self.info.procs[slot])
-        self.t0 = time.monotonic()
 
     def waitables(self) -> list:
         return []
 
     def poll(self, monitor: Monitor, ready: list) -> None:
-        if self.t0 is None or self.stop_reason is not None:
+        if self.stop_reason is not None:
             return
+        if self.t0 is None:
+            # The clock starts at the first poll, not at start(): whoever drives the run (an app
+            # still mounting on a cold machine) sees it from its first row, however late it begins.
+            self.t0 = time.monotonic()
         upto = int((time.monotonic() - self.t0) * self.speed * 1e9)
         if self.until_s is not None:
             upto = min(upto, int(self.until_s * 1e9))

@@ -42,10 +42,18 @@ def test_live_run_fills_panels_and_q_stops_it(tmp_path):
                 # The table panels' snapshot: they follow the others at TABLE_HZ.
                 s = app.query_one(CoresPanel).snapshot
                 return (s is not None and s.ips_now > 0 and s.iterations >= 3 and len(s.phases) >= 5
-                        and bool(s.cores_now) and any(u > 0 for u in s.cores_now)
+                        # This machine's cores, sampled for real: on an idle machine they can all
+                        # read 0 % at every sample the panel is given, so only their number is certain.
+                        and len(s.cores_now) == psutil.cpu_count() and all(0 <= u <= 100 for u in s.cores_now)
                         and any(p.state == "running" for p in s.procs))
 
-            await wait_for(pilot, filled, 30, "non-zero IPS, phases and cores")
+            def seen() -> str:
+                s = app.query_one(CoresPanel).snapshot
+                return "no snapshot" if s is None else (
+                    f"ips_now {s.ips_now} iterations {s.iterations} phases {len(s.phases)} cores {s.cores_now} "
+                    f"procs {[p.state for p in s.procs]} t {s.t_s}")
+
+            await wait_for(pilot, filled, 30, "non-zero IPS, phases and cores", seen)
             s = app.snapshot
             assert "LIVE" in app.query_one(RunHeader).render().plain
             # The table follows at TABLE_HZ: it shows every phase of the snapshot it was last given.
