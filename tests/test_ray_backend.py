@@ -29,6 +29,8 @@ from tests.ray_helpers import (
 )
 
 pytest.importorskip("ray")
+# One xdist worker runs every Ray test: each checks that no Ray process is left on the machine.
+pytestmark = pytest.mark.xdist_group("ray")
 
 RUN = ["run", "--headless", "--algo", "maddpg", "--agents", "3", "--workers", "2", *FAST]
 

@@ -30,7 +30,8 @@ from tests.ray_helpers import (
     wait_iterations,
 )
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs ray (the test extra)")
+# One xdist worker runs every Ray test: each checks that no Ray process is left on the machine.
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs ray (the test extra)"), pytest.mark.xdist_group("ray")]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ import pytest
 from tests.conftest import REPO, marlwatch
 from tests.ray_helpers import events, kill_left, left_behind, ray_processes, table
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs ray (the test extra)")
+# One xdist worker runs every Ray test: each checks that no Ray process is left on the machine.
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs ray (the test extra)"), pytest.mark.xdist_group("ray")]
 
 
 @pytest.mark.timeout(300)
