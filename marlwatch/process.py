@@ -22,7 +22,7 @@ PR_SET_PDEATHSIG = 1
 
 @dataclass(frozen=True)
 class ChildSpec:
-    """Everything a child needs, picklable for the spawn start method."""
+    """Everything a child needs, picklable: it goes to the fork server (marlwatch.forkserver)."""
 
     role: str  # "learner" or "worker"
     slot: int  # 0 for the learner, 1..W for workers
@@ -50,13 +50,16 @@ def _die_with_parent(monitor_pid: int) -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
         pass  # not Linux: the monitor's own clean-up still ends children
-    # The signal only comes for a death after the prctl: a monitor that died while this child
-    # was starting has already left it with another parent.
-    if os.getppid() != monitor_pid:
+    # The parent is the run's fork server (marlwatch.forkserver, which ends with the monitor),
+    # or the monitor for a child started another way. The signal only comes for a death after
+    # the prctl: a parent that died while this child was starting has left it with another.
+    server = sys.modules.get("marlwatch.forkserver")
+    if os.getppid() != (server.SERVER_PID if server is not None else monitor_pid):
         os._exit(1)
 
 
 def _bootstrap(spec: ChildSpec, telemetry_conn: Connection) -> None:
+    sys.excepthook = sys.__excepthook__  # the fork server's is silent (marlwatch.forkserver)
     _die_with_parent(spec.monitor_pid)
     # Ctrl-C, a SIGTERM to the whole process group (`timeout`, systemd, a job scheduler) and a
     # closed terminal reach the children too: the monitor decides how the run stops (through the

@@ -346,7 +346,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 @contextlib.contextmanager
 def stop_on_signals(run: Run, on_first: Callable[[int], None] | None = None) -> Iterator[None]:
     """Ctrl-C, SIGTERM and SIGHUP (a closed terminal or SSH session) stop the run cleanly: the
-    recording is completed. A second one forces the end (KeyboardInterrupt in the driving loop)."""
+    recording is completed. A second one forces the end (KeyboardInterrupt in the driving loop);
+    one after the run has finished (a stop can take less time than a double Ctrl-C) is ignored,
+    so a complete run's summary and exit status are not cut short."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set in the main thread (the live app has its own)
         return
@@ -354,6 +356,8 @@ def stop_on_signals(run: Run, on_first: Callable[[int], None] | None = None) -> 
 
     def handler(signum: int, frame: object) -> None:
         nonlocal count
+        if run.finished:
+            return
         count += 1
         if count == 1:
             run.stop_signal = signum

@@ -50,8 +50,10 @@ def _is_run_process(p: psutil.Process) -> bool:
     try:
         if not p.is_running() or p.status() == psutil.STATUS_ZOMBIE:
             return False
-        # multiprocessing's resource tracker belongs to the monitor and ends with it, not with a run.
-        return "resource_tracker" not in " ".join(p.cmdline())
+        # multiprocessing's resource tracker and the fork server the built-in runs start their
+        # processes from (marlwatch.forkserver) belong to the monitor and end with it, not with a run.
+        cmdline = " ".join(p.cmdline())
+        return "resource_tracker" not in cmdline and "multiprocessing.forkserver" not in cmdline
     except psutil.NoSuchProcess:
         return False
 

@@ -148,7 +148,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
 def run_headless(args: argparse.Namespace) -> int:
     from marlwatch.metrics import Metrics
     from marlwatch.report import progress_line, summary_text
-    from marlwatch.runner import drive, stop_on_signals
+    from marlwatch.runner import STOP_SIGNALS, drive, stop_on_signals
 
     run = make_run(args, default_iterations=500)
     flame = make_flame(run, args)
@@ -178,14 +178,20 @@ def run_headless(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print(file=sys.stderr)
             return fail(f"forced stop; recording kept up to now in {run.record_path}", EXIT_INTERRUPTED)
-    if tty:
-        print(file=sys.stderr)
-    snap = metrics.snapshot()
-    if args.json:
-        print(json.dumps(finite(snap.to_json()), indent=2, default=str, allow_nan=False))
-    else:
-        print(summary_text(snap, str(run.record_path), "complete" if snap.complete else "truncated"))
-    return finish_message(run, snap)
+        if tty:
+            print(file=sys.stderr)
+        snap = metrics.snapshot()
+        if args.json:
+            print(json.dumps(finite(snap.to_json()), indent=2, default=str, allow_nan=False))
+        else:
+            print(summary_text(snap, str(run.record_path), "complete" if snap.complete else "truncated"))
+        code = finish_message(run, snap)
+    # The run is over and recorded, and the process about to exit: a late signal (the second of a
+    # quick Ctrl-C Ctrl-C, after a stop faster than the two) has nothing left to stop, and must not
+    # make this exit a death by signal.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    return code
 
 
 def _print_exports(run: Run) -> None:

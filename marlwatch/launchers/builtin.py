@@ -1,5 +1,6 @@
-"""The built-in algorithms in local processes: a learner and W rollout workers, spawned and pinned
-one per core, their telemetry on pipes (the children's side is marlwatch/process.py)."""
+"""The built-in algorithms in local processes: a learner and W rollout workers, forked from a
+fork server that has imported torch once (marlwatch/forkserver.py) and pinned one per core, their
+telemetry on pipes (the children's side is marlwatch/process.py)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,20 @@ _LIMITS = {errno.EAGAIN: "is the limit on processes, ulimit -u or a cgroup's pid
 def os_reason(e: OSError) -> str:
     hint = _LIMITS.get(e.errno) if e.errno is not None else None
     return (e.strerror or str(e)) + (f" ({hint})" if hint else "")
+
+
+def _why_no_fork() -> OSError:
+    """Why the fork server died starting a child, which multiprocessing does not pass on (the
+    monitor only reads the end of its pipe): fork once here, and say what stops that (a limit on
+    processes, usually), or that the server ended."""
+    try:
+        pid = os.fork()  # the child only exits: safe beside the monitor's threads
+    except OSError as e:
+        return e
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return OSError(None, "the fork server ended while starting it")
 
 
 class BuiltinLauncher:
@@ -82,7 +97,8 @@ class BuiltinLauncher:
 
     def _start_children(self, monitor: Monitor) -> None:
         """Start the processes, and say which could not start and why (StartFailed)."""
-        ctx = mp.get_context("spawn")
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["marlwatch.forkserver"])  # torch once, not once per child
         child_ends: list[Connection] = []  # the children's ends of the pipes, and the learner's data ends
         self._starting = "the resource tracker"
         try:
@@ -134,10 +150,12 @@ class BuiltinLauncher:
                          iterations=cfg.iterations, spans=cfg.spans, keep_going=cfg.keep_going, spans_ab=cfg.spans_ab)
 
     def _spawn(self, monitor: Monitor, slot: int, p: mp.process.BaseProcess) -> None:
-        # A spawned child spends a while importing before its bootstrap ignores SIGINT; a Ctrl-C to
-        # the terminal's process group then killed it with KeyboardInterrupt and the run reported a
-        # crash. So the child starts with SIGINT blocked: the signal mask survives fork and exec,
-        # a blocked SIGINT stays pending, and the child's bootstrap ignores it before unblocking.
+        # A child takes a while before its bootstrap ignores SIGINT (a spawned one imported torch
+        # first); a Ctrl-C to the terminal's process group then killed it with KeyboardInterrupt
+        # and the run reported a crash. So the child starts with SIGINT blocked: the signal mask
+        # survives fork and exec, a blocked SIGINT stays pending, and the child's bootstrap ignores
+        # it before unblocking. The fork server is started by the first start() here, so it has
+        # the mask too, and every child forked from it.
         # The monitor only blocks it in this thread, and keeps its own handler meanwhile: a Ctrl-C
         # in the window goes to another of its threads or waits for the unblock, handled either way.
         main = threading.current_thread() is threading.main_thread()
@@ -146,6 +164,8 @@ class BuiltinLauncher:
             mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         try:
             p.start()
+        except EOFError:
+            raise _why_no_fork() from None
         finally:
             if main:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
