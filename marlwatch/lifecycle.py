@@ -11,8 +11,13 @@ applies it to the same rows read back, so the live view, a replay and `summary` 
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Mapping
 from typing import Any
+
+# What a user sends to stop a run: Ctrl-C, `kill`/`timeout`/a job scheduler, a closed terminal or
+# SSH session. The monitor handles them; its children ignore them (marlwatch.process).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 STARTING, RUNNING = "starting", "running"
 # What the process itself (or its exit status) says: nothing changes these afterwards.

@@ -15,6 +15,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from marlwatch import instrument
+from marlwatch.lifecycle import STOP_SIGNALS
 from marlwatch.workers import PipeWorkerPool, WorkerLost, WorkerPool, report_crash, serve_rollout
 
 PR_SET_PDEATHSIG = 1
@@ -64,12 +65,11 @@ def _bootstrap(spec: ChildSpec, telemetry_conn: Connection) -> None:
     # Ctrl-C, a SIGTERM to the whole process group (`timeout`, systemd, a job scheduler) and a
     # closed terminal reach the children too: the monitor decides how the run stops (through the
     # stop pipe, so every span is flushed), not each child on its own.
-    stop_signals = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-    for sig in stop_signals:
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     # Started with them blocked (BuiltinLauncher._spawn): unblock them now that they are ignored,
     # so that one pending from the spawn is dropped rather than kept pending for the process's life.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if spec.backend == "ray":
         # Its own process group, which the Ray processes it starts join: the launcher ends the
         # group, so nothing of a local Ray instance outlives the run (docs/distributed.md).

@@ -25,6 +25,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from marlwatch import instrument
 from marlwatch.instrument import ADDRESS_ENV, AUTHKEY_ENV
+from marlwatch.lifecycle import STOP_SIGNALS
 from marlwatch.nodes import node_name
 from marlwatch.workers import WorkerLost, report_crash, rollout_round
 
@@ -127,8 +128,7 @@ def init_ray(address: str | None) -> None:
     kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     # The learner ignores the stop signals (the monitor decides when a run stops); the processes
     # Ray starts inherit what it does with them, and must not: they are stopped by signal.
-    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    old = {sig: signal.signal(sig, signal.SIG_DFL) for sig in stop_signals}
+    old = {sig: signal.signal(sig, signal.SIG_DFL) for sig in STOP_SIGNALS}
     try:
         if address:
             ray.init(address=address, **kwargs)

@@ -27,6 +27,7 @@ import pyarrow as pa
 from marlwatch import recording
 from marlwatch.collector import event_row
 from marlwatch.launchers import Launcher, LaunchError, StartFailed
+from marlwatch.lifecycle import STOP_SIGNALS
 from marlwatch.monitor import Monitor, ProcState
 from marlwatch.recording import RunInfo
 
@@ -338,9 +339,6 @@ def drive(run: Run, *, every: Callable[[], None] | None = None, period_s: float 
         run.abort("forced")
         raise
     return run
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager

@@ -264,13 +264,13 @@ def test_ctrl_c_once_stops_cleanly_with_a_complete_recording(tmp_path, when):
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "[complete]" in out
     rec = open_recording(path)
-    states = {p.role: p.state for p in Metrics(rec.info).add_all(rec.batches()).snapshot().procs}
+    snap = Metrics(rec.info).add_all(rec.batches()).snapshot()
+    states = {p.role: p.state for p in snap.procs}
     assert rec.complete
     if when == "starting":
         # The fork server was importing torch, no child existed yet: the run stops as soon as
         # they do, before any iteration, each stopped (killed unconnected) or finished (connected,
         # then told to stop), never waited for through the first iteration nor called crashed.
-        snap = Metrics(rec.info).add_all(rec.batches()).snapshot()
         assert snap.iterations == 0 and set(states.values()) <= {"stopped", "finished"}, (states, snap.iterations)
     assert "crashed" not in states.values(), states
     _, alive = psutil.wait_procs(children, timeout=10)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import NoReturn, TextIO
 
 from marlwatch.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, RunFailed, UsageError, fail
 from marlwatch.cli.parser import COMMANDS, build_parser
+from marlwatch.lifecycle import STOP_SIGNALS
 from marlwatch.outputs import OutputError
 
 
@@ -60,6 +62,11 @@ _interrupted_before_start = False
 def entry() -> None:
     """The `marlwatch` command and `python -m marlwatch`: main(), then exit with its code."""
     code = main()
+    # The command has done its work and chosen its code: a late signal (the second of a quick
+    # Ctrl-C Ctrl-C, after a stop faster than the two) has nothing left to stop, and must not make
+    # this exit a death by signal.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     if _interrupted_before_start:
         # CPython 3.11 can end a process that caught a KeyboardInterrupt raised during an import
         # (seen inside dataclasses' exec'd methods) by SIGINT at shutdown, instead of with our

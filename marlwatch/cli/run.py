@@ -148,7 +148,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
 def run_headless(args: argparse.Namespace) -> int:
     from marlwatch.metrics import Metrics
     from marlwatch.report import progress_line, summary_text
-    from marlwatch.runner import STOP_SIGNALS, drive, stop_on_signals
+    from marlwatch.runner import drive, stop_on_signals
 
     run = make_run(args, default_iterations=500)
     flame = make_flame(run, args)
@@ -185,13 +185,7 @@ def run_headless(args: argparse.Namespace) -> int:
             print(json.dumps(finite(snap.to_json()), indent=2, default=str, allow_nan=False))
         else:
             print(summary_text(snap, str(run.record_path), "complete" if snap.complete else "truncated"))
-        code = finish_message(run, snap)
-    # The run is over and recorded, and the process about to exit: a late signal (the second of a
-    # quick Ctrl-C Ctrl-C, after a stop faster than the two) has nothing left to stop, and must not
-    # make this exit a death by signal.
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    return code
+        return finish_message(run, snap)
 
 
 def _print_exports(run: Run) -> None:
@@ -221,8 +215,9 @@ def _blank_s() -> float | None:
 def run_live(args: argparse.Namespace) -> int:
     """`marlwatch run` with the app. Bad input fails before the terminal is taken over."""
     from marlwatch.app.live import LiveApp
+    from marlwatch.lifecycle import STOP_SIGNALS
     from marlwatch.report import human_bytes, summary_text
-    from marlwatch.runner import STOP_GRACE_S, STOP_SIGNALS
+    from marlwatch.runner import STOP_GRACE_S
 
     refresh = args.refresh
     if not 0.1 <= refresh <= 30:

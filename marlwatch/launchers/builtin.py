@@ -159,9 +159,8 @@ class BuiltinLauncher:
         # The monitor only blocks it in this thread, and keeps its own handler meanwhile: a Ctrl-C
         # in the window goes to another of its threads or waits for the unblock, handled either way.
         main = threading.current_thread() is threading.main_thread()
-        blocked = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
         if main:  # the live app spawns from its worker thread: it cannot touch signals, nor needs to
-            mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, lifecycle.STOP_SIGNALS)
         try:
             p.start()
         except EOFError:
