@@ -50,6 +50,14 @@ def _tmux(*args: str) -> str:
     return subprocess.run(["tmux", *args], capture_output=True, text=True, check=True).stdout.strip()
 
 
+def _multiprocessing_helper(p: psutil.Process, monitor: psutil.Process) -> bool:
+    """The resource tracker and the fork server (marlwatch/forkserver.py): the monitor's children,
+    not the run's processes, which end after the monitor. (The learner and workers are the fork
+    server's children and keep its command line.)"""
+    cmdline = " ".join(_cmdline(p))
+    return p.ppid() == monitor.pid and ("resource_tracker" in cmdline or "multiprocessing.forkserver" in cmdline)
+
+
 def steady_ips(path: Path) -> tuple[float, int]:
     from marlwatch.metrics import Metrics
     from marlwatch.recording import open_recording
@@ -98,7 +106,7 @@ def one_run(app: bool, iterations: int, record: Path, window_s: float, session: 
         children = proc.children(recursive=True)
         while proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
             if app and not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children
-                               if "resource_tracker" not in " ".join(_cmdline(c))):
+                               if not _multiprocessing_helper(c, proc)):
                 time.sleep(1.0)  # let the app close the recording
                 _tmux("send-keys", "-t", session, "q")
                 proc.wait(60)

@@ -51,9 +51,13 @@ def _is_run_process(p: psutil.Process) -> bool:
         if not p.is_running() or p.status() == psutil.STATUS_ZOMBIE:
             return False
         # multiprocessing's resource tracker and the fork server the built-in runs start their
-        # processes from (marlwatch.forkserver) belong to the monitor and end with it, not with a run.
+        # processes from (marlwatch.forkserver) belong to the monitor and end with it, not with a
+        # run. The processes forked from the server keep its command line: the server is the one
+        # whose parent is not a fork server.
         cmdline = " ".join(p.cmdline())
-        return "resource_tracker" not in cmdline and "multiprocessing.forkserver" not in cmdline
+        server = "multiprocessing.forkserver" in cmdline and \
+            "multiprocessing.forkserver" not in " ".join(p.parent().cmdline())
+        return "resource_tracker" not in cmdline and not server
     except psutil.NoSuchProcess:
         return False
 
