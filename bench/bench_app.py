@@ -55,7 +55,10 @@ def _multiprocessing_helper(p: psutil.Process, monitor: psutil.Process) -> bool:
     not the run's processes, which end after the monitor. (The learner and workers are the fork
     server's children and keep its command line.)"""
     cmdline = " ".join(_cmdline(p))
-    return p.ppid() == monitor.pid and ("resource_tracker" in cmdline or "multiprocessing.forkserver" in cmdline)
+    try:
+        return p.ppid() == monitor.pid and ("resource_tracker" in cmdline or "multiprocessing.forkserver" in cmdline)
+    except psutil.Error:
+        return False  # gone: not running either way
 
 
 def steady_ips(path: Path) -> tuple[float, int]:

@@ -55,8 +55,9 @@ def _is_run_process(p: psutil.Process) -> bool:
         # run. The processes forked from the server keep its command line: the server is the one
         # whose parent is not a fork server.
         cmdline = " ".join(p.cmdline())
+        parent = p.parent()
         server = "multiprocessing.forkserver" in cmdline and \
-            "multiprocessing.forkserver" not in " ".join(p.parent().cmdline())
+            "multiprocessing.forkserver" not in " ".join(parent.cmdline() if parent is not None else [])
         return "resource_tracker" not in cmdline and not server
     except psutil.NoSuchProcess:
         return False
