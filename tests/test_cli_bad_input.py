@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from marlwatch.cli import main
+from tests.conftest import REPO
 
 
 def one_line_error(capsys, argv: list[str]) -> str:
@@ -64,19 +65,36 @@ def test_summary_of_missing_empty_foreign_and_truncated_files(capsys, tmp_path, 
         assert "truncated" in line and f"({cut} of " in line and "not an Arrow" not in line, line
 
 
-def test_summary_of_a_file_cut_mid_batch_reads_what_is_complete(capsys, tmp_path, recorded):
-    data = recorded.read_bytes()
-    cut = tmp_path / "cut.arrow"
-    # Into the last batch (the end marker's), whatever the flush cadence made of the rest: a short
-    # run may be two or three batches, and 70% of the bytes can fall before its first iteration.
-    cut.write_bytes(data[:-40])
-    assert main(["summary", str(cut), "--json"]) == 0
-    captured = capsys.readouterr()
-    assert "truncated" in captured.err and "lost" in captured.err
+def _summary_json(capsys, path) -> tuple[dict, str]:
     import json
 
-    s = json.loads(captured.out)
-    assert s["status"] == "truncated mid-batch" and s["iterations"] > 0
+    assert main(["summary", str(path), "--json"]) == 0
+    captured = capsys.readouterr()
+    return json.loads(captured.out), captured.err
+
+
+@pytest.mark.parametrize("which", ["today", "shipped"])
+def test_summary_of_a_file_cut_mid_batch_reads_what_is_complete(capsys, tmp_path, recorded, which):
+    """Cut into the last batch, the file reads as far as its last complete batch. Today's writer
+    (the session's short run) may have put every iteration in that last batch, as its flush cadence
+    decides; the shipped recording has many batches, so its cut one has iterations to show."""
+    from marlwatch import ipcscan
+
+    source = recorded if which == "today" else REPO / "recordings" / "maddpg-3agents-2workers.arrow"
+    with ipcscan.Stream(source) as stream:
+        last = [m for m in stream.listing().messages if m.type == ipcscan.RECORD_BATCH][-1]
+    data = source.read_bytes()
+    cut, edge = tmp_path / "cut.arrow", tmp_path / "edge.arrow"
+    cut.write_bytes(data[:(last.start + last.end) // 2])
+    edge.write_bytes(data[:last.start])  # the same complete batches, cut between two of them
+
+    s, err = _summary_json(capsys, cut)
+    assert "truncated" in err and "lost" in err
+    assert s["status"] == "truncated mid-batch"
+    e, _ = _summary_json(capsys, edge)
+    assert e["status"] == "truncated" and (s["iterations"], s["phases"]) == (e["iterations"], e["phases"])
+    if which == "shipped":
+        assert s["iterations"] > 0
 
 
 @pytest.fixture

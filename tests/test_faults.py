@@ -116,8 +116,11 @@ def test_worker_killed_is_noticed_within_a_second_and_named(tmp_path, no_leftove
         run.finish(grace_s=20)
     assert noticed < 1.0, f"took {noticed:.2f} s to notice"
     assert run.failure.startswith("worker 1 (pid ") and "killed by SIGKILL" in run.failure
-    # The others were stopped cleanly: the learner reports the lost worker, worker 2 ends normally.
-    assert run.procs[0].state == "stopped" and run.procs[2].state == "finished" and run.procs[2].exitcode == 0
+    # The others were stopped cleanly, worker 2 normally. The learner either noticed the lost worker
+    # itself (stopped) or was asked to stop first, by the monitor that noticed it (finished): a race
+    # with no wrong winner.
+    assert run.procs[0].state in ("stopped", "finished") and run.procs[0].exitcode in (0, 3)
+    assert run.procs[2].state == "finished" and run.procs[2].exitcode == 0
     assert count_spans(run.record_path, slot=1) == run.streams[1].spans > 0  # every span it flushed
     rec = open_recording(run.record_path)
     list(rec.batches())
@@ -184,9 +187,9 @@ def test_keep_going_carries_on_without_the_killed_worker(tmp_path, no_leftovers)
 
 
 # -- disk full ------------------------------------------------------------------------------
-# Room for a few of the writer's 2-second flushes (one is ~45 KB at 18 IPS on an idle machine: at 48 KB
-# the first flush with spans could already be the one cut off); filled within ~10 s.
-LIMIT = 256 * 1024
+# Room for two of the writer's 2-second flushes with spans and a bit (one is ~45-65 KB at 20-30 IPS:
+# at 48 KB the first flush with spans could already be the one cut off); filled within ~6 s.
+LIMIT = 160 * 1024
 
 
 @pytest.fixture

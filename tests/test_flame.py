@@ -31,7 +31,8 @@ from marlwatch.runner import Run
 from tests.conftest import REPO
 from tests.scripted_run import scripted_run
 
-pytestmark = pytest.mark.timeout(180)
+# One worker runs the module, so its real run (`flamed`, ~12 s) is made once, not once per xdist worker.
+pytestmark = [pytest.mark.timeout(180), pytest.mark.xdist_group("flame")]
 SHIPPED = REPO / "recordings" / "maddpg-3agents-2workers.arrow"
 FLAMED = REPO / "recordings" / "maddpg-flame.arrow"  # with py-spy samples; a warm-up until 28 s
 QUICK = {"warmup": "512", "batch_size": "256"}

@@ -24,7 +24,8 @@ import pytest
 from marlwatch.recording import open_recording
 from tests.conftest import REPO, marlwatch
 
-pytestmark = pytest.mark.timeout(420)
+# One worker runs the module, so each loop (`watched`, ~10 s) runs once, not once per xdist worker.
+pytestmark = [pytest.mark.timeout(420), pytest.mark.xdist_group("third_party")]
 
 ENV_STEP, BACKWARD, OPTIMIZER = "sample/env_step", "update/backward", "update/optimizer"
 
