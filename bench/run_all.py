@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import BENCH, machine, print_table, row
+from _common import BENCH, compile_bytecode, machine, print_table, row
 
 # The pipeline and analysis benchmarks go before the real runs import torch, so that the
 # monitor's RSS they report is not inflated by it.
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print every figure as JSON on stdout")
     p.add_argument("--only", nargs="+", choices=ALL, default=ALL, help="run only these benchmarks")
     a = p.parse_args(argv)
+    compile_bytecode()
     table_out = sys.stderr if a.json else sys.stdout
     results: dict = {"machine": machine(), "quick": a.quick, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     rows: list[dict] = []

@@ -15,6 +15,18 @@ REPO = Path(__file__).resolve().parents[1]
 FAST = ["--set", "warmup=256", "--set", "batch_size=64"]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Compile the checkout's bytecode once, before the xdist workers start, as `pip install` does
+    for an installed package. Under PYTHONDONTWRITEBYTECODE (set on many CI machines) the hundreds
+    of `python -m marlwatch` processes the tests start would otherwise each compile every module
+    they import again. A checkout we may not write to is left as it is."""
+    if not hasattr(config, "workerinput"):  # the controller (or a run without xdist)
+        import compileall
+
+        for package in ("marlwatch", "algorithms", "tests"):
+            compileall.compile_dir(REPO / package, quiet=2)
+
+
 def marlwatch(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess."""
     return subprocess.run([sys.executable, "-m", "marlwatch", *args], capture_output=True, text=True,
