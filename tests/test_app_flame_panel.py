@@ -20,6 +20,7 @@ from marlwatch.app.replay import ReplayApp
 from marlwatch.app.widgets import CoresPanel, PhaseTable, ThroughputPanel, TimePanel, WorkersPanel
 from marlwatch.cli.files import load_replay as load
 from marlwatch.metrics import is_wait
+from tests.conftest import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 FLAMED = REPO / "recordings" / "maddpg-flame.arrow"
@@ -126,11 +127,10 @@ def test_replay_names_only_its_own_keys():
     async def scenario() -> None:
         app = flamed_replay()
         async with app.run_test(size=(80, 24)) as pilot:
-            await pilot.pause(0.3)
-            keys = footer(app)
             # The keys that matter in replay; seek keys are in `?` only.
-            assert keys == {"↑↓": "select", "q": "quit", "s": "sort", "?": "help", "t": "py-spy panel",
-                            "space": "play/pause", "f/d": "speed"}, keys
+            expected = {"↑↓": "select", "q": "quit", "s": "sort", "?": "help", "t": "py-spy panel",
+                        "space": "play/pause", "f/d": "speed"}
+            await wait_for(pilot, lambda: footer(app) == expected, 10, "the footer's keys", lambda: footer(app))
             # A phase without samples: the panel says so without sending to `f` (faster here).
             table = app.query_one(PhaseTable)
             sampled = set(app.snapshot.stacks)
@@ -145,7 +145,7 @@ def test_replay_names_only_its_own_keys():
             assert "up to this point of the recording" in text
             assert "press f" not in text and "f to profile" not in text and "f profiles" not in text
             await pilot.press("question_mark")
-            await pilot.pause(0.2)
+            await wait_for(pilot, lambda: "t or escape" in screen_text(app), 10, "the help")
             help_text = screen_text(app)
             assert "f faster" in help_text and "f profiles" not in help_text and "t or escape" in help_text
             assert "from their time on" in help_text
@@ -164,11 +164,10 @@ def test_live_names_its_keys(tmp_path):
         app = LiveApp(run)
         app.pump_run = lambda: None  # nothing to pump: the run is not started
         async with app.run_test(size=(80, 24)) as pilot:
-            await pilot.pause(0.3)
-            keys = footer(app)
-            assert keys == {"↑↓": "select", "q": "quit", "p": "pause", "s": "sort", "?": "help", "f": "py-spy"}, keys
+            expected = {"↑↓": "select", "q": "quit", "p": "pause", "s": "sort", "?": "help", "f": "py-spy"}
+            await wait_for(pilot, lambda: footer(app) == expected, 10, "the footer's keys", lambda: footer(app))
             await pilot.press("question_mark")
-            await pilot.pause(0.2)
+            await wait_for(pilot, lambda: "t or escape" in screen_text(app), 10, "the help")
             help_text = screen_text(app)
             assert "f profiles the selected phase" in help_text and "f py-spy on it" in help_text
             assert "t or escape" in help_text
