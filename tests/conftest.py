@@ -46,15 +46,20 @@ def maddpg_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 
 
 def real_run(tmp_path: Path, algo: str, agents: int, iterations: int, *settings: str):
-    """A short real headless run of a built-in algorithm with one worker; its summary (Snapshot)."""
+    """A short real headless run of a built-in algorithm with one worker; its summary (Snapshot).
+
+    Made by the command line's own code (`main`) in this process rather than in a new one: its
+    learner and worker come from this test process's fork server, which imported torch once for
+    every run the process makes (a new `marlwatch` process imports it again, ~1.5 s of CPU)."""
+    from marlwatch.cli import main
     from marlwatch.metrics import summarize
     from marlwatch.recording import open_recording
 
     path = tmp_path / f"{algo}.arrow"
-    proc = marlwatch("run", "--headless", "--algo", algo, "--agents", str(agents), "--workers", "1",
-                     "--iterations", str(iterations), "--record", str(path),
-                     *(a for kv in settings for a in ("--set", kv)))
-    assert proc.returncode == 0, proc.stderr
+    code = main(["run", "--headless", "--algo", algo, "--agents", str(agents), "--workers", "1",
+                 "--iterations", str(iterations), "--record", str(path),
+                 *(a for kv in settings for a in ("--set", kv))])
+    assert code == 0, f"marlwatch run exited {code} (its output is in the captured stdout/stderr)"
     return summarize(open_recording(path))
 
 
