@@ -64,8 +64,8 @@ def test_live_run_fills_panels_and_q_stops_it(tmp_path):
             # And the panel is tall enough to show them all (it once stayed one line tall, the
             # height of "sampling…", and hid every core but the first).
             panel = app.query_one(CoresPanel)
-            await pilot.pause(0.3)
-            assert panel.content_size.height >= len(s.cores_now) + len(s.procs), panel.content_size
+            await wait_for(pilot, lambda: panel.content_size.height >= len(s.cores_now) + len(s.procs), 10,
+                           "the cores panel to grow", lambda: panel.content_size)
             rows = list(app.query(WorkerRow))
             assert len(rows) == 3 and any(r.has_class("-running") for r in rows)
             assert "comm / execution" in time_panel_text(app) and "warming up" not in time_panel_text(app)
@@ -119,8 +119,8 @@ def test_warmup_is_labelled_live_and_in_replay(tmp_path):
         playback, status, size = load(str(run.record_path))
         rapp = ReplayApp(playback, str(run.record_path), size, status, at_s=playback.duration_s, play=False)
         async with rapp.run_test(size=(120, 40)) as pilot:
-            await pilot.pause(0.5)
-            assert rapp.snapshot.warmup == final
+            await wait_for(pilot, lambda: rapp.snapshot is not None and rapp.snapshot.warmup == final, 10,
+                           "the replay's end", lambda: rapp.snapshot and rapp.snapshot.warmup)
             assert f"warming up {final.done:,.0f}/2,048 transitions" in time_panel_text(rapp)
 
     asyncio.run(replay())
@@ -134,9 +134,8 @@ def test_live_run_that_finishes_stays_on_screen(tmp_path):
     async def scenario() -> None:
         async with app.run_test(size=(80, 24)) as pilot:
             await wait_for(pilot, lambda: app.ended is not None, 30, "the run to finish")
-            await pilot.pause(0.3)
+            await wait_for(pilot, lambda: "FINISHED" in app.query_one(RunHeader).render().plain, 10, "FINISHED")
             assert launcher.done and run.failure is None
-            assert "FINISHED" in app.query_one(RunHeader).render().plain
             assert app.snapshot.iterations == 150
             # The end-of-run marker reached the view through the same Metrics as every other row.
             assert app.snapshot.complete
@@ -163,8 +162,7 @@ def test_killed_worker_shows_crash_and_exits_1(tmp_path):
     async def scenario() -> None:
         async with app.run_test(size=(80, 24)) as pilot:
             await wait_for(pilot, lambda: app.ended is not None, 30, "the run to stop")
-            await pilot.pause(0.3)
-            assert "FAILED" in app.query_one(RunHeader).render().plain
+            await wait_for(pilot, lambda: "FAILED" in app.query_one(RunHeader).render().plain, 10, "FAILED")
             crashed = app.query_one("#proc-1", WorkerRow)
             assert crashed.has_class("-crashed") and "SIGKILL" in (crashed.row.error or "")
             await pilot.press("q")

@@ -46,9 +46,9 @@ LOOPS = {
     "sb3_ppo_subproc": Loop("sb3_ppo_subproc.py", iterations=4, updates=4 * 4 * 4,
                             steps={"main": 512, "child": 512}, children=2,
                             helpers=("multiprocessing.forkserver", "multiprocessing.resource_tracker")),
-    # 4 batches of 400 frames, plus the 3-step rollout of check_env_specs; 4 epochs of 400/100.
+    # 4 batches of 200 frames, plus the 3-step rollout of check_env_specs; 4 epochs of 200/50.
     "torchrl_mappo_simple_spread": Loop("torchrl_mappo_simple_spread.py", iterations=4, updates=4 * 4 * 4,
-                                        steps={"main": 4 * 400 + 3}, children=0,
+                                        steps={"main": 4 * 200 + 3}, children=0,
                                         helpers=("multiprocessing.resource_tracker",)),
 }
 

@@ -25,7 +25,7 @@ from marlwatch.cli import main
 from marlwatch.cli.files import load_replay as load
 from marlwatch.cli.files import run_app
 from marlwatch.terminal import finite, printable
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_for
 from tests.hostile import INFO, end_row, run_file, run_rows, write
 
 ESC = "\x1b]0;owned\x07\x1b[2J\x9b31m\u202e"
@@ -126,9 +126,10 @@ def test_replay_shows_markup_as_text_and_clicks_do_nothing(tmp_path):
         app = ReplayApp(playback, str(tmp_path / "runs" / "[exp1]" / "markup.arrow"), size, status, play=False)
         async with app.run_test(size=(150, 40), notifications=True) as pilot:
             await pilot.press("end")
-            await pilot.pause(0.3)
             table = app.query_one(PhaseTable)
-            assert "[@click=app.screenshot" in table.border_subtitle  # shown, escaped as markup
+            # Shown, escaped as markup.
+            await wait_for(pilot, lambda: "[@click=app.screenshot" in (table.border_subtitle or ""), 10,
+                           "the phase table's subtitle", lambda: table.border_subtitle)
             # Click along every row of the screen, borders included, but the footer: its keys are
             # the app's own buttons (x=60 there is "space play/pause", which rightly replays from
             # the start).
@@ -142,7 +143,7 @@ def test_replay_shows_markup_as_text_and_clicks_do_nothing(tmp_path):
             assert not RAW.search(screen)
             # A notice quoting a path or a name (a flame message, a failure) is plain text too.
             app.notify("runs/[exp1] x[/] [@click=app.quit]q[/]\x1b[2J", title="[b]x[/]")  # one toast line
-            await pilot.pause(0.3)
+            await wait_for(pilot, lambda: "[b]x[/]" in screen_text(app), 10, "the toast")
             screen = screen_text(app)
             assert "runs/[exp1] x[/] [@click=app.quit]q[/]\\x1b[2J" in screen and "[b]x[/]" in screen
             assert not RAW.search(screen)

@@ -27,13 +27,13 @@ torch.set_num_threads(1)
 device = "cpu"
 
 # Sampling
-frames_per_batch = 400  # Number of team frames collected per training iteration
+frames_per_batch = 200  # Number of team frames collected per training iteration
 n_iters = 4  # Number of sampling and training iterations
 total_frames = frames_per_batch * n_iters
 
 # Training
 num_epochs = 4  # Number of optimization steps per training iteration
-minibatch_size = 100  # Size of the mini-batches in each optimization step
+minibatch_size = 50  # Size of the mini-batches in each optimization step
 lr = 3e-4  # Learning rate
 max_grad_norm = 1.0  # Maximum norm for the gradients
 
