@@ -298,6 +298,9 @@ def test_blank_windows_draw_nothing(tmp_path):
             # Drawn in at least two separate windows: the blank ones in between made nothing.
             assert len({t // app.blank_ns for t in made}) >= 2
             await pilot.press("q")
+            # Until the run has ended, snapshots keep coming: leaving run_test before that tears the
+            # screen down under them (a real app exits only once the run has ended).
+            await wait_for(pilot, lambda: app.ended is not None, 30, "the run to stop")
 
     asyncio.run(scenario())
     # Each window's start is in the recording, with the monitor's CPU time then.
