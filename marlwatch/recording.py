@@ -87,6 +87,7 @@ _COALESCE_ROWS = 1 << 16  # the reader hands on small batches together, up to th
 # zstd level 9: a third smaller than level 1 on real recordings and 2.5 % smaller than level 6, for
 # ~0.4 us more of the monitor's time per row (0.1 % of a core at 2,000 spans/s; docs/benchmarks.md).
 _WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", 9))
+_SMALL_WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4")
 
 
 RUNS_DIR = Path("runs")
@@ -159,6 +160,21 @@ class _Dictionary:
         return pa.DictionaryArray.from_arrays(pa.array(codes, self.type.index_type, mask=mask), self.array)
 
 
+def _lz4_message(batch: pa.RecordBatch, meta: dict[bytes, bytes]) -> bytes:
+    """The IPC message of `batch`, its buffers LZ4-compressed, to go into the recording's stream
+    after the dictionaries it uses (docs/recording-format.md, "Codecs")."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema, options=_SMALL_WRITE_OPTIONS) as w:
+        w.write_batch(batch, custom_metadata=meta)
+    data = sink.getvalue()
+    src = pa.BufferReader(data)
+    reader = pa.ipc.MessageReader.open_stream(src)
+    start = 0
+    while reader.read_next_message().type != ipcscan.RECORD_BATCH:  # the schema, the dictionaries
+        start = src.tell()
+    return data[start:src.tell()].to_pybytes()
+
+
 def _time_range(t: pa.Array) -> bytes:
     mm = pc.min_max(t)
     return f"{mm['min'].as_py()},{mm['max'].as_py()}".encode()
@@ -173,7 +189,10 @@ class _Encoder:
     are dropped: the ones it writes are made from the spans it wrote."""
 
     def __init__(self, f: BinaryIO, schema: pa.Schema) -> None:
+        self._file = f
         self._writer = pa.ipc.new_stream(f, schema, options=_WRITE_OPTIONS)
+        # How long each dictionary the stream has is (they only ever grow: see _Dictionary).
+        self._dicts_written: tuple[int, ...] = ()
         self._dicts = {name: _Dictionary(SCHEMA.field(name).type) for name in _DICTIONARY_COLUMNS}
         self.batches = 0
         self._group: list[tuple[np.ndarray, ...]] = []
@@ -189,7 +208,16 @@ class _Encoder:
     def _write(self, batch: pa.RecordBatch, part: bytes, extra: dict[bytes, bytes] | None = None) -> None:
         meta = {BATCH_SEQ_KEY: str(self.batches).encode(), BATCH_PART_KEY: part,
                 BATCH_TIME_KEY: _time_range(batch.column("t_ns")), **(extra or {})}
-        self._writer.write_batch(batch, custom_metadata=meta)
+        dicts = tuple(len(batch.column(name).dictionary) for name in _DICTIONARY_COLUMNS)
+        if part == SPANS_PART:
+            self._writer.write_batch(batch, custom_metadata=meta)
+        else:
+            if dicts != self._dicts_written:
+                # The stream's writer puts a dictionary on disk only with a batch that uses it:
+                # an empty one, which every reader passes over, brings them up to date.
+                self._writer.write_batch(batch.slice(0, 0))
+            self._file.write(_lz4_message(batch, meta))
+        self._dicts_written = dicts
         self.batches += 1
 
     def write(self, table: pa.Table, *, final: bool = False) -> None:

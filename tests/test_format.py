@@ -205,6 +205,37 @@ def test_pyarrow_polars_and_duckdb_read_it_without_marlwatch(tmp_path, small_gro
     assert (n, s) == (act.num_rows, pc.sum(act.column("dur_ns")).as_py())
 
 
+def _codec(header: bytes) -> str:
+    """The codec a record batch message's header names (Arrow's Message.fbs: Message.header is a
+    RecordBatch, whose field 3 is its BodyCompression, whose field 0 is the codec, LZ4_FRAME = 0
+    when absent)."""
+    fb = ipcscan._FlatBuffer(header)
+    batch = fb.ref(fb.field(fb.root(), 2))
+    compression = fb.field(batch, 3)
+    if not compression:
+        return "none"
+    codec = fb.field(fb.ref(compression), 0)
+    return {0: "lz4", 1: "zstd"}[header[codec] if codec else 0]
+
+
+def test_spans_are_zstd_and_the_batches_the_figures_read_are_lz4(tmp_path, small_groups):
+    path = record(tmp_path / "r.arrow")
+    seen: dict[bytes | None, set[str]] = {}
+    reader = pa.ipc.MessageReader.open_stream(pa.BufferReader(path.read_bytes()))
+    while True:
+        try:
+            m = reader.read_next_message()
+        except StopIteration:
+            break
+        if m.type == ipcscan.RECORD_BATCH:
+            custom, rows = ipcscan.header_facts(m.metadata.to_pybytes())
+            # The empty batches that bring the dictionaries up to date say nothing of themselves.
+            assert rows > 0 or not custom
+            if rows:
+                seen.setdefault(custom.get(b"marlwatch.part"), set()).add(_codec(m.metadata.to_pybytes()))
+    assert seen == {b"spans": {"zstd"}, b"aggregates": {"lz4"}, b"iterations": {"lz4"}, b"rows": {"lz4"}}
+
+
 # -- versions ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(REPO / "recordings")) for p in SHIPPED])
 def test_every_shipped_recording_opens(path, capsys):
