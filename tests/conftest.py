@@ -49,10 +49,24 @@ def marlwatch(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedPro
 def maddpg_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """One real headless MADDPG run of today's code for the whole session (3 agents, 2 workers,
     40 iterations past a short warm-up): its recording and the finished command. Tests that only
-    read a real run share it."""
-    path = tmp_path_factory.mktemp("maddpg") / "maddpg.arrow"
-    proc = marlwatch("run", "--headless", "--algo", "maddpg", "--agents", "3", "--workers", "2",
-                     "--iterations", "40", "--record", str(path), *FAST)
+    read a real run share it. Made once for all xdist workers (the first to ask makes it, under a
+    lock, in the folder they share; pytest-xdist's own recipe), not once per worker."""
+    import json
+
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # popen-gwN's parent: every worker's
+    path, done = shared / "maddpg" / "maddpg.arrow", shared / "maddpg" / "command.json"
+    with FileLock(str(shared / "maddpg.lock")):
+        if not done.exists():
+            path.parent.mkdir(exist_ok=True)
+            proc = marlwatch("run", "--headless", "--algo", "maddpg", "--agents", "3", "--workers", "2",
+                             "--iterations", "40", "--record", str(path), *FAST)
+            done.write_text(json.dumps({"args": proc.args, "returncode": proc.returncode, "stdout": proc.stdout,
+                                        "stderr": proc.stderr}))
+        proc = subprocess.CompletedProcess(**json.loads(done.read_text()))
     assert proc.returncode == 0, proc.stderr
     return path, proc
 
