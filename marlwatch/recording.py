@@ -184,7 +184,8 @@ class _Encoder:
     """Writes a recording's batches (format 2, docs/recording-format.md): span rows in batches of
     their own sorted by (process, start), which compresses their times best; the other rows in
     another; and, once `aggregates.SPANS_PER_GROUP` spans or `aggregates.GROUP_S` seconds have
-    gone by (and at the end), the aggregates of the span batches since the last ones. Every
+    gone by (and at the end), the aggregates of the span batches since the last ones. Span
+    batches are zstd, the others LZ4 (docs/recording-format.md, "Codecs"). Every
     batch is numbered and says what it holds in its custom metadata. Aggregate rows given to it
     are dropped: the ones it writes are made from the spans it wrote."""
 
