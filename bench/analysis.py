@@ -185,10 +185,15 @@ def time_command(*argv: str, child: str = _CHILD) -> dict:
 
 
 def cached(spans: int, seed: int = 0) -> tuple[Path, dict | None]:
-    """The synthetic recording of `spans` spans (written once, kept in the temp directory)."""
-    from marlwatch.recording import FORMAT_VERSION
+    """The synthetic recording of `spans` spans (written once, kept in the temp directory; written
+    anew when the writer's code changed, which the name says with a hash of it)."""
+    import hashlib
 
-    path = Path(tempfile.gettempdir()) / f"marlwatch-bench-f{FORMAT_VERSION}-{spans}-s{seed}.arrow"
+    from marlwatch import aggregates, recording, schema
+
+    writer = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (recording, aggregates, schema)))
+    name = f"marlwatch-bench-f{recording.FORMAT_VERSION}-{writer.hexdigest()[:8]}-{spans}-s{seed}.arrow"
+    path = Path(tempfile.gettempdir()) / name
     gen = None
     if not path.exists():
         gen = generate(path.with_suffix(".tmp"), spans, seed)
