@@ -32,11 +32,9 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     time is waiting rather than computing (processes starting, a run reaching the state a test
     wants, Ray, tmux, the app's timers), and a second test on each core fills it: on 2 cores the
     suite took 166 s with 4 workers against 215-233 s with 2."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return min(2 * cores, 16)
+    from marlwatch.limits import usable_cores
+
+    return min(2 * usable_cores(), 16)
 
 
 def marlwatch(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
