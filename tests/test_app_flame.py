@@ -42,8 +42,7 @@ def test_auto_flame_then_f_on_the_selected_phase(tmp_path: Path, no_leftovers):
                            "phases")
             assert not panel.has_class("-has-samples")  # nothing sampled yet: no panel
             # The throughput panel shows the latency-bounded IPS (bound from --latency-bound).
-            ips = app.query_one(ThroughputPanel).query_one("#ips").content
-            ips_text = " ".join(t.plain for t in ips.renderables)
+            ips_text = " ".join(t.plain for t in app.query_one(ThroughputPanel).figures())
             assert "≤500 ms" in ips_text, ips_text
             await wait_for(pilot, lambda: bool(app.flame.done), 120, "auto-flame to profile a phase",
                            lambda: f"{app.snapshot.iterations} iterations, messages {app.flame.messages}")

@@ -9,6 +9,7 @@ from rich.console import Group
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
+from textual.geometry import Size
 from textual.reactive import reactive
 from textual.widgets import Static
 
@@ -45,15 +46,15 @@ class Status:
 
 
 # What a refresh costs is Textual repainting widgets (StylesCache.render_lines, about 1 ms for
-# a 20-line panel) and, after a Static.update(), laying out the whole screen again. At 4
-# refreshes a second most panels show the same thing as before (a worker's IPS, the cores, the
-# header change once a second at most), so each panel repaints only when what it shows changed,
+# a 20-line panel) and, after a Static.update(), laying out the whole screen again. Between two
+# refreshes many panels show the same thing as before (a worker's IPS, the cores, the header's
+# path), so each panel repaints only when what it shows changed,
 # and asks for a layout pass only when its size can have changed.
 
 
 class Lines(Static):
     """A Static showing lines of Text (as one Group): `show` repaints it only when the lines differ
-    from what is on screen, and lays the screen out again only when their number or width does."""
+    from what is on screen, and lays the screen out again only when its size can follow them."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -65,9 +66,18 @@ class Lines(Static):
             return
         old = self.shown or []
         self.shown = new
-        layout = len(new) != len(old) or max((t.cell_len for t in new), default=0) != \
-            max((t.cell_len for t in old), default=0)
-        self.update(Group(*new), layout=layout)
+        self.update(Group(*new), layout=self._resized_by(old, new))
+
+    def _resized_by(self, old: list[Text], new: list[Text]) -> bool:
+        """Whether the new lines can change this widget's size: its height (width) is `auto` in the
+        CSS and the number of lines (the widest line) changed. A layout redoes the whole screen,
+        which cost more than all the repaints of a refresh, and the numbers of a line change width
+        at almost every refresh; a fixed-size widget only repaints."""
+        height, width = self.styles.height, self.styles.width
+        if (height is None or height.is_auto) and len(new) != len(old):
+            return True
+        widest = max((t.cell_len for t in new), default=0) != max((t.cell_len for t in old), default=0)
+        return widest and width is not None and width.is_auto
 
 
 def set_subtitle(widget: Static | Vertical, text: str | Text) -> None:
@@ -83,6 +93,7 @@ class Drawn:
     decides: declare `snapshot` with repaint=False). A resize repaints it as any widget."""
 
     _drawn: list[Text] | None = None
+    _drawn_size: Size | None = None  # the size `_drawn` was made for
 
     def lines(self) -> list[Text]:
         raise NotImplementedError
@@ -90,12 +101,18 @@ class Drawn:
     def redraw_if_changed(self) -> None:
         lines = self.lines()
         if lines != self._drawn:
-            self._drawn = lines
+            self._drawn, self._drawn_size = lines, self.size  # type: ignore[attr-defined]
             self.refresh()  # type: ignore[attr-defined]
 
+    def drawn_lines(self) -> list[Text]:
+        """What to draw: the lines the watcher has just compared, unless the size has changed
+        since (they are a fifth of a panel's repaint)."""
+        if self._drawn is None or self._drawn_size != self.size:  # type: ignore[attr-defined]
+            self._drawn, self._drawn_size = self.lines(), self.size  # type: ignore[attr-defined]
+        return self._drawn
+
     def render(self) -> Group:
-        self._drawn = self.lines()
-        return Group(*self._drawn)
+        return Group(*self.drawn_lines())
 
 
 class RunHeader(Drawn, Static):
@@ -117,8 +134,7 @@ class RunHeader(Drawn, Static):
         self.redraw_if_changed()
 
     def render(self) -> Text:  # type: ignore[override]
-        self._drawn = self.lines()
-        return Text("\n", no_wrap=True).join(self._drawn)
+        return Text("\n", no_wrap=True).join(self.drawn_lines())
 
     def lines(self) -> list[Text]:
         st = self.status
@@ -141,42 +157,43 @@ class RunHeader(Drawn, Static):
         return [text, Text(" ") + rec]
 
 
-class HistoryPlot(Static):
-    """IPS per second, newest at the right, one column per second, scaled to the window's max.
+class ThroughputPanel(Drawn, Static):
+    """IPS now and mean, iterations, latency; under them the IPS of each second, one column a
+    second, newest at the right, scaled to the window's max.
 
-    One plain string per row: a Sparkline draws a styled segment per cell, several times the
-    cost for the same picture at a few redraws a second.
+    One widget drawn from plain lines: a widget per part (and a Sparkline's styled segment per
+    cell) cost Textual's compositor several times as much for the same picture, once a second.
     """
 
-    history: reactive[list[float]] = reactive(list, always_update=True, repaint=False)
-
-    def watch_history(self, old: list[float], new: list[float]) -> None:
-        if old != new:  # it gains a value once a second
-            self.refresh()
-
-    def render(self) -> Text:
-        width, height = self.content_size.width, self.content_size.height
-        rows = column_plot(self.history, width, height)
-        return Text("\n".join(rows), style="green", no_wrap=True, overflow="crop")
-
-
-class ThroughputPanel(Vertical):
-    DEFAULT_CSS = """
-    ThroughputPanel > #ips { height: 2; }
-    ThroughputPanel > HistoryPlot { height: 1fr; min-height: 1; }
-    """
     snapshot: reactive[Snapshot | None] = reactive(None, always_update=True, repaint=False)
-
-    def compose(self) -> ComposeResult:
-        yield Lines(id="ips")
-        yield HistoryPlot(id="ips-history")
 
     def on_mount(self) -> None:
         self.border_title = "Throughput"
 
     def watch_snapshot(self, s: Snapshot | None) -> None:
+        if s is not None:
+            self.redraw_if_changed()
+            self._subtitle()
+
+    def on_resize(self) -> None:
+        self._subtitle()
+
+    def _subtitle(self) -> None:
+        s = self.snapshot
         if s is None:
             return
+        startup = f"start-up {s.startup_s:.1f} s · " if s.startup_s is not None else ""
+        # The seconds the plot shows: once it is full, the subtitle stays (a new one repaints the
+        # whole panel, border and all). Before the first layout the width is not known yet.
+        width = self.content_size.width
+        shown = min(len(s.ips_history), width) if width > 0 else len(s.ips_history)
+        set_subtitle(self, f"{startup}{shown} s history")
+
+    def figures(self) -> list[Text]:
+        """The two lines of figures above the plot."""
+        s = self.snapshot
+        if s is None:
+            return []
         total = s.info.iterations if s.info and s.info.iterations else None
         line1 = Text(no_wrap=True, overflow="ellipsis")
         if s.startup_s is None:
@@ -196,10 +213,14 @@ class ThroughputPanel(Vertical):
             line1.append(f"  ≤{s.latency_bound_ms:g} ms: ")
             line1.append(f"{s.bounded_ips:.2f}", style="bold")
             line1.append(f" IPS{met}")
-        self.query_one("#ips", Lines).show(line1, line2)
-        self.query_one(HistoryPlot).history = s.ips_history
-        startup = f"start-up {s.startup_s:.1f} s · " if s.startup_s is not None else ""
-        set_subtitle(self, f"{startup}{len(s.ips_history)} s history")
+        return [line1, line2]
+
+    def lines(self) -> list[Text]:
+        figures = self.figures()
+        if self.snapshot is None:
+            return figures
+        rows = column_plot(self.snapshot.ips_history, self.content_size.width, self.content_size.height - len(figures))
+        return [*figures, *(Text(r, style="green", no_wrap=True, overflow="crop") for r in rows)]
 
 
 class TimePanel(Drawn, Static):
