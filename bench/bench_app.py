@@ -184,7 +184,9 @@ def measure(quick: bool = False) -> dict:
         raise SystemExit("bench_app needs tmux (a real terminal for the app)")
     # Long enough that a window in the middle fits at ~20 IPS (an idle machine, 2 workers).
     pairs, iterations, window = (2, 300, 6.0) if quick else (4, 400, 8.0)
-    ab_iterations = 1200 if quick else 6000  # ~1 and ~6 minutes at 18 IPS: 4 s windows, 8 and 40 pairs
+    # ~1 and ~9 minutes at 28 IPS (idle): 4 s windows, ~8 and ~65 pairs. A pair scatters by ~3 % of
+    # IPS here, so a 1 % answer (a 95 % interval inside +-1 %) needs many of them.
+    ab_iterations = 1200 if quick else 15000
     runs: dict[str, list[dict]] = {"app": [], "headless": []}
     order = []
     for i in range(pairs):
