@@ -267,3 +267,45 @@ def test_keys_queued_behind_the_one_closing_help_do_not_crash_the_app():
         assert app.return_code == 0
 
     asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_a_panel_asks_for_a_layout_only_when_its_size_can_follow_its_lines():
+    """Numbers change width at almost every refresh: a fixed-size panel only repaints; a panel
+    whose height is `auto` is laid out again when its number of lines changes (or it would stay
+    one line tall and hide the rest)."""
+    from rich.text import Text
+    from textual.app import App
+
+    from marlwatch.app.widgets import Lines
+
+    class Two(App):
+        CSS = "#fixed { height: 2; } #auto { height: auto; }"
+
+        def compose(self):
+            yield Lines(id="fixed")
+            yield Lines(id="auto")
+
+    async def scenario() -> None:
+        app = Two()
+        async with app.run_test(size=(80, 10)) as pilot:
+            fixed, auto = app.query_one("#fixed", Lines), app.query_one("#auto", Lines)
+            for w in (fixed, auto):
+                w.show(Text("9.50 IPS"))
+            await pilot.pause()
+            layouts: list[tuple[str, bool]] = []
+            for w in (fixed, auto):
+                def spy(*regions, _real=w.refresh, _id=w.id, **kw):
+                    layouts.append((_id, kw.get("layout", False)))
+                    return _real(*regions, **kw)
+                w.refresh = spy
+            for w in (fixed, auto):
+                w.show(Text("10.25 IPS"))  # wider, as many lines
+            assert ("fixed", False) in layouts and ("auto", False) in layouts and not any(x for _, x in layouts)
+            layouts.clear()
+            auto.show(Text("10.25 IPS"), Text("worker 1 crashed"))
+            await pilot.pause()
+            assert ("auto", True) in layouts
+            assert auto.size.height == 2  # laid out again: both lines on screen
+
+    asyncio.run(scenario())
