@@ -105,8 +105,8 @@ class Drawn:
             self.refresh()  # type: ignore[attr-defined]
 
     def drawn_lines(self) -> list[Text]:
-        """What to draw: the lines the watcher has just compared, unless the size has changed
-        since (they are a fifth of a panel's repaint)."""
+        """What to draw: the lines the watcher has just compared (not made a second time for the
+        same refresh), unless the size has changed since."""
         if self._drawn is None or self._drawn_size != self.size:  # type: ignore[attr-defined]
             self._drawn, self._drawn_size = self.lines(), self.size  # type: ignore[attr-defined]
         return self._drawn
