@@ -311,3 +311,26 @@ def test_a_panel_asks_for_a_layout_only_when_its_size_can_follow_its_lines():
             assert auto.size.height == 2  # laid out again: both lines on screen
 
     asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_a_screen_repainted_line_by_line_is_the_screen_drawn_anew():
+    """Panels repaint only the lines that changed: after a seek, the screen must be exactly the
+    one an app opened at that point draws from scratch."""
+    async def screen_at(at_s: float, then_s: float | None = None) -> str:
+        app = replay_app(at_s=at_s, play=False)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.pause(0.3)
+            if then_s is not None:
+                app.playback.seek_s(then_s)
+                app.refresh_view()
+                await pilot.pause(0.3)
+            return app.export_screenshot()
+
+    async def scenario() -> None:
+        fresh = await screen_at(14.6)
+        repainted = await screen_at(14.0, then_s=14.6)
+        assert repainted == fresh
+        assert await screen_at(14.0) != fresh  # the seek changed what is on screen
+
+    asyncio.run(scenario())

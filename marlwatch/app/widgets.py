@@ -9,7 +9,7 @@ from rich.console import Group
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
-from textual.geometry import Size
+from textual.geometry import Region, Size
 from textual.reactive import reactive
 from textual.widgets import Static
 
@@ -100,9 +100,17 @@ class Drawn:
 
     def redraw_if_changed(self) -> None:
         lines = self.lines()
-        if lines != self._drawn:
-            self._drawn, self._drawn_size = lines, self.size  # type: ignore[attr-defined]
+        if lines == self._drawn:
+            return
+        old, self._drawn, self._drawn_size = self._drawn, lines, self.size  # type: ignore[attr-defined]
+        if old is None or len(old) != len(lines):
             self.refresh()  # type: ignore[attr-defined]
+            return
+        # As many lines as before: repaint only those that changed (Textual re-styles and
+        # re-composes just their regions; the rest of the panel stays as it is on screen).
+        width = self.content_size.width  # type: ignore[attr-defined]
+        changed = [y for y, (a, b) in enumerate(zip(old, lines, strict=True)) if a != b]
+        self.refresh(*(Region(0, y, width, 1) for y in changed))  # type: ignore[attr-defined]
 
     def drawn_lines(self) -> list[Text]:
         """What to draw: the lines the watcher has just compared (not made a second time for the
