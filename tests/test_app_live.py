@@ -55,11 +55,11 @@ def test_live_run_fills_panels_and_q_stops_it(tmp_path):
 
             await wait_for(pilot, filled, 30, "non-zero IPS, phases and cores", seen)
             s = app.snapshot
-            assert "LIVE" in app.query_one(RunHeader).render().plain
+            assert "LIVE" in app.query_one(RunHeader).plain
             # The table follows at TABLE_HZ: it shows every phase of the snapshot it was last given.
             table = app.query_one(PhaseTable)
             assert table.snapshot is not None and table.row_count == len(table.snapshot.phases) >= 5
-            cores_text = "\n".join(t.plain for t in app.query_one(CoresPanel).render().renderables)
+            cores_text = app.query_one(CoresPanel).plain
             assert "cpu0" in cores_text and "learner" in cores_text
             # And the panel is tall enough to show them all (it once stayed one line tall, the
             # height of "sampling…", and hid every core but the first).
@@ -73,7 +73,7 @@ def test_live_run_fills_panels_and_q_stops_it(tmp_path):
             await pilot.press("p")  # pause the view: the figures hold still while the run goes on
             held = app.snapshot
             await pilot.pause(1.0)
-            assert app.snapshot is held and "paused" in app.query_one(RunHeader).render().plain
+            assert app.snapshot is held and "paused" in app.query_one(RunHeader).plain
             assert app.latest.snapshot is not held  # the run went on meanwhile
             await pilot.press("p")
             await wait_for(pilot, lambda: app.snapshot is not held, 5, "the view to resume")
@@ -87,8 +87,7 @@ def test_live_run_fills_panels_and_q_stops_it(tmp_path):
 
 
 def time_panel_text(app) -> str:
-    rendered = app.query_one(TimePanel).render()
-    return "\n".join(t.plain for t in getattr(rendered, "renderables", [rendered]))
+    return app.query_one(TimePanel).plain
 
 
 @pytest.mark.timeout(60)
@@ -134,7 +133,7 @@ def test_live_run_that_finishes_stays_on_screen(tmp_path):
     async def scenario() -> None:
         async with app.run_test(size=(80, 24)) as pilot:
             await wait_for(pilot, lambda: app.ended is not None, 30, "the run to finish")
-            await wait_for(pilot, lambda: "FINISHED" in app.query_one(RunHeader).render().plain, 10, "FINISHED")
+            await wait_for(pilot, lambda: "FINISHED" in app.query_one(RunHeader).plain, 10, "FINISHED")
             assert launcher.done and run.failure is None
             assert app.snapshot.iterations == 150
             # The end-of-run marker reached the view through the same Metrics as every other row.
@@ -143,8 +142,12 @@ def test_live_run_that_finishes_stays_on_screen(tmp_path):
             # Nothing left to profile: `f` is no longer offered, by the footer or the py-spy panel.
             from textual.widgets._footer import FooterKey
 
-            keys = {k.key_display for k in app.query(FooterKey)}
-            assert "f" not in keys and "q" in keys, keys
+            def keys() -> set[str]:
+                return {k.key_display for k in app.query(FooterKey)}
+
+            # The footer recomposes after the bindings change, a moment after the header shows it.
+            await wait_for(pilot, lambda: "f" not in keys() and "q" in keys(), 10, "the footer without f",
+                           lambda: str(keys()))
             assert app.query_one("#flame").hint == ""
             await pilot.press("ctrl+c")  # same as q
         assert app.interrupted  # `marlwatch run` exits 130
@@ -162,7 +165,7 @@ def test_killed_worker_shows_crash_and_exits_1(tmp_path):
     async def scenario() -> None:
         async with app.run_test(size=(80, 24)) as pilot:
             await wait_for(pilot, lambda: app.ended is not None, 30, "the run to stop")
-            await wait_for(pilot, lambda: "FAILED" in app.query_one(RunHeader).render().plain, 10, "FAILED")
+            await wait_for(pilot, lambda: "FAILED" in app.query_one(RunHeader).plain, 10, "FAILED")
             crashed = app.query_one("#proc-1", WorkerRow)
             assert crashed.has_class("-crashed") and "SIGKILL" in (crashed.row.error or "")
             await pilot.press("q")

@@ -129,12 +129,6 @@ def test_spans_nodes_and_clocks_from_both_nodes(lost_node_run):
     assert {p["node"] for p in summary["procs"] if p["role"].startswith("worker")} == {"node-a", "node-b"}
 
 
-def _plain(renderable) -> str:
-    """A row's text (a crashed one's is a Group: its line and its error)."""
-    parts = getattr(renderable, "renderables", [renderable])
-    return "\n".join(getattr(p, "plain", str(p)) for p in parts)
-
-
 @pytest.mark.timeout(500)
 def test_cores_panel_groups_cores_by_node(lost_node_run):
     from marlwatch.app.replay import ReplayApp
@@ -148,13 +142,12 @@ def test_cores_panel_groups_cores_by_node(lost_node_run):
         app = ReplayApp(playback, str(path), size, status, play=False, at_s=1e9)
         async with app.run_test(size=(120, 40)) as pilot:
             await pilot.pause(1.0)
-            cores = app.query_one(CoresPanel).render()
-            text = "\n".join(line.plain for line in cores.renderables)
+            text = app.query_one(CoresPanel).plain
             assert "node-a/cpu0" in text and "node-b/cpu0" in text, text
-            workers = " ".join(_plain(w.content) for w in app.query(WorkerRow))
+            workers = " ".join(w.plain for w in app.query(WorkerRow))
             assert "node-b" in workers
             lost = [w for w in app.query(WorkerRow) if w.has_class("-crashed")]
-            assert len(lost) == 1 and re.search(r"Ray actor [0-9a-f]{8} on node-b", _plain(lost[0].content)), workers
+            assert len(lost) == 1 and re.search(r"Ray actor [0-9a-f]{8} on node-b", lost[0].plain), workers
 
     asyncio.run(scenario())
 

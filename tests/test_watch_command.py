@@ -120,7 +120,7 @@ def test_the_live_app_watches_a_command_and_q_stops_it_cleanly(tmp_path, no_left
             await wait_for(pilot, lambda: app.snapshot is not None and app.snapshot.ips > 0
                            and {"sample/env_step", "update/comm/messages"} <= {p.name for p in app.snapshot.phases},
                            60, "the command's phases and IPS")
-            assert "loop.py" in app.query_one(RunHeader).render().plain
+            assert "loop.py" in app.query_one(RunHeader).plain
             assert app.snapshot.comm_share > 0
             await pilot.press("q")
             await wait_for(pilot, lambda: app.run_done.is_set(), 30, "the command to stop")

@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from rich.console import Group
+from rich.console import Console, Group
+from rich.segment import Segment
+from rich.style import Style
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.geometry import Region, Size
 from textual.reactive import reactive
+from textual.strip import Strip
 from textual.widgets import Static
 
 from marlwatch.app.charts import column_plot, hbar, stacked_bar
@@ -52,21 +55,71 @@ class Status:
 # and asks for a layout pass only when its size can have changed.
 
 
-class Lines(Static):
-    """A Static showing lines of Text (as one Group): `show` repaints it only when the lines differ
-    from what is on screen, and lays the screen out again only when its size can follow them."""
+class ByLine:
+    """A widget drawn from lines of Text, one strip a line (Textual's line API): going through
+    `render()`, Rich's console machinery wrapped and cropped lines that never wrap, half of what a
+    redraw cost. Subclasses say what the lines are (`drawn_lines`) and call `repaint` when they
+    change."""
+
+    def drawn_lines(self) -> list[Text]:
+        raise NotImplementedError
+
+    def render(self) -> Group:
+        """All the lines (Textual measures an `auto` height from it); drawing goes by line."""
+        return Group(*self.drawn_lines())
+
+    @property
+    def plain(self) -> str:
+        """What the lines say, without styles."""
+        return "\n".join(t.plain for t in self.drawn_lines())
+
+    def render_line(self, y: int) -> Strip:
+        lines = self.drawn_lines()
+        base = self.rich_style  # type: ignore[attr-defined]
+        width = self.size.width  # type: ignore[attr-defined]
+        if y >= len(lines):
+            return Strip.blank(width, base)
+        return line_strip(lines[y], width, base, self.app.console)  # type: ignore[attr-defined]
+
+    def repaint(self, old: list[Text] | None, new: list[Text], layout: bool = False) -> None:
+        """After the lines went from `old` to `new`: as many as before, and no layout needed,
+        repaint only those that changed (Textual re-styles and re-composes just their regions;
+        the rest of the panel stays as it is on screen)."""
+        if layout or old is None or len(old) != len(new):
+            self.refresh(layout=layout)  # type: ignore[attr-defined]
+            return
+        width = self.size.width  # type: ignore[attr-defined]
+        changed = [y for y, (a, b) in enumerate(zip(old, new, strict=True)) if a != b]
+        self.refresh(*(Region(0, y, width, 1) for y in changed))  # type: ignore[attr-defined]
+
+
+def line_strip(text: Text, width: int, base: Style, console: Console) -> Strip:
+    """One line of text as a strip `width` cells wide on the `base` style, cut with an ellipsis
+    (or as the text's `overflow` says) when it is longer."""
+    if text.cell_len > width:
+        text = text.copy()
+        text.truncate(width, overflow=text.overflow or "ellipsis")
+    style = base + console.get_style(text.style) if text.style else base
+    return Strip(Segment.apply_style(text.render(console), style), text.cell_len).extend_cell_length(width, base)
+
+
+class Lines(ByLine, Static):
+    """Lines of Text shown as they are given: `show` repaints only the lines that differ from
+    what is on screen, and lays the screen out again only when its size can follow them."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.shown: list[Text] | None = None
 
+    def drawn_lines(self) -> list[Text]:
+        return self.shown or []
+
     def show(self, *lines: Text) -> None:
         new = list(lines)
         if new == self.shown:
             return
-        old = self.shown or []
-        self.shown = new
-        self.update(Group(*new), layout=self._resized_by(old, new))
+        old, self.shown = self.shown, new
+        self.repaint(old, new, layout=self._resized_by(old or [], new))
 
     def _resized_by(self, old: list[Text], new: list[Text]) -> bool:
         """Whether the new lines can change this widget's size: its height (width) is `auto` in the
@@ -87,10 +140,11 @@ def set_subtitle(widget: Static | Vertical, text: str | Text) -> None:
         widget.border_subtitle = text
 
 
-class Drawn:
-    """For a panel drawn by `render()` from its `snapshot`: a new snapshot repaints it only when
-    `lines()`, what it would draw, differs from what it drew last (its watcher, not the reactive,
-    decides: declare `snapshot` with repaint=False). A resize repaints it as any widget."""
+class Drawn(ByLine):
+    """For a panel drawn from its `snapshot`: a new snapshot repaints it only when `lines()`, what
+    it would draw, differs from what it drew last, and only the lines that differ (its watcher,
+    not the reactive, decides: declare `snapshot` with repaint=False). A resize repaints it as any
+    widget."""
 
     _drawn: list[Text] | None = None
     _drawn_size: Size | None = None  # the size `_drawn` was made for
@@ -103,14 +157,7 @@ class Drawn:
         if lines == self._drawn:
             return
         old, self._drawn, self._drawn_size = self._drawn, lines, self.size  # type: ignore[attr-defined]
-        if old is None or len(old) != len(lines):
-            self.refresh()  # type: ignore[attr-defined]
-            return
-        # As many lines as before: repaint only those that changed (Textual re-styles and
-        # re-composes just their regions; the rest of the panel stays as it is on screen).
-        width = self.content_size.width  # type: ignore[attr-defined]
-        changed = [y for y, (a, b) in enumerate(zip(old, lines, strict=True)) if a != b]
-        self.refresh(*(Region(0, y, width, 1) for y in changed))  # type: ignore[attr-defined]
+        self.repaint(old, lines)
 
     def drawn_lines(self) -> list[Text]:
         """What to draw: the lines the watcher has just compared (not made a second time for the
@@ -118,9 +165,6 @@ class Drawn:
         if self._drawn is None or self._drawn_size != self.size:  # type: ignore[attr-defined]
             self._drawn, self._drawn_size = self.lines(), self.size  # type: ignore[attr-defined]
         return self._drawn
-
-    def render(self) -> Group:
-        return Group(*self.drawn_lines())
 
 
 class RunHeader(Drawn, Static):
@@ -140,9 +184,6 @@ class RunHeader(Drawn, Static):
 
     def watch_status(self) -> None:
         self.redraw_if_changed()
-
-    def render(self) -> Text:  # type: ignore[override]
-        return Text("\n", no_wrap=True).join(self.drawn_lines())
 
     def lines(self) -> list[Text]:
         st = self.status
