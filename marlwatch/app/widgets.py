@@ -48,11 +48,11 @@ class Status:
     size: int = 0
 
 
-# What a refresh costs is Textual repainting widgets (StylesCache.render_lines, about 1 ms for
-# a 20-line panel) and, after a Static.update(), laying out the whole screen again. Between two
-# refreshes many panels show the same thing as before (a worker's IPS, the cores, the header's
-# path), so each panel repaints only when what it shows changed,
-# and asks for a layout pass only when its size can have changed.
+# What a refresh costs is Textual composing the lines of the widgets that changed (a panel's
+# lines: ~0.5 ms) and, when a widget asks for it, laying out the whole screen again. Between two
+# refreshes many lines show the same thing as before (a worker's IPS, the cores, the header's
+# path), so a panel repaints only the lines whose text changed, and asks for a layout pass only
+# when its size can have changed (docs/benchmarks.md §6).
 
 
 class ByLine:
