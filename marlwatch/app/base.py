@@ -130,8 +130,9 @@ class WatchApp(App[int]):
         """Hand new figures down to the panels; without `everything` (the refresh timer's), the
         table panels only once 1/TABLE_HZ passed since they last had some."""
         self.snapshot = snapshot
-        self.query_one(RunHeader).snapshot = snapshot
-        self.query_one(RunHeader).status = status
+        header = self.query_one(RunHeader)
+        header.set_reactive(RunHeader.snapshot, snapshot)  # no watcher: setting the status draws it, once
+        header.status = status
         for panel in (ThroughputPanel, TimePanel):
             self.query_one(panel).snapshot = snapshot
         now = time.monotonic()
