@@ -32,6 +32,17 @@ def ips_text(app: ReplayApp) -> str:
     return " ".join(t.plain for t in app.query_one(ThroughputPanel).figures())
 
 
+def refresh_calls(widgets) -> list[tuple[str, bool]]:
+    """Record each widget's refreshes from now on: (its id, whether it asked for a layout)."""
+    calls: list[tuple[str, bool]] = []
+    for w in widgets:
+        def spy(*regions, _real=w.refresh, _id=w.id, **kw):
+            calls.append((_id, kw.get("layout", False)))
+            return _real(*regions, **kw)
+        w.refresh = spy
+    return calls
+
+
 def header_text(app: ReplayApp) -> str:
     return app.query_one(RunHeader).plain
 
@@ -46,12 +57,7 @@ def test_panels_repaint_only_what_changed():
             await pilot.pause(0.6)
             widgets = [app.query_one(t) for t in (RunHeader, ThroughputPanel, TimePanel, CoresPanel, PhaseTable)]
             widgets += [app.query_one("#phase-body"), *app.query(WorkerRow)]
-            calls: list[tuple[str, bool]] = []
-            for w in widgets:
-                def spy(*regions, _real=w.refresh, _id=w.id, **kw):
-                    calls.append((_id, kw.get("layout", False)))
-                    return _real(*regions, **kw)
-                w.refresh = spy
+            calls = refresh_calls(widgets)
             app.refresh_view()  # the same position: the same figures
             await pilot.pause(0.3)
             assert calls == [], calls
@@ -294,12 +300,7 @@ def test_a_panel_asks_for_a_layout_only_when_its_size_can_follow_its_lines():
             for w in (fixed, auto):
                 w.show(Text("9.50 IPS"))
             await pilot.pause()
-            layouts: list[tuple[str, bool]] = []
-            for w in (fixed, auto):
-                def spy(*regions, _real=w.refresh, _id=w.id, **kw):
-                    layouts.append((_id, kw.get("layout", False)))
-                    return _real(*regions, **kw)
-                w.refresh = spy
+            layouts = refresh_calls([fixed, auto])
             for w in (fixed, auto):
                 w.show(Text("10.25 IPS"))  # wider, as many lines
             assert ("fixed", False) in layouts and ("auto", False) in layouts and not any(x for _, x in layouts)

@@ -81,10 +81,22 @@ class ByLine:
             return Strip.blank(width, base)
         return line_strip(lines[y], width, base, self.app.console)  # type: ignore[attr-defined]
 
-    def repaint(self, old: list[Text] | None, new: list[Text], layout: bool = False) -> None:
-        """After the lines went from `old` to `new`: as many as before, and no layout needed,
-        repaint only those that changed (Textual re-styles and re-composes just their regions;
-        the rest of the panel stays as it is on screen)."""
+    def _resized_by(self, old: list[Text], new: list[Text]) -> bool:
+        """Whether the new lines can change this widget's size: its height (width) is `auto` in the
+        CSS and the number of lines (the widest line) changed. A layout redoes the whole screen,
+        which cost more than all the repaints of a refresh, and the numbers of a line change width
+        at almost every refresh; a fixed-size widget only repaints."""
+        height, width = self.styles.height, self.styles.width  # type: ignore[attr-defined]
+        if (height is None or height.is_auto) and len(new) != len(old):
+            return True
+        widest = max((t.cell_len for t in new), default=0) != max((t.cell_len for t in old), default=0)
+        return widest and width is not None and width.is_auto
+
+    def repaint(self, old: list[Text] | None, new: list[Text]) -> None:
+        """After the lines went from `old` to `new`: lay the screen out again if the widget's size
+        can follow them; else, as many lines as before, repaint only those that changed (Textual
+        re-styles and re-composes just their regions; the rest stays as it is on screen)."""
+        layout = self._resized_by(old or [], new)
         if layout or old is None or len(old) != len(new):
             self.refresh(layout=layout)  # type: ignore[attr-defined]
             return
@@ -105,7 +117,7 @@ def line_strip(text: Text, width: int, base: Style, console: Console) -> Strip:
 
 class Lines(ByLine, Static):
     """Lines of Text shown as they are given: `show` repaints only the lines that differ from
-    what is on screen, and lays the screen out again only when its size can follow them."""
+    what is on screen (`ByLine.repaint`)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -119,18 +131,8 @@ class Lines(ByLine, Static):
         if new == self.shown:
             return
         old, self.shown = self.shown, new
-        self.repaint(old, new, layout=self._resized_by(old or [], new))
+        self.repaint(old, new)
 
-    def _resized_by(self, old: list[Text], new: list[Text]) -> bool:
-        """Whether the new lines can change this widget's size: its height (width) is `auto` in the
-        CSS and the number of lines (the widest line) changed. A layout redoes the whole screen,
-        which cost more than all the repaints of a refresh, and the numbers of a line change width
-        at almost every refresh; a fixed-size widget only repaints."""
-        height, width = self.styles.height, self.styles.width
-        if (height is None or height.is_auto) and len(new) != len(old):
-            return True
-        widest = max((t.cell_len for t in new), default=0) != max((t.cell_len for t in old), default=0)
-        return widest and width is not None and width.is_auto
 
 
 def set_subtitle(widget: Static | Vertical, text: str | Text) -> None:
@@ -466,15 +468,10 @@ class CoresPanel(Drawn, Static):
 
     def on_mount(self) -> None:
         self.border_title = "Cores"
-        self._lines = 0
 
-    def watch_snapshot(self, s: Snapshot | None) -> None:
+    def watch_snapshot(self) -> None:
         # Its height is `auto`: when the number of lines changes ("sampling…" -> one per core and
-        # process) the layout must be redone, or the panel stays one line tall and hides cores.
-        lines = len(s.cores_now) + min(len(s.procs), MAX_PROC_ROWS + 1) if s is not None else 0
-        if lines != self._lines:
-            self._lines = lines
-            self.refresh(layout=True)
+        # process) the repaint lays the screen out again, or the panel would stay one line tall.
         self.redraw_if_changed()
 
     def lines(self) -> list[Text]:
