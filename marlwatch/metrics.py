@@ -108,6 +108,12 @@ def in_phase(name: str | None, phase: str) -> bool:
     return name is not None and (name == phase or name.startswith(phase + "/"))
 
 
+def _distinct(values: np.ndarray) -> np.ndarray:
+    """The sorted distinct values: `np.unique` asked for counts too, because without them it first
+    asks whether the array is masked, which imports numpy.ma (~10 ms of every command's start-up)."""
+    return np.unique(values, return_counts=True)[0]
+
+
 def _valid(b: pa.RecordBatch, *columns: str) -> pa.RecordBatch:
     """The rows of `b` where `columns` are all set. A run never writes nulls there; a damaged
     or foreign file may, and they must not reach the numpy code below."""
@@ -575,7 +581,7 @@ class Metrics:
         if hold:
             end = pc.fill_null(b.column("t_ns"), 0).to_numpy(zero_copy_only=False) + dur
             top = ok & (parent_codes == len(parents))
-            for slot in np.unique(procs[top]).tolist():
+            for slot in _distinct(procs[top]).tolist():
                 self._close(slot, int(end[top & (procs == slot)].max()))
             wait = ok & (parent_codes != len(parents)) & self._waiting(procs, end)
             if wait.any():
@@ -599,7 +605,7 @@ class Metrics:
         elif steady.any():
             self.steady.add(*part(steady))
         if first.any():
-            for slot in np.unique(procs[first]):
+            for slot in _distinct(procs[first]):
                 self.startup.setdefault(int(slot), _Totals(exact=self.exact)).add(*part(first & (procs == slot)))
 
     def _hists(self, b: pa.RecordBatch, mask: np.ndarray | None) -> None:
@@ -618,7 +624,7 @@ class Metrics:
             self.steady.add_hist(names, codes[steady], bins[steady], count[steady])
         if first.any():
             procs = pc.fill_null(b.column("proc"), 0).to_numpy(zero_copy_only=False)
-            for slot in np.unique(procs[first]):
+            for slot in _distinct(procs[first]):
                 sel = first & (procs == slot)
                 self.startup.setdefault(int(slot), _Totals(exact=self.exact)).add_hist(names, codes[sel], bins[sel],
                                                                                      count[sel])
@@ -656,7 +662,7 @@ class Metrics:
         procs = b.column("proc").to_numpy(zero_copy_only=False)
         times = b.column("t_ns").to_numpy(zero_copy_only=False)
         iters = b.column("iter").to_numpy(zero_copy_only=False)
-        for slot in np.unique(procs):
+        for slot in _distinct(procs):
             sel = procs == slot
             p = self._proc(int(slot))
             ts = times[sel]

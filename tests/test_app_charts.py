@@ -27,3 +27,39 @@ def test_column_plot_scales_to_max_newest_right():
     assert column_plot([], 3, 2) == ["   ", "   "]
     assert column_plot([0.0, 0.0], 2, 1) == ["  "]
     assert column_plot([1.0], 0, 3) == []
+
+
+
+def test_line_strip_one_style_line_draws_as_rich_renders_it():
+    """A line with no spans takes a short path (one segment): it must put the same characters
+    with the same styles on screen as Rich's own rendering of it, padded or cut alike."""
+    from rich.console import Console
+    from rich.segment import Segment
+    from rich.style import Style
+    from rich.text import Text
+    from textual.strip import Strip
+
+    from marlwatch.app.widgets import line_strip
+
+    console = Console(width=80)
+    base = Style(color="white", bgcolor="grey11")
+
+    def through_rich(text: Text, width: int) -> Strip:
+        if text.cell_len > width:
+            text = text.copy()
+            text.truncate(width, overflow=text.overflow or "ellipsis")
+        style = base + console.get_style(text.style) if text.style else base
+        return Strip(Segment.apply_style(text.render(console), style), text.cell_len).extend_cell_length(width, base)
+
+    def cells(strip: Strip) -> list[tuple[str, Style | None]]:
+        return [(ch, seg.style) for seg in strip for ch in seg.text]
+
+    cases = [Text("▁▂▃█ plot row", style="green"), Text("sample/env_step   1.234  41.5%"), Text(""),
+             Text("a very long phase name that does not fit", style="bold red reverse", overflow="ellipsis"),
+             Text("wide 全角 cells", style="magenta"), Text("x" * 30, overflow="crop")]
+    for text in cases:
+        assert not text.spans
+        for width in (1, 5, 12, 40):
+            fast, slow = line_strip(text, width, base, console), through_rich(text, width)
+            assert fast.cell_length == slow.cell_length == width, (text, width)
+            assert cells(fast) == cells(slow), (text, width)
