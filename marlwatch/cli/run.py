@@ -10,6 +10,8 @@ import math
 import os
 import signal
 import sys
+import threading
+import time
 from typing import TYPE_CHECKING
 
 from marlwatch.cli.errors import (
@@ -212,6 +214,36 @@ def _blank_s() -> float | None:
     return value
 
 
+def _terminal_gone() -> None:
+    """After SIGHUP, the terminal is gone: every write to it fails. The kernel sends SIGCONT with
+    the SIGHUP, and Textual's SIGCONT handler starts its output thread again on the dead terminal;
+    that thread dies at its first write, and Textual's shutdown then waits for it for ever. So no
+    resume, and the terminal's output goes to /dev/null (the end-of-run lines cannot be shown)."""
+    signal.signal(signal.SIGCONT, signal.SIG_DFL)
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            if os.isatty(fd):
+                os.dup2(devnull, fd)
+        os.close(devnull)
+
+
+def _leave_once_recorded(run_done: threading.Event, grace_s: float, code: int) -> None:
+    """A stop signal's guarantee, whatever the UI does: once the run's thread has finished the
+    recording (`run_done`), the process ends within LEAVE_AFTER_RECORDED_S, with `code`."""
+
+    def watch() -> None:
+        run_done.wait(grace_s)
+        time.sleep(LEAVE_AFTER_RECORDED_S)
+        os._exit(code)  # the recording is closed; the children end with us (parent-death signal)
+
+    threading.Thread(target=watch, name="leave-once-recorded", daemon=True).start()
+
+
+# Normally the app is gone well within this after the recording is finished.
+LEAVE_AFTER_RECORDED_S = 15.0
+
+
 def run_live(args: argparse.Namespace) -> int:
     """`marlwatch run` with the app. Bad input fails before the terminal is taken over."""
     from marlwatch.app.live import LiveApp
@@ -228,6 +260,10 @@ def run_live(args: argparse.Namespace) -> int:
     app = LiveApp(run, flame, refresh_hz=refresh, blank_s=blank_s)
 
     def on_signal(signum: int, frame: object) -> None:
+        if signum == signal.SIGHUP:
+            _terminal_gone()
+        if run.stop_signal is None:
+            _leave_once_recorded(app.run_done, STOP_GRACE_S + 30, 128 + signum)
         run.stop_signal = run.stop_signal or signum
         app.interrupted = True
         app.stop()
