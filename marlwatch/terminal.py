@@ -11,6 +11,7 @@ but it must not hold NaN or infinity: `finite` turns those into null.
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 from typing import Any
@@ -52,3 +53,20 @@ def finite(x: Any) -> Any:
     if isinstance(x, list | tuple):
         return [finite(v) for v in x]
     return x
+
+
+def to_devnull(*fds: int) -> None:
+    """Point these output file descriptors at /dev/null: the terminal or pipe behind them is gone,
+    and what is still written there (buffered lines, a UI's shutdown) must neither fail nor block."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        for fd in fds:
+            try:
+                os.dup2(devnull, fd)
+            except OSError:
+                pass
+    finally:
+        os.close(devnull)

@@ -29,7 +29,6 @@ def test_column_plot_scales_to_max_newest_right():
     assert column_plot([1.0], 0, 3) == []
 
 
-
 def test_line_strip_one_style_line_draws_as_rich_renders_it():
     """A line with no spans takes a short path (one segment): it must put the same characters
     with the same styles on screen as Rich's own rendering of it, padded or cut alike."""

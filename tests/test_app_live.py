@@ -4,7 +4,6 @@ recording played through a real monitor), one real run in a real terminal, and b
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import signal
@@ -240,41 +239,26 @@ def test_real_terminal_q_exits_cleanly(tmp_path):
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux for a real terminal")
 def test_terminal_closed_under_a_running_app_ends_it_and_finishes_the_recording(tmp_path):
-    """The terminal goes away mid-run (an SSH session dropped, a tmux session killed) with the
-    monitor as the session's leader (`tmux new-session 'marlwatch run'`, `ssh host marlwatch run`):
-    the kernel sends it SIGHUP and SIGCONT, and writes to the terminal fail from then on. The
-    monitor must finish the recording and end, leaving no process behind; it once hung for ever in
-    Textual's shutdown (SIGCONT restarted Textual's output thread on the dead terminal; that thread
-    died at its first write, and the shutdown's writes then waited for it)."""
+    """The terminal goes away mid-run (an SSH session dropped, a tmux session killed): SIGHUP comes
+    with SIGCONT, and writes to the terminal fail from then on. The monitor must finish the
+    recording and end, leaving no process behind. It once hung for ever in Textual's shutdown
+    (SIGCONT restarted Textual's output thread on the dead terminal; that thread died at its first
+    write, and the shutdown's writes then waited for it); this run does not always lose that race."""
     record = tmp_path / "hup.arrow"
-    session = f"mwhup{os.getpid()}"
-    marlwatch = Path(sys.executable).with_name("marlwatch")
-    cmd = f"cd {tmp_path} && {marlwatch} run --workers 2 --iterations 100000 --record {record} {' '.join(QUICK)}"
-    pid = int(subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "40", "-P", "-F",
-                              "#{pane_pid}", cmd], capture_output=True, text=True, check=True).stdout)
-    try:
-        deadline = time.monotonic() + 100
-        while not ("sample" in (screen := _pane(session)) and " it 0 " not in screen):
-            assert time.monotonic() < deadline, "the app did not show iterations"
-            time.sleep(0.5)
+    with TmuxPane(tmp_path, f"run --workers 2 --iterations 100000 --record {record} {' '.join(QUICK)}", "hup") as pane:
+        pane.wait_for_screen(lambda s: "sample" in s and " it 0 " not in s, 100, "the app did not show iterations")
         time.sleep(5)  # a few redraws: the output thread has written to the terminal
-        monitor = psutil.Process(pid).children()[0]
+        monitor = psutil.Process(pane.pid).children()[0]
         processes = [monitor, *monitor.children(recursive=True)]
-        subprocess.run(["tmux", "kill-session", "-t", session], check=True)
+        subprocess.run(["tmux", "kill-session", "-t", pane.session], check=True)
         _, alive = psutil.wait_procs(processes, timeout=40)
-        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "processes left after the terminal closed"
-    finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
-        for p in psutil.process_iter():
-            with contextlib.suppress(psutil.Error):
-                if str(record) in " ".join(p.cmdline()):
-                    p.kill()
+        left = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+        for p in left:
+            p.kill()  # a hung monitor must not outlive the test
+        assert not left, "processes left after the terminal closed"
     rec = open_recording(record)
     assert rec.read_all().num_rows > 0 and rec.complete
 
-
-def _pane(session: str) -> str:
-    return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
 
 @pytest.mark.timeout(90)
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux for a real terminal")

@@ -13,6 +13,7 @@ from marlwatch.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, RunFail
 from marlwatch.cli.parser import COMMANDS, build_parser
 from marlwatch.lifecycle import STOP_SIGNALS
 from marlwatch.outputs import OutputError
+from marlwatch.terminal import to_devnull
 
 
 class StdoutError(OSError):
@@ -51,9 +52,10 @@ def _stdout_to_devnull() -> None:
     # What is still buffered for stdout would fail again when the interpreter flushes it on exit
     # (a traceback-like "Exception ignored" after our line): stdout goes to /dev/null from here on.
     try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # closed, or not a file
+        return
+    to_devnull(fd)
 
 
 _interrupted_before_start = False

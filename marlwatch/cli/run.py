@@ -23,7 +23,7 @@ from marlwatch.cli.errors import (
     fail,
     signal_exit_code,
 )
-from marlwatch.terminal import finite, printable, say
+from marlwatch.terminal import finite, printable, say, to_devnull
 
 if TYPE_CHECKING:
     from marlwatch.flame.controller import FlameController
@@ -220,12 +220,11 @@ def _terminal_gone() -> None:
     that thread dies at its first write, and Textual's shutdown then waits for it for ever. So no
     resume, and the terminal's output goes to /dev/null (the end-of-run lines cannot be shown)."""
     signal.signal(signal.SIGCONT, signal.SIG_DFL)
-    with contextlib.suppress(OSError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        for fd in (1, 2):
-            if os.isatty(fd):
-                os.dup2(devnull, fd)
-        os.close(devnull)
+    to_devnull(*(fd for fd in (1, 2) if os.isatty(fd)))
+
+
+# Normally the app is gone well within this after the recording is finished.
+LEAVE_AFTER_RECORDED_S = 15.0
 
 
 def _leave_once_recorded(run_done: threading.Event, grace_s: float, code: int) -> None:
@@ -235,13 +234,11 @@ def _leave_once_recorded(run_done: threading.Event, grace_s: float, code: int) -
     def watch() -> None:
         run_done.wait(grace_s)
         time.sleep(LEAVE_AFTER_RECORDED_S)
-        os._exit(code)  # the recording is closed; the children end with us (parent-death signal)
+        # The recording is closed; the children end with us (parent-death signal). Not
+        # `exit_now`: its flush would wait on a stream lock the stuck UI may hold.
+        os._exit(code)
 
     threading.Thread(target=watch, name="leave-once-recorded", daemon=True).start()
-
-
-# Normally the app is gone well within this after the recording is finished.
-LEAVE_AFTER_RECORDED_S = 15.0
 
 
 def run_live(args: argparse.Namespace) -> int:
