@@ -833,9 +833,12 @@ class Metrics:
                 p50_ms=q[0] / 1e6, p95_ms=q[1] / 1e6, p99_ms=q[2] / 1e6, comm=is_comm(name), depth=name.count("/"),
             ))
         if self.per_second:
-            last = self.per_second[-1][0]
+            # Complete seconds up to now: the second in progress is not a rate yet (it read as a
+            # dip at the plot's right edge), and the seconds of a stall count as zeros. A finished
+            # run's plot ends with its last second of iterations (not with the shutdown after it).
+            end = self.per_second[-1][0] + 1 if self.complete else self.t_ns // 1_000_000_000
             counts = dict(self.per_second)
-            history = [float(counts.get(s, 0)) for s in range(max(self.per_second[0][0], last - HISTORY_S + 1), last + 1)]
+            history = [float(counts.get(s, 0)) for s in range(max(self.per_second[0][0], end - HISTORY_S), end)]
         else:
             history = []
         procs = []

@@ -211,3 +211,19 @@ def test_summary_fits_80_columns(name):
     text = summary_text(summarize(open_recording(REPO / "recordings" / name)), "run.arrow", "complete")
     assert max(len(line) for line in text.splitlines()) <= 80, text
     assert "start-up" in text and "after the first" in text
+
+
+def test_ips_history_is_complete_seconds_up_to_now_with_a_stall_as_zeros():
+    S = 1000 * MS
+    m = Metrics()
+    # 3 iterations in second 0, 5 in second 1, 2 so far in second 2 (in progress).
+    times = [t * S // 10 for t in (1, 4, 7)] + [S + t * S // 10 for t in range(5)] + [2 * S + MS, 2 * S + 2 * MS]
+    m.add(rows(*(tick(0, t, i + 1) for i, t in enumerate(times))))
+    # The second in progress is not a rate yet: the plot would show it as a slow second.
+    assert m.snapshot().ips_history == [3.0, 5.0]
+    # No tick for three seconds (a stall), time goes on (a core sample at 5.5 s): zeros, not a frozen plot.
+    m.add(rows({"kind": "core", "core": 0, "t_ns": 5 * S + S // 2, "value": 50.0}))
+    assert m.snapshot().ips_history == [3.0, 5.0, 2.0, 0.0, 0.0]
+    # Of a finished run, the last second with iterations is all there will be of it.
+    m.add(rows(tick(0, 5 * S + S // 2 + MS, 11), {"kind": "end", "t_ns": 5 * S + S // 2 + 2 * MS, "text": "{}"}))
+    assert m.snapshot().ips_history == [3.0, 5.0, 2.0, 0.0, 0.0, 1.0]
