@@ -4,6 +4,7 @@ noise and differences, the figures on a real short run and the shipped recording
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +173,10 @@ def test_diff_of_a_recording_without_iterations(tmp_path, capsys):
     with RecordingWriter(empty, RunInfo("maddpg", "simple_spread", 3, 1, 0, 10)):
         pass  # a run that ended before its first iteration
     code = main(["diff", str(empty), str(SHIPPED)])
+    # B was still being read on its thread when A failed: the command waits for it, so that
+    # nothing reads a file once it has returned (the caller may rewrite it: a memory-mapped read
+    # of a truncated file is a SIGBUS, which once took a test worker down with it).
+    assert not [t for t in threading.enumerate() if t.name == "diff-read-b"]
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err == [f"marlwatch: {empty}: no complete iteration recorded, nothing to compare"]

@@ -100,8 +100,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
     recs = [open_or_fail(path) for path in (args.a, args.b)]
     # B is read on a second thread while A is read here: most of reading is Arrow decompressing,
     # which runs without the GIL, so on two cores the two files take little more than one.
-    # A daemon thread: a Ctrl-C ends the command without waiting for it. Errors are reported in
-    # the order A, B, as when they were read one after the other.
+    # A daemon thread: a Ctrl-C ends the command without waiting for it. Any other error waits for
+    # it, so that nothing reads a file after the command has returned (called in-process, the
+    # caller may rewrite the file next: a memory-mapped read of a truncated file is a SIGBUS).
+    # Errors are reported in the order A, B, as when they were read one after the other.
     outcome: dict[str, object] = {}
 
     def read_b() -> None:
@@ -113,18 +115,22 @@ def cmd_diff(args: argparse.Namespace) -> int:
     other = threading.Thread(target=read_b, name="diff-read-b", daemon=True)
     other.start()
     sides = []
-    for i, path in enumerate((args.a, args.b)):
-        with reading(path):
-            try:
-                if i == 0:
-                    sides.append(diff.read_side(recs[0], args.skip, exact=args.exact))
-                else:
-                    other.join()
-                    if "error" in outcome:
-                        raise outcome["error"]  # type: ignore[misc]
-                    sides.append(outcome["side"])
-            except BoundExceeded as e:
-                raise UsageError(f"{path}: {e}") from None
+    try:
+        for i, path in enumerate((args.a, args.b)):
+            with reading(path):
+                try:
+                    if i == 0:
+                        sides.append(diff.read_side(recs[0], args.skip, exact=args.exact))
+                    else:
+                        other.join()
+                        if "error" in outcome:
+                            raise outcome["error"]  # type: ignore[misc]
+                        sides.append(outcome["side"])
+                except BoundExceeded as e:
+                    raise UsageError(f"{path}: {e}") from None
+    except Exception:
+        other.join()
+        raise
     for rec in recs[:1] if recs[0].path.resolve() == recs[1].path.resolve() else recs:
         warn_skipped(rec)  # once both are known to be comparable: an error stays the only line
     try:
