@@ -20,8 +20,8 @@ CPU while drawing, counted in full against the iteration (bench/overhead.py's bo
 
 Targets (issue 14): the monitor with the app at its default refresh and 2 workers <= 5% of one
 core; IPS with the app within 1% of headless; worst-case charge under 0.5%. One extra app run
-at `--refresh 2` (the default until the evening of 2026-12-02, 4 before that morning; it is 1 now)
-shows what the redraw rate costs.
+at twice the default rate, `--refresh 1` (the default until 2026-12-03; 2 until the evening of
+2026-12-02, 4 before that morning; 0.5 now), shows what the redraw rate costs.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ Cost: a span is two clock reads plus four stores into preallocated `array.array`
 is created per span), done in C by `marlwatch._fastspan` where it was built at install time
 (Linux with a C compiler) and by the identical Python `PySpan` elsewhere. Spans are shipped in
 batches when the buffer fills or, when a span ends or a tick comes, when the last shipment is
-older than `flush_interval_s` (0.25 s: the live app redraws at 1 Hz, faster with `--refresh`, and
+older than `flush_interval_s` (0.25 s: the live app redraws every 2 s, faster with `--refresh`, and
 every frame costs the monitor a fixed ~0.3 ms whatever its size). `bench/` measures the cost per span.
 
 A process that never called `connect()` (a script run without a monitor) gets spans that

@@ -72,9 +72,8 @@ def test_live_run_fills_panels_and_q_stops_it(tmp_path):
 
             await pilot.press("p")  # pause the view: the figures hold still while the run goes on
             held = app.snapshot
-            await pilot.pause(1.0)
+            await wait_for(pilot, lambda: app.latest.snapshot is not held, 10, "a new snapshot (the run goes on)")
             assert app.snapshot is held and "paused" in app.query_one(RunHeader).plain
-            assert app.latest.snapshot is not held  # the run went on meanwhile
             await pilot.press("p")
             await wait_for(pilot, lambda: app.snapshot is not held, 5, "the view to resume")
 

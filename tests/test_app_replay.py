@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from marlwatch.app import REFRESH_HZ
+from marlwatch.app import REPLAY_HZ
 from marlwatch.app.base import TABLE_HZ
 from marlwatch.app.replay import ReplayApp
 from marlwatch.app.widgets import CoresPanel, PhaseTable, RunHeader, ThroughputPanel, TimePanel, WorkerRow
@@ -79,7 +79,7 @@ def test_the_tables_follow_at_table_hz_and_a_key_shows_everything():
         async with app.run_test(size=(120, 40)) as pilot:
             await pilot.pause(0.3)
             table, time_panel = app.query_one(PhaseTable), app.query_one(TimePanel)
-            await pilot.press("space")  # play at 1x: REFRESH_HZ refreshes a second
+            await pilot.press("space")  # play at 1x: REPLAY_HZ refreshes a second
             seen_time, seen_table = set(), set()
             start = time.monotonic()
             window = 3.1 / TABLE_HZ  # a few table periods: tables on every refresh would be seen more often
@@ -87,7 +87,7 @@ def test_the_tables_follow_at_table_hz_and_a_key_shows_everything():
                 await pilot.pause(0.05)
                 seen_time.add(id(time_panel.snapshot))
                 seen_table.add(id(table.snapshot))
-            assert len(seen_time) >= 0.8 * window * REFRESH_HZ, len(seen_time)
+            assert len(seen_time) >= 0.8 * window * REPLAY_HZ, len(seen_time)
             assert 2 <= len(seen_table) <= 1 + window * TABLE_HZ + 1, len(seen_table)
             assert len(seen_table) < len(seen_time)
             await pilot.press("space")  # pause
@@ -113,7 +113,7 @@ def test_play_pause_seek_speed():
             assert pb.playing and "▶ 1x" in header_text(app)
             # The playhead moves at each refresh, by the wall time since the last one (at 1x):
             # after two periods it has moved at least one and at most two of them.
-            period = 1.0 / REFRESH_HZ
+            period = 1.0 / REPLAY_HZ
             await pilot.pause(2 * period)
             moved = pb.position_s
             assert 12.0 + 0.5 * period < moved < 12.0 + 2 * period + 0.5

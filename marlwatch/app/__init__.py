@@ -1,8 +1,11 @@
 """The Textual app: `marlwatch run` (live) and `marlwatch replay` show the same panels."""
 
-# Redraws per second of the live view and replay (`--refresh`). One, as py-spy top (1 s; htop 1.5 s,
-# btop 2 s): what the panels show changes once a second (the IPS history gains a column, the clock
-# a second), and each redraw is Textual composing the screen, the bulk of the app's CPU. Two cost
-# the run twice the drawing (docs/benchmarks.md §6). Here, not in base.py, so that building the
-# command line does not import Textual.
-REFRESH_HZ = 1.0
+# Redraws per second of the live view (`--refresh`): every 2 s, as btop (htop 1.5 s, top 3 s).
+# Each redraw is Textual composing the lines that changed, the bulk of the app's CPU, and that CPU
+# is taken from the run it watches: at 1 Hz the drawing cost training 0.5-0.6 % of a core, over
+# the 0.5 % the monitor may charge it (docs/benchmarks.md §6); `--refresh 1` is there for whoever
+# wants it. Here, not in base.py, so that building the command line does not import Textual.
+REFRESH_HZ = 0.5
+# Replay's playback steps: a replay charges no run, and a playhead that moves once a second reads
+# smoothly at 1x and at 16x alike.
+REPLAY_HZ = 1.0

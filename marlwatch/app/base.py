@@ -24,10 +24,11 @@ from marlwatch.app.widgets import (
 from marlwatch.metrics import Snapshot
 from marlwatch.terminal import printable
 
-# The phase table, cores and workers follow at most this often (the other panels: REFRESH_HZ), as
-# btop redraws (every 2 s): every cell of them changes at each refresh, and a table whose numbers
-# all move every second cannot be read anyway; redrawing them was most of the app's drawing
-# (docs/benchmarks.md §6). A key, a seek or the run's end shows all at once.
+# The phase table, cores and workers follow at most this often (the other panels: every refresh;
+# `--refresh` and replay's playback go faster), as btop redraws (every 2 s): every cell of them
+# changes at each refresh, and a table whose numbers all move every second cannot be read anyway;
+# redrawing them was most of the app's drawing (docs/benchmarks.md §6). A key, a seek or the
+# run's end shows all at once.
 TABLE_HZ = 0.5
 TALL_ROWS = 32  # from this terminal height on, the top panels get more room
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from textual.binding import Binding
 
-from marlwatch.app import REFRESH_HZ
+from marlwatch.app import REPLAY_HZ
 from marlwatch.app.base import WatchApp
 from marlwatch.app.widgets import Status, clock
 from marlwatch.playback import Playback, speed_label
@@ -64,7 +64,7 @@ class ReplayApp(WatchApp):
         if warning:
             self.notify(warning + "; the figures leave them out", title="skipped what is not valid",
                         severity="warning", timeout=15)
-        self.set_interval(1.0 / REFRESH_HZ, self.tick)
+        self.set_interval(1.0 / REPLAY_HZ, self.tick)
 
     def guarded(self, step: Callable[[], object]) -> None:
         """Run a step of the playback; what it did not expect (a file that reads but holds
