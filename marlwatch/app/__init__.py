@@ -2,8 +2,8 @@
 
 # Redraws per second of the live view (`--refresh`): every 2 s, as btop (htop 1.5 s, top 3 s).
 # Each redraw is Textual composing the lines that changed, the bulk of the app's CPU, and that CPU
-# is taken from the run it watches: at 1 Hz the drawing cost training 0.5-0.6 % of a core, over
-# the 0.5 % the monitor may charge it (docs/benchmarks.md §6); `--refresh 1` is there for whoever
+# is taken from the run it watches: every 2 s the UI thread costs 0.1-0.3 points of a core less
+# than at 1 Hz (bench/app_threads.py; docs/benchmarks.md §6); `--refresh 1` is there for whoever
 # wants it. Here, not in base.py, so that building the command line does not import Textual.
 REFRESH_HZ = 0.5
 # Replay's playback steps: a replay charges no run, and a playhead that moves once a second reads
