@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,19 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+MARLWATCH = str(Path(sys.executable).with_name("marlwatch"))  # the venv's command, as a user runs it
+
+
+def tmux(*args: str) -> str:
+    """Run a tmux command (a real terminal for the app); its output."""
+    return subprocess.run(["tmux", *args], capture_output=True, text=True, check=True).stdout
+
+
+def tmux_session(session: str, command: str) -> int:
+    """Start `command` in a new detached 120x40 tmux session; the pid of its pane (the command,
+    exec'ed)."""
+    return int(tmux("new-session", "-d", "-s", session, "-x", "120", "-y", "40", "-P", "-F", "#{pane_pid}",
+                    "exec " + command))
 
 
 def median(xs: list[float]) -> float:

@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 import psutil
-from _common import REPO, main_for, row
-from bench_app import MARLWATCH, SETTINGS, _tmux, steady_ips
+from _common import MARLWATCH, REPO, main_for, row, tmux_session
+from bench_app import SETTINGS, steady_ips
 
 from marlwatch.app import REFRESH_HZ
 
@@ -49,8 +49,7 @@ def one_rate(refresh: float, record: Path, warm_s: float, window_s: float) -> di
     session = f"mwthreads{int(refresh * 100)}"
     cmd = [MARLWATCH, "run", "--workers", "2", "--iterations", "1000000", "--record", str(record),
            "--refresh", f"{refresh:g}", *SETTINGS]
-    pid = int(_tmux("new-session", "-d", "-s", session, "-x", "120", "-y", "40", "-P", "-F", "#{pane_pid}",
-                    "exec " + " ".join(cmd)))
+    pid = tmux_session(session, " ".join(cmd))
     try:
         proc = psutil.Process(pid)
         time.sleep(warm_s)  # past start-up and warm-up: iterations flow

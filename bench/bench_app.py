@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import psutil
-from _common import REPO, machine, main_for, median, row, spread
+from _common import MARLWATCH, REPO, machine, main_for, median, row, spread, tmux, tmux_session
 
 from marlwatch.app import REFRESH_HZ
 
@@ -44,11 +44,6 @@ IPS_TARGET = 0.01  # issue 14: IPS with the app within 1% of headless
 CHARGE = 0.005  # issue 14: the worst-case charge to training
 AB_WINDOW_S = 4.0
 SETTINGS = ["--set", "warmup=1024", "--set", "batch_size=256"]
-MARLWATCH = str(Path(sys.executable).with_name("marlwatch"))
-
-
-def _tmux(*args: str) -> str:
-    return subprocess.run(["tmux", *args], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def _multiprocessing_helper(p: psutil.Process, monitor: psutil.Process) -> bool:
@@ -90,8 +85,7 @@ def one_run(app: bool, iterations: int, record: Path, window_s: float, session: 
         cmd.append("--headless")
     elif refresh is not None:
         cmd += ["--refresh", str(refresh)]
-    pid = int(_tmux("new-session", "-d", "-s", session, "-x", "120", "-y", "40", "-P", "-F", "#{pane_pid}",
-                    "exec " + " ".join(cmd)))
+    pid = tmux_session(session, " ".join(cmd))
     proc = psutil.Process(pid)
     try:
         # The window opens once iterations flow (the recording grows past its start-up rows).
@@ -112,7 +106,7 @@ def one_run(app: bool, iterations: int, record: Path, window_s: float, session: 
             if app and not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children
                                if not _multiprocessing_helper(c, proc)):
                 time.sleep(1.0)  # let the app close the recording
-                _tmux("send-keys", "-t", session, "q")
+                tmux("send-keys", "-t", session, "q")
                 proc.wait(60)
                 break
             # As slow as 10 IPS (a loaded machine; ~30 when idle) before giving up.

@@ -16,22 +16,16 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import main_for, median, row, spread
+from _common import MARLWATCH, main_for, median, row, spread, tmux, tmux_session
 
 TARGET_S = 15.0  # issue 10: the default run shows update and communication within 15 s (idle, 2 cores)
-MARLWATCH = str(Path(sys.executable).with_name("marlwatch"))
 UPDATE = re.compile(r"■update\s+([0-9.]+)%")
 COMM = re.compile(r"([0-9.]+)%\s+comm / execution")
 LABELS = ("starting up", "warming up")
-
-
-def _tmux(*args: str) -> str:
-    return subprocess.run(["tmux", *args], capture_output=True, text=True, check=True).stdout
 
 
 def _nonzero(pattern: re.Pattern[str], screen: str) -> bool:
@@ -43,12 +37,12 @@ def one_run(record: Path, session: str, timeout_s: float = 120.0) -> dict:
     """Seconds from the start of `marlwatch run` to the first screen with both shares non-zero,
     and to the first sight of each start-up label."""
     t0 = time.monotonic()
-    _tmux("new-session", "-d", "-s", session, "-x", "120", "-y", "40", f"exec {MARLWATCH} run --record {record}")
+    tmux_session(session, f"{MARLWATCH} run --record {record}")
     seen: dict[str, float] = {}
     try:
         while time.monotonic() - t0 < timeout_s:
             try:
-                screen = _tmux("capture-pane", "-p", "-t", session)
+                screen = tmux("capture-pane", "-p", "-t", session)
             except subprocess.CalledProcessError:
                 raise RuntimeError("the app left before showing its figures") from None
             now = time.monotonic() - t0
