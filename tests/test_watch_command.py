@@ -167,3 +167,22 @@ def test_processes_found_in_the_tree_are_named_by_what_they_run(tmp_path):
     python = os.path.basename(sys.executable)
     assert roles == [f"pid {procs[0].pid} (json)", f"pid {procs[1].pid} ({python} helper.py)",
                      f"pid {procs[2].pid} (sleep)"]
+
+
+@pytest.mark.timeout(60)
+def test_a_process_found_between_fork_and_exec_is_named_by_what_it_execs(tmp_path, no_leftovers):
+    """A fork has its parent's command line until it execs (multiprocessing's forkserver, on a
+    loaded machine, was listed as `python train.py`): the walk names a process once it has settled."""
+    forker = tmp_path / "forker.py"
+    forker.write_text("import os, time\n"
+                      "pid = os.fork()\n"
+                      "if pid == 0:\n"
+                      "    time.sleep(1.5)  # a walk of the tree (every 1 s) sees the fork before it execs\n"
+                      "    os.execvp('sleep', ['sleep', '2'])\n"
+                      "os.waitpid(pid, 0)\n")
+    path = tmp_path / "fork.arrow"
+    r = marlwatch("run", "--headless", "--record", str(path), "--", sys.executable, str(forker), env=env_with_repo())
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(marlwatch("summary", "--json", str(path)).stdout)
+    found = [p["role"] for p in summary["procs"] if p["role"].startswith("pid ")]
+    assert len(found) == 1 and found[0].endswith("(sleep)"), summary["procs"]

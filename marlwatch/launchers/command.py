@@ -30,6 +30,9 @@ from marlwatch.recording import RunInfo
 
 TREE_EVERY_S = 1.0  # how often the process tree is walked for new processes
 MAX_TREE = 64  # processes found by walking the tree (connected processes have their own bound)
+# A process is named once it is this old: between fork and exec it still has its parent's command
+# line (multiprocessing's forkserver was listed as `python train.py` on a loaded machine).
+FOUND_SETTLE_S = 2.0
 KILL_AFTER_S = 3.0  # between SIGTERM and SIGKILL to the group, once the grace period is over
 STDERR_TAIL = 20
 
@@ -187,6 +190,8 @@ class CommandLauncher:
             if len(self._tree) >= MAX_TREE:
                 break
             try:
+                if time.time() - child.create_time() < FOUND_SETTLE_S:
+                    continue
                 role = found_role(child)
             except psutil.Error:
                 continue
