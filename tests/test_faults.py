@@ -332,7 +332,7 @@ def test_ctrl_c_while_importing_exits_130_without_a_traceback(tmp_path):
         pytest.skip("the moment to interrupt is found by the C spans' library being mapped")
     for _attempt in range(5):
         proc = subprocess.Popen([sys.executable, "-m", "marlwatch", "run", "--headless", "--workers", "1",
-                                 "--iterations", "100000", "--record", str(tmp_path / "early.arrow"), *FAST],
+                                 "--iterations", "100000", "--record", str(tmp_path / f"early{_attempt}.arrow"), *FAST],
                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
         deadline = time.monotonic() + 20
