@@ -2,10 +2,12 @@
 
 A recording's span batches are most of its bytes; the figures mostly need the small batches
 around them (aggregates, iterations, samples). Arrow decompresses a whole record batch to read
-any of it, so the reader lists the stream's messages first, from their headers only (the body
-of a memory-mapped file is never touched), and then decodes only the messages it needs by
-serving their bytes, in file order and behind the schema and every dictionary message before
-them, to an ordinary `pyarrow.ipc` stream reader. Which batch is what comes from its custom
+any of it, so the reader lists the stream's messages first, from their headers only (a body is never
+read), and then decodes only the messages it needs by serving their bytes, in file order and
+behind the schema and every dictionary message before them, to an ordinary `pyarrow.ipc` stream
+reader. The bytes are read with `pread`, not through a memory map: a file that another process
+cuts short while it is read then reads short (a cut stream, reported as such) instead of killing
+the reader with SIGBUS. Which batch is what comes from its custom
 metadata (docs/recording-format.md, "Batches"), read here from the message header (a
 FlatBuffer: Arrow's `Message.fbs`, fields `header` and `custom_metadata`) with every offset
 bounds-checked: a header this parser cannot read is reported as having no metadata, and the
@@ -15,7 +17,6 @@ batch is then decoded and checked like any other.
 from __future__ import annotations
 
 import io
-import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -116,22 +117,49 @@ class Listing:
     cut: bool
 
 
+# Message.fbs: the Message table's fields, and the values of its `header_type` union.
+_MESSAGE_HEADER_TYPE, _MESSAGE_BODY_LENGTH = 1, 3
+_HEADER_TYPES = {1: SCHEMA_MSG, 2: DICTIONARY, 3: RECORD_BATCH}
+_CONTINUATION = 0xFFFFFFFF
+
+
+def _message_facts(metadata: bytes) -> tuple[str, int] | None:
+    """A message's type and body length from its header; None when the header cannot be read."""
+    fb = _FlatBuffer(metadata)
+    try:
+        msg = fb.root()
+        at = fb.field(msg, _MESSAGE_HEADER_TYPE)
+        kind = metadata[at] if at else 0
+        at = fb.field(msg, _MESSAGE_BODY_LENGTH)
+        body = fb._int(at, 8, signed=True) if at else 0
+    except (IndexError, ValueError):
+        return None
+    return _HEADER_TYPES.get(kind, "other"), body
+
+
 class Stream:
-    """A recording's bytes, memory-mapped (the pages a reader never decodes are never read)."""
+    """A recording's bytes, read where needed (a body the reader never decodes is never read)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-        self.size = size
+        self._fd: int | None = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self._fd).st_size
+
+    def pread(self, start: int, end: int) -> bytes:
+        """The bytes from `start` to `end`; fewer when the file is shorter now."""
+        assert self._fd is not None, "the stream is closed"
+        parts, pos = [], start
+        while pos < end:
+            chunk = os.pread(self._fd, min(end - pos, 1 << 30), pos)
+            if not chunk:
+                break
+            parts.append(chunk)
+            pos += len(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def close(self) -> None:
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:  # an Arrow buffer still views it: it is unmapped once that goes
-                pass
-            self._map = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> Stream:
         return self
@@ -140,29 +168,37 @@ class Stream:
         self.close()
 
     def listing(self) -> Listing:
-        """Every message's type and position (record batches: custom metadata and rows)."""
+        """Every message's type and position (record batches: custom metadata and rows), walking
+        the stream's framing (Arrow's IPC format: a continuation marker, the header's length, the
+        header, the body) from header to header."""
         out: list[Message] = []
-        if self._map is None:
-            return Listing(out, False)
-        src = pa.BufferReader(pa.py_buffer(self._map))
-        reader = pa.ipc.MessageReader.open_stream(src)
         start = 0
-        cut = False
         while True:
-            try:
-                m = reader.read_next_message()
-            except StopIteration:
-                break
-            except (pa.ArrowException, OSError, ValueError):
-                cut = True
-                break
-            end = src.tell()
-            msg = Message(m.type, start, end)
-            if m.type == RECORD_BATCH:
-                msg.custom, msg.rows = header_facts(m.metadata.to_pybytes())
+            prefix = self.pread(start, start + 8)
+            if len(prefix) < 4:
+                return Listing(out, cut=bool(prefix))  # the end of the file (cut inside a marker)
+            first = int.from_bytes(prefix[:4], "little")
+            if first == _CONTINUATION:
+                if len(prefix) < 8:
+                    return Listing(out, cut=True)
+                length, header_at = int.from_bytes(prefix[4:8], "little", signed=True), start + 8
+            else:  # the framing before Arrow 0.15: the length alone
+                length, header_at = int.from_bytes(prefix[:4], "little", signed=True), start + 4
+            if length == 0:
+                return Listing(out, cut=False)  # the end-of-stream marker
+            if length < 0 or header_at + length > self.size:
+                return Listing(out, cut=True)
+            header = self.pread(header_at, header_at + length)
+            facts = _message_facts(header) if len(header) == length else None
+            if facts is None or facts[1] < 0 or header_at + length + facts[1] > self.size:
+                return Listing(out, cut=True)
+            kind, body = facts
+            end = header_at + length + body
+            msg = Message(kind, start, end)
+            if kind == RECORD_BATCH:
+                msg.custom, msg.rows = header_facts(header)
             out.append(msg)
             start = end
-        return Listing(out, cut)
 
     def reader(self, messages: list[Message], keep: list[Message]) -> pa.ipc.RecordBatchStreamReader:
         """An Arrow stream reader of the record batches `keep` (in order, a subset of `messages`),
@@ -176,27 +212,27 @@ class Stream:
                     ranges[-1] = (ranges[-1][0], m.end)
                 else:
                     ranges.append((m.start, m.end))
-        if self._map is not None and sum(b - a for a, b in ranges) <= _JOIN_BYTES:
-            # The small batches around the spans (aggregates, iterations, samples): copied into
+        if sum(b - a for a, b in ranges) <= _JOIN_BYTES:
+            # The small batches around the spans (aggregates, iterations, samples): read into
             # one buffer and decoded on this thread. Arrow decompresses each column buffer with
             # a new zstd context, so a batch of a few hundred rows costs ~0.3 ms whatever its
             # size; reading them through a Python file object and the thread pool added ~40 %.
-            joined = pa.py_buffer(b"".join(self._map[a:b] for a, b in ranges))
+            joined = pa.py_buffer(b"".join(self.pread(a, b) for a, b in ranges))
             return pa.ipc.open_stream(joined, options=_SMALL_READS)
-        return pa.ipc.open_stream(_Ranges(self._map, ranges))
+        return pa.ipc.open_stream(_Ranges(self, ranges))
 
 
-# Up to this many bytes of messages are read from one joined copy (above it: span batches, which
-# Arrow decompresses faster on its threads, read straight from the map).
+# Up to this many bytes of messages are read into one buffer (above it: span batches, which
+# Arrow decompresses faster on its threads, read range by range).
 _JOIN_BYTES = 32 << 20
 _SMALL_READS = pa.ipc.IpcReadOptions(use_threads=False)
 
 
 class _Ranges(io.RawIOBase):
-    """A read-only file made of byte ranges of a memory map, one after the other."""
+    """A read-only file made of byte ranges of a stream, one after the other."""
 
-    def __init__(self, data: mmap.mmap | None, ranges: list[tuple[int, int]]) -> None:
-        self._data = data if data is not None else b""
+    def __init__(self, stream: Stream, ranges: list[tuple[int, int]]) -> None:
+        self._stream = stream
         self._ranges = iter(ranges)
         self._pos, self._end = 0, 0
 
@@ -209,10 +245,12 @@ class _Ranges(io.RawIOBase):
             if nxt is None:
                 return 0
             self._pos, self._end = nxt
-        n = min(len(buf), self._end - self._pos)
-        buf[:n] = self._data[self._pos: self._pos + n]
-        self._pos += n
-        return n
+        data = self._stream.pread(self._pos, min(self._end, self._pos + len(buf)))
+        if not data:
+            return 0  # the file is shorter than it was: a cut stream to Arrow
+        buf[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
 
 
 def batches(reader: pa.ipc.RecordBatchStreamReader) -> Iterator[tuple[pa.RecordBatch, pa.KeyValueMetadata | None]]:

@@ -174,8 +174,8 @@ def test_diff_of_a_recording_without_iterations(tmp_path, capsys):
         pass  # a run that ended before its first iteration
     code = main(["diff", str(empty), str(SHIPPED)])
     # B was still being read on its thread when A failed: the command waits for it, so that
-    # nothing reads a file once it has returned (the caller may rewrite it: a memory-mapped read
-    # of a truncated file is a SIGBUS, which once took a test worker down with it).
+    # nothing reads a file once it has returned (the caller may rewrite it: when the reader
+    # memory-mapped the file, that was a SIGBUS, which once took a test worker down with it).
     assert not [t for t in threading.enumerate() if t.name == "diff-read-b"]
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2

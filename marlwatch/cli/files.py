@@ -102,7 +102,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     # which runs without the GIL, so on two cores the two files take little more than one.
     # A daemon thread: a Ctrl-C ends the command without waiting for it. Any other error waits for
     # it, so that nothing reads a file after the command has returned (called in-process, the
-    # caller may rewrite the file next: a memory-mapped read of a truncated file is a SIGBUS).
+    # caller may rewrite the file next, under a reader that is not done with it).
     # Errors are reported in the order A, B, as when they were read one after the other.
     outcome: dict[str, object] = {}
 
