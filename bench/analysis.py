@@ -3,7 +3,9 @@ side by side with DuckDB and polars on the same file.
 
 The recording is synthetic but written by the real `RecordingWriter` in the batches a run
 writes (65,536 rows at most, zstd): a learner and two workers with MADDPG's phase tree, span
-durations drawn log-normal, one `iter` row per process iteration and 10 Hz core samples. Every
+durations drawn log-normal, one `iter` row per process iteration, 10 Hz core samples, and the
+counters MADDPG reports (six losses an update, `episodes` and `episode_return` for each
+worker's episode: ten rows an iteration, as in a real run). Every
 figure comes from a fresh process (`python -m marlwatch summary FILE --json`, or a script for
 DuckDB, polars and replay): its wall time (interpreter start and imports included), its CPU
 time and its peak RSS (`ru_maxrss`); the child also reports the time after its imports.
@@ -57,7 +59,7 @@ def generate(path: Path, spans: int, seed: int = 0) -> dict:
     import pyarrow as pa
 
     from marlwatch.collector import _batch, _const, core_rows
-    from marlwatch.recording import ITER, KIND_TYPE, NAME_TYPE, SPAN, RecordingWriter, RunInfo
+    from marlwatch.recording import COUNTER, ITER, KIND_TYPE, NAME_TYPE, SPAN, RecordingWriter, RunInfo
 
     rng = np.random.default_rng(seed)
     names = sorted({p[1] for p in PATTERN})
@@ -78,6 +80,12 @@ def generate(path: Path, spans: int, seed: int = 0) -> dict:
     def phases(ids: np.ndarray) -> pa.Array:
         return pa.DictionaryArray.from_arrays(pa.array(ids, NAME_TYPE.index_type, mask=ids < 0), dictionary)
 
+    # (slot, name) of each iteration's counter rows: the learner's losses, the workers' episodes
+    gauges = [(0, f"loss/{net}_{a}") for a in range(3) for net in ("critic", "actor")]
+    gauges += [(w, n) for w in (1, 2) for n in ("episodes", "episode_return")]
+    gauge_slot = np.array([g[0] for g in gauges], np.int16)
+    gauge_names = pa.array([g[1] for g in gauges], pa.string())
+
     with RecordingWriter(path, info, overwrite=True) as w:  # path: our own temporary name
         while written < spans:
             k = iters_per_batch
@@ -96,6 +104,15 @@ def generate(path: Path, spans: int, seed: int = 0) -> dict:
             for s in (0, 1, 2):
                 w.append(_batch(k, kind=_const(ITER, k, KIND_TYPE), proc=_const(s, k, pa.int16()),
                                 t_ns=pa.array(ticks * iteration_ns), iter=pa.array(ticks)))
+            g = k * len(gauges)
+            values = np.where(np.tile(gauge_names.to_numpy(zero_copy_only=False) == "episodes", k), 1.0,
+                              rng.normal(0.0, 1.0, g))
+            w.append(_batch(g, kind=_const(COUNTER, g, KIND_TYPE), proc=pa.array(np.tile(gauge_slot, k)),
+                            name=pa.DictionaryArray.from_arrays(pa.array(np.tile(np.arange(len(gauges)), k),
+                                                                         NAME_TYPE.index_type), gauge_names),
+                            t_ns=pa.array(np.repeat(np.arange(it, it + k) * iteration_ns + iteration_ns // 2,
+                                                    len(gauges))),
+                            value=pa.array(values)))
             for j in range(k):  # 10 Hz core samples: one per 100 ms iteration
                 w.append(core_rows(int((it + j) * iteration_ns), [float(rng.uniform(50, 100)) for _ in range(2)]))
             w.flush()
@@ -186,12 +203,14 @@ def time_command(*argv: str, child: str = _CHILD) -> dict:
 
 def cached(spans: int, seed: int = 0) -> tuple[Path, dict | None]:
     """The synthetic recording of `spans` spans (written once, kept in the temp directory; written
-    anew when the writer's code changed, which the name says with a hash of it)."""
+    anew when the writer's or the generator's code changed, which the name says with a hash of it)."""
     import hashlib
+    import inspect
 
     from marlwatch import aggregates, recording, schema
 
-    writer = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (recording, aggregates, schema)))
+    writer = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (recording, aggregates, schema))
+                            + inspect.getsource(generate).encode())
     name = f"marlwatch-bench-f{recording.FORMAT_VERSION}-{writer.hexdigest()[:8]}-{spans}-s{seed}.arrow"
     path = Path(tempfile.gettempdir()) / name
     gen = None

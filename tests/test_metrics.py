@@ -227,3 +227,41 @@ def test_ips_history_is_complete_seconds_up_to_now_with_a_stall_as_zeros():
     # Of a finished run, the last second with iterations is all there will be of it.
     m.add(rows(tick(0, 5 * S + S // 2 + MS, 11), {"kind": "end", "t_ns": 5 * S + S // 2 + 2 * MS, "text": "{}"}))
     assert m.snapshot().ips_history == [3.0, 5.0, 2.0, 0.0, 0.0, 1.0]
+
+
+def counter(name, t, value, proc=0):
+    return {"kind": "counter", "proc": proc, "name": name, "t_ns": t, "value": value}
+
+
+def test_counters_are_read_by_name_with_the_row_semantics(monkeypatch):
+    """Counters are folded a name at a time (a run has a few names and a row per episode), with
+    what a row-by-row reading gives: `episodes` summed, other names' last value, every
+    `episode_return` in order, the warm-up ended at the first row where done reached needed (its
+    two gauges interleave), and past the bound, the names that came last are the ones left out."""
+    import marlwatch.metrics as metrics
+
+    monkeypatch.setattr(metrics, "MAX_COUNTERS", 5)
+    m = Metrics()
+    m.add(rows(
+        counter("warmup/transitions/needed", 1 * MS, 300.0),
+        counter("episodes", 2 * MS, 1.0), counter("episode_return", 2 * MS, -3.0),
+        counter("warmup/transitions", 3 * MS, 100.0),
+        counter("loss/critic", 4 * MS, 0.9),
+        counter("episodes", 5 * MS, 1.0), counter("episode_return", 5 * MS, -1.0),
+        counter("warmup/transitions", 6 * MS, 300.0),  # the warm-up ends here, at 6 ms
+        counter("loss/critic", 7 * MS, 0.5),
+        counter("warmup/transitions", 8 * MS, 400.0),
+    ))
+    m.add(rows(
+        counter("episode_return", 9 * MS, 2.0), counter("episodes", 9 * MS, 1.0),
+        counter("loss/actor", 10 * MS, 7.0),  # the 6th name: past the bound
+        counter("loss/critic", 11 * MS, 0.25),
+        counter("loss/actor", 12 * MS, 6.0),
+    ))
+    s = m.snapshot()
+    assert m.counters == {"warmup/transitions/needed": 300.0, "episodes": 3.0, "episode_return": 2.0,
+                          "warmup/transitions": 400.0, "loss/critic": 0.25}
+    assert s.returns == [-3.0, -1.0, 2.0]
+    assert s.warmup is not None and not s.warmup.active
+    assert (s.warmup.done, s.warmup.needed, s.warmup.unit, s.warmup.ended_s) == (400.0, 300.0, "transitions", 0.006)
+    assert m.skipped.rows[metrics.PAST_COUNTERS] == 2
