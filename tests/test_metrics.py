@@ -265,3 +265,20 @@ def test_counters_are_read_by_name_with_the_row_semantics(monkeypatch):
     assert s.warmup is not None and not s.warmup.active
     assert (s.warmup.done, s.warmup.needed, s.warmup.unit, s.warmup.ended_s) == (400.0, 300.0, "transitions", 0.006)
     assert m.skipped.rows[metrics.PAST_COUNTERS] == 2
+
+
+def test_process_samples_keep_each_process_latest():
+    """CPU and memory samples are folded a process at a time: each one's latest value of each,
+    a process that only reported memory has no CPU figure, and processes appear in the order
+    their first sample came."""
+    def sample(proc, name, t, value):
+        return {"kind": "proc", "proc": proc, "name": name, "t_ns": t, "value": value}
+
+    m = Metrics()
+    m.add(rows(sample(2, "cpu_percent", 1 * MS, 10.0), sample(0, "rss_bytes", 1 * MS, 100.0),
+               sample(2, "rss_bytes", 2 * MS, 200.0), sample(2, "cpu_percent", 3 * MS, 30.0),
+               sample(0, "rss_bytes", 4 * MS, 150.0)))
+    m.add(rows(sample(2, "cpu_percent", 5 * MS, 50.0)))
+    assert list(m.procs) == [2, 0]
+    assert (m.procs[2].cpu, m.procs[2].rss) == (50.0, 200.0)
+    assert (m.procs[0].cpu, m.procs[0].rss) == (None, 150.0)
