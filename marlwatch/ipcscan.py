@@ -2,12 +2,12 @@
 
 A recording's span batches are most of its bytes; the figures mostly need the small batches
 around them (aggregates, iterations, samples). Arrow decompresses a whole record batch to read
-any of it, so the reader lists the stream's messages first, from their headers only (a body is never
-read), and then decodes only the messages it needs by serving their bytes, in file order and
-behind the schema and every dictionary message before them, to an ordinary `pyarrow.ipc` stream
-reader. The bytes are read with `pread`, not through a memory map: a file that another process
-cuts short while it is read then reads short (a cut stream, reported as such) instead of killing
-the reader with SIGBUS. Which batch is what comes from its custom
+any of it, so the reader lists the stream's messages first, from their headers only (a body is
+never read), and then decodes only the messages it needs by serving their bytes, in file order
+and behind the schema and every dictionary message before them, to an ordinary `pyarrow.ipc`
+stream reader. The bytes are read with `pread`, not through a memory map: a file that another
+process cuts short while it is read then reads short (a cut stream, reported as such) instead of
+killing the reader with SIGBUS. Which batch is what comes from its custom
 metadata (docs/recording-format.md, "Batches"), read here from the message header (a
 FlatBuffer: Arrow's `Message.fbs`, fields `header` and `custom_metadata`) with every offset
 bounds-checked: a header this parser cannot read is reported as having no metadata, and the
