@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -168,6 +168,17 @@ class Warmup:
     @property
     def active(self) -> bool:
         return self.done < self.needed
+
+
+def _groups(keys: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """Each distinct key with the indices of its rows (in row order), the keys in the order they
+    first appear: what a loop over the rows would meet first comes first. For reading rows a key
+    at a time (a run has a few counter names and processes, but many rows of each)."""
+    order = np.argsort(keys, kind="stable")
+    present, first, count = np.unique(keys, return_index=True, return_counts=True)
+    ends = np.cumsum(count)
+    for k in np.argsort(first):
+        yield int(present[k]), order[ends[k] - count[k]: ends[k]]
 
 
 def with_warmup_gauge(w: Warmup | None, name: str, value: float, t_ns: int) -> Warmup | None:
@@ -707,18 +718,15 @@ class Metrics:
         """Each process's latest CPU and memory sample. By process, not row by row: a run has a few
         processes, but two rows each ten times a second (650,000 in an hour of 8 workers)."""
         labels, codes, _ = self._phase_codes(b, None)  # the reader let through only named rows
-        slots = b.column("proc").to_numpy(zero_copy_only=False)
         values = b.column("value").to_numpy(zero_copy_only=False)
         wanted = {code: attr for code, attr in ((labels.index(n), a) for n, a in
                                                 (("cpu_percent", "cpu"), ("rss_bytes", "rss")) if n in labels)}
-        present, first = np.unique(slots, return_index=True)
-        for slot in present[np.argsort(first)]:  # in the order they first appear, as row by row
-            p = self._proc(int(slot))
-            mine = slots == slot
+        for slot, rows in _groups(b.column("proc").to_numpy(zero_copy_only=False)):
+            p = self._proc(slot)
             for code, attr in wanted.items():
-                rows = np.flatnonzero(mine & (codes == code))
-                if len(rows):
-                    setattr(p, attr, float(values[rows[-1]]))
+                mine = rows[codes[rows] == code]
+                if len(mine):
+                    setattr(p, attr, float(values[mine[-1]]))
 
     def _counters(self, b: pa.RecordBatch) -> None:
         """Per counter name, in the order the names first appear (which ones the bound admits):
@@ -727,14 +735,11 @@ class Metrics:
         update (150,000 rows in a 12-minute MADDPG run, which a loop over rows took 0.3 s to read)."""
         labels, codes, _ = self._phase_codes(b, None)  # no nulls here: _valid took them out
         values = b.column("value").to_numpy(zero_copy_only=False)
-        order = np.argsort(codes, kind="stable")  # each name's rows together, in row order
-        present, first, count = np.unique(codes, return_index=True, return_counts=True)
-        ends = np.cumsum(count)
         warm_rows = []
-        for k in np.argsort(first):  # the names in order of first appearance
-            name, rows = labels[present[k]], order[ends[k] - count[k]: ends[k]]
+        for code, rows in _groups(codes):
+            name = labels[code]
             if name not in self.counters and len(self.counters) >= MAX_COUNTERS:
-                self.skipped.rows[PAST_COUNTERS] += int(count[k])
+                self.skipped.rows[PAST_COUNTERS] += len(rows)
                 continue
             if name == "episodes":
                 self.counters[name] = self.counters.get(name, 0.0) + float(values[rows].sum())
