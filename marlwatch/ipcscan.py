@@ -174,7 +174,8 @@ class Stream:
         out: list[Message] = []
         start = 0
         while True:
-            prefix = self.pread(start, start + 8)
+            # The framing and, most often, the whole header in one read (a header is ~1 KB).
+            prefix = self.pread(start, start + _HEADER_READ)
             if len(prefix) < 4:
                 return Listing(out, cut=bool(prefix))  # the end of the file (cut inside a marker)
             first = int.from_bytes(prefix[:4], "little")
@@ -188,7 +189,9 @@ class Stream:
                 return Listing(out, cut=False)  # the end-of-stream marker
             if length < 0 or header_at + length > self.size:
                 return Listing(out, cut=True)
-            header = self.pread(header_at, header_at + length)
+            header = prefix[header_at - start: header_at - start + length]
+            if len(header) < length:
+                header = self.pread(header_at, header_at + length)
             facts = _message_facts(header) if len(header) == length else None
             if facts is None or facts[1] < 0 or header_at + length + facts[1] > self.size:
                 return Listing(out, cut=True)
@@ -222,6 +225,7 @@ class Stream:
         return pa.ipc.open_stream(_Ranges(self, ranges))
 
 
+_HEADER_READ = 4096
 # Up to this many bytes of messages are read into one buffer (above it: span batches, which
 # Arrow decompresses faster on its threads, read range by range).
 _JOIN_BYTES = 32 << 20

@@ -114,6 +114,17 @@ def _distinct(values: np.ndarray) -> np.ndarray:
     return np.unique(values, return_counts=True)[0]
 
 
+def _value_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted distinct values and how often each occurs: counted with bincount where their
+    range is small (a batch's seconds, always, in practice), which needs no sort."""
+    low, high = int(values.min()), int(values.max())
+    if high - low >= 1 << 20:
+        return np.unique(values, return_counts=True)
+    counts = np.bincount(values - low)
+    present = np.flatnonzero(counts)
+    return present + low, counts[present]
+
+
 def _valid(b: pa.RecordBatch, *columns: str) -> pa.RecordBatch:
     """The rows of `b` where `columns` are all set. A run never writes nulls there; a damaged
     or foreign file may, and they must not reach the numpy code below."""
@@ -174,11 +185,18 @@ def _groups(keys: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     """Each distinct key with the indices of its rows (in row order), the keys in the order they
     first appear: what a loop over the rows would meet first comes first. For reading rows a key
     at a time (a run has a few counter names and processes, but many rows of each)."""
-    order = np.argsort(keys, kind="stable")
-    present, first, count = np.unique(keys, return_index=True, return_counts=True)
-    ends = np.cumsum(count)
-    for k in np.argsort(first):
-        yield int(present[k]), order[ends[k] - count[k]: ends[k]]
+    if not len(keys):
+        return
+    low = int(keys.min())
+    sortable = keys
+    if int(keys.max()) - low < 1 << 16:
+        sortable = (keys - low).astype(np.uint16)  # numpy's stable sort of 16-bit integers is a radix sort
+    order = np.argsort(sortable, kind="stable")
+    ordered = sortable[order]
+    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    ends = np.append(starts[1:], len(keys))
+    for g in np.argsort(order[starts]):  # a group's first row is its earliest: the sort is stable
+        yield int(keys[order[starts[g]]]), order[starts[g]: ends[g]]
 
 
 def with_warmup_gauge(w: Warmup | None, name: str, value: float, t_ns: int) -> Warmup | None:
@@ -514,10 +532,12 @@ class Metrics:
 
         if SPAN in present:
             self._spans(batch, None if codes is None else codes == kinds.index(SPAN), hold=True)
+        # Aggregates share their batch with other rows (a group's iterations, counters, samples):
+        # taken out first, the work on them is sized by their own rows, not the whole batch's.
         if SPAN_SUM in present:
-            self._spans(batch, None if codes is None else codes == kinds.index(SPAN_SUM), aggregate=True)
+            self._spans(rows(SPAN_SUM, ["proc", "name", "parent", "dur_ns", "iter", "value"]), aggregate=True)
         if SPAN_HIST in present:
-            self._hists(batch, None if codes is None else codes == kinds.index(SPAN_HIST))
+            self._hists(rows(SPAN_HIST, ["proc", "name", "iter", "value", "bin"]), None)
         if ITER in present:
             self._iters(_valid(rows(ITER, ["proc", "t_ns", "iter"]), "proc", "t_ns", "iter"))
         if CORE in present:
@@ -690,7 +710,7 @@ class Metrics:
             if int(slot) == self.main_slot:
                 self.main_ticks.append(ts.astype(np.int64))
                 self.main_iterations = p.iterations
-                for sec, count in zip(*np.unique(ts // 1_000_000_000, return_counts=True), strict=True):
+                for sec, count in zip(*_value_counts(ts // 1_000_000_000), strict=True):
                     if self.per_second and self.per_second[-1][0] == sec:
                         self.per_second[-1] = (int(sec), self.per_second[-1][1] + int(count))
                     else:

@@ -23,7 +23,6 @@ candidate names (`x.arrow`, `x-2.arrow`, ...) for a name that must be new.
 from __future__ import annotations
 
 import os
-import secrets
 import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -120,7 +119,7 @@ def atomic_output(path: str | os.PathLike, *, binary: bool = False, inputs: Iter
 def _create_temp(target: Path, final: Path) -> tuple[int, str]:
     """A new file of ours beside `final` (same filesystem, so the rename is atomic), mode 0666 & ~umask."""
     for _ in range(100):
-        tmp = final.parent / f".{final.name[:100]}.{secrets.token_hex(4)}.tmp"
+        tmp = final.parent / f".{final.name[:100]}.{os.urandom(4).hex()}.tmp"
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), str(tmp)
         except FileExistsError:

@@ -320,7 +320,7 @@ class BatchChecker:
         """Which rows of the batch are valid (the others are counted in `skipped`)."""
         kinds, codes = kind_codes(batch)
         ok = self._rows(batch, kinds, codes)
-        self.valid_rows += int(ok.sum())
+        self.valid_rows += np.count_nonzero(ok)
         return ok
 
     # -- batch order ---------------------------------------------------------------------------
@@ -367,7 +367,7 @@ class BatchChecker:
 
         def drop(bad: np.ndarray, reason: str) -> None:
             bad = bad & ok
-            count = int(bad.sum())
+            count = np.count_nonzero(bad)  # a popcount: sum() converts every row to an integer first
             if count:
                 why[reason] += count
                 ok[bad] = False
