@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from marlwatch.app.live import LiveApp
+from marlwatch.app.live import UI_NICE, LiveApp
 from marlwatch.app.replay import ReplayApp
 from marlwatch.app.widgets import CoresPanel, PhaseTable, RunHeader, TimePanel, WorkerRow
 from marlwatch.cli import main
@@ -223,6 +223,15 @@ def test_real_terminal_q_exits_cleanly(tmp_path):
             assert title in screen
         children = psutil.Process(pane.pid).children(recursive=True)
         assert len(children) >= 2  # the monitor and its run
+        if sys.platform.startswith("linux"):
+            # The UI thread (the monitor's main thread) draws at a lower priority than the run;
+            # the run's thread (it drains the pipes) and the run's processes keep the user's.
+            monitor = next(c for c in children if c.ppid() == pane.pid)
+            threads = {t.id: psutil.Process(t.id).nice() for t in monitor.threads()}
+            user = psutil.Process(pane.pid).nice()
+            assert threads.pop(monitor.pid) == min(19, user + UI_NICE)
+            assert user in threads.values()
+            assert {c.nice() for c in children if c.pid != monitor.pid} == {user}
         subprocess.run(["tmux", "send-keys", "-t", pane.session, "q"], check=True)
         assert pane.exit_status(30, "q did not end the app") == "0"
         # Before the session is killed (which would end any child left behind). multiprocessing's

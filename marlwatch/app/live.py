@@ -3,11 +3,16 @@
 One thread owns the run: it drives it (`marlwatch.runner.drive`, the loop headless `run` uses
 too), which records every row and feeds `Metrics` through `run.listeners`, and posts a
 `SnapshotUpdate` at most REFRESH_HZ times a second. When asked to stop, the same thread finishes
-the run, so the run is never touched from two threads. The UI thread only displays what it is sent.
+the run, so the run is never touched from two threads. The UI thread only displays what it is sent,
+and on Linux at a lower priority than the run (UI_NICE): where training fills every core, drawing
+waits for a gap instead of taking the core from a training process. The run's thread keeps the
+run's priority, so the pipes are drained and the recording written as fast as before.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 
@@ -25,9 +30,23 @@ from marlwatch.metrics import Metrics
 from marlwatch.runner import drive
 
 NO_SPANS_NOTICE_S = 10.0
+UI_NICE = 10  # the UI thread's nice value above the run's (CFS: ~1/10 of the weight under contention)
 
 
 AB_EVENT = "app_ab"  # an A/B window starts: {"drawing": bool, "cpu_s": the monitor's CPU time so far}
+
+
+def lower_thread_priority(native_id: int, by: int) -> bool:
+    """Raise the nice value of one thread of this process by `by` (at most 19). Linux only: there
+    nice is a thread's, and `setpriority` takes a thread id; elsewhere it is the whole process's,
+    and a thread id is no process id. False when not done (not Linux, or not allowed)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        os.setpriority(os.PRIO_PROCESS, native_id, min(19, os.getpriority(os.PRIO_PROCESS, native_id) + by))
+    except OSError:
+        return False
+    return True
 
 
 def blank_window(t_ns: int, window_ns: int) -> bool:
@@ -47,11 +66,15 @@ class LiveApp(WatchApp):
     BINDINGS = [Binding("f", "flame", "py-spy")]
     FLAME_SECONDS = 5.0
 
-    def __init__(self, run, flame=None, refresh_hz: float = REFRESH_HZ, blank_s: float | None = None) -> None:
+    def __init__(self, run, flame=None, refresh_hz: float = REFRESH_HZ, blank_s: float | None = None,
+                 ui_nice: int = 0) -> None:
         """`flame`: the run's py-spy controller (marlwatch.flame); one is made for the `f` key if None.
         `blank_s` (bench/bench_app.py's in-run A/B): the app draws only in every other window of
         that many seconds of the run's clock (windows `run.now_ns() // blank_s` even), and in the
-        others computes and shows nothing, as `--headless` does; Metrics is fed throughout."""
+        others computes and shows nothing, as `--headless` does; Metrics is fed throughout.
+        `ui_nice`: how much to lower the UI thread's priority once the run's thread runs (UI_NICE
+        in `marlwatch run`; 0 in tests, whose UI thread is pytest's, and every later child of it
+        would inherit the lower priority)."""
         super().__init__()
         self.run_ = run
         if flame is None:
@@ -73,6 +96,8 @@ class LiveApp(WatchApp):
         self.ended: RunEnded | None = None
         self.paused = False
         self.latest: SnapshotUpdate | None = None
+        self.ui_nice = ui_nice
+        self._ui_thread = threading.get_native_id()
 
     def on_mount(self) -> None:
         self.title = f"marlwatch: {self.run_.describe()}"
@@ -81,6 +106,7 @@ class LiveApp(WatchApp):
                         f"export MARLWATCH_AUTHKEY={self.run_.monitor.authkey.hex()}",
                         title="listening: run these where your processes start", markup=False, timeout=120)
         self.show(self.metrics.snapshot(), self._status(0))
+        self._ui_thread = threading.get_native_id()
         self.pumping = True
         self.pump_run()
 
@@ -90,6 +116,10 @@ class LiveApp(WatchApp):
         run = self.run_
         worker = get_current_worker()
         no_spans_said = False
+        if self.ui_nice:
+            # From this thread, once it exists: a thread inherits its creator's priority, and an
+            # unprivileged one cannot raise its own again.
+            lower_thread_priority(self._ui_thread, self.ui_nice)
 
         def post() -> None:
             nonlocal no_spans_said

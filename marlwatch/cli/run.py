@@ -243,7 +243,7 @@ def _leave_once_recorded(run_done: threading.Event, grace_s: float, code: int) -
 
 def run_live(args: argparse.Namespace) -> int:
     """`marlwatch run` with the app. Bad input fails before the terminal is taken over."""
-    from marlwatch.app.live import LiveApp
+    from marlwatch.app.live import UI_NICE, LiveApp
     from marlwatch.lifecycle import STOP_SIGNALS
     from marlwatch.report import human_bytes, summary_text
     from marlwatch.runner import STOP_GRACE_S
@@ -254,7 +254,7 @@ def run_live(args: argparse.Namespace) -> int:
     blank_s = _blank_s()
     run = make_run(args, default_iterations=None, command_log=True)
     flame = make_flame(run, args, always=True)
-    app = LiveApp(run, flame, refresh_hz=refresh, blank_s=blank_s)
+    app = LiveApp(run, flame, refresh_hz=refresh, blank_s=blank_s, ui_nice=UI_NICE)
 
     def on_signal(signum: int, frame: object) -> None:
         if signum == signal.SIGHUP:
