@@ -14,8 +14,10 @@ comparison that counts is made inside one run: the app runs with MARLWATCH_APP_B
 draws only every other 4-second window of the run's clock; in the others it computes and shows
 nothing, as `--headless` does (Metrics is fed throughout, as headless feeds its own). The app
 records each window's start and the monitor's CPU time then (`app_ab` events), so the IPS of
-drawing vs blank windows (neighbouring pairs, a 95% interval over the pairs) and the monitor's
-CPU in each come from the recording. The worst-case charge to training is the monitor's extra
+drawing vs blank windows (disjoint triplets of neighbouring windows, a 95% interval over them:
+`triplet_estimate`) and the monitor's CPU in each come from the recording. `python
+bench/bench_app.py --ab N` runs only that A/B, of N iterations (the full run has 15,000; ~60,000
+resolve +-1 % at this machine's noise). The worst-case charge to training is the monitor's extra
 CPU while drawing, counted in full against the iteration (bench/overhead.py's bound, for the app).
 
 Targets (issue 14): the monitor with the app at its default refresh and 2 workers <= 5% of one
@@ -37,7 +39,19 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from _common import MARLWATCH, REPO, machine, main_for, median, row, spread, tmux, tmux_session
+from _common import (
+    MARLWATCH,
+    REPO,
+    compile_bytecode,
+    machine,
+    main_for,
+    median,
+    print_table,
+    row,
+    spread,
+    tmux,
+    tmux_session,
+)
 
 from marlwatch.app import REFRESH_HZ
 
@@ -204,6 +218,41 @@ def within_target(lo: float, hi: float, target: float) -> bool | None:
     return None
 
 
+def worst_case_charge(ab: dict) -> float:
+    """The monitor's extra CPU while the app draws, charged in full to the training's iteration
+    time as if none of it ran on a spare core (bench/overhead.py's bound, for the app)."""
+    return max(0.0, ab["cpu_drawing"] - ab["cpu_blank"]) / 100
+
+
+def ab_rows(ab: dict, iterations: int) -> list[dict]:
+    """The in-run A/B's rows: IPS drawing / blank, the monitor's CPU in each, the charge."""
+    alo, ahi = ab["ci95"]
+    charge = worst_case_charge(ab)
+    return [
+        row(f"IPS drawing / blank - 1, in one run ({AB_WINDOW_S:g} s windows)",
+            f"{100 * ab['ips_ratio_minus_1']:+.2f}%", f"within {100 * IPS_TARGET:.0f}%",
+            within_target(alo, ahi, IPS_TARGET),
+            f"95% CI {100 * alo:+.2f}..{100 * ahi:+.2f}% over {ab['triplets']} disjoint window triplets "
+            f"(no verdict while it straddles a bound); IPS {ab['ips_drawing']:.2f} vs {ab['ips_blank']:.2f}; "
+            f"{ab['windows_drawing']}+{ab['windows_blank']} windows of {iterations} iterations"),
+        row("monitor CPU in one run, drawing / blank windows", f"{ab['cpu_drawing']:.1f}% / {ab['cpu_blank']:.1f}%",
+            "", None, "the app present in both; blank windows compute and show nothing (as --headless)"),
+        row("worst-case charge to training of the app's drawing", f"{100 * charge:.2f}%", f"< {100 * CHARGE:.1f}%",
+            charge < CHARGE, "its extra monitor CPU counted in full against the iteration"),
+    ]
+
+
+def ab_only(iterations: int) -> dict:
+    """Only the in-run A/B, of `iterations` iterations: `python bench/bench_app.py --ab N`. At
+    this machine's noise a 95 % interval of +-1 % needs ~4x the full run's 15,000 (~40 minutes)."""
+    compile_bytecode()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "ab.arrow"
+        one_run(True, iterations, path, 8.0, "mwbenchab", blank_s=AB_WINDOW_S)
+        ab = ab_windows(path)
+    return {"machine": machine(), "ab_in_run": ab, "rows": ab_rows(ab, iterations)}
+
+
 def measure(quick: bool = False) -> dict:
     if shutil.which("tmux") is None:
         raise SystemExit("bench_app needs tmux (a real terminal for the app)")
@@ -254,11 +303,7 @@ def measure(quick: bool = False) -> dict:
         "runs": runs,
         "ab_in_run": ab,
     }
-    # Worst case: the monitor's extra CPU while the app draws, charged in full to the training's
-    # iteration time as if none of it ran on a spare core (bench/overhead.py's bound, for the app).
-    charge = max(0.0, ab["cpu_drawing"] - ab["cpu_blank"]) / 100
-    out["ab_worst_case_charge"] = charge
-    alo, ahi = ab["ci95"]
+    out["ab_worst_case_charge"] = worst_case_charge(ab)
     lo, hi = spread(ratios)
     out["rows"] = [
         row("app monitor CPU (of one core)", f"{median(app_cpu):.1f}%", f"<= {CPU_TARGET:.0f}%",
@@ -267,16 +312,7 @@ def measure(quick: bool = False) -> dict:
         row("UI's own CPU (app - headless)", f"{ui_cpu:.1f}%", "", None, f"drawing at {REFRESH_HZ:g} Hz"),
         row("IPS app / headless - 1, whole runs", f"{100 * median(ratios):+.1f}%", "", None,
             f"pairs {100 * lo:+.1f}%..{100 * hi:+.1f}%: whole runs minutes apart, for reference"),
-        row(f"IPS drawing / blank - 1, in one run ({AB_WINDOW_S:g} s windows)",
-            f"{100 * ab['ips_ratio_minus_1']:+.2f}%", f"within {100 * IPS_TARGET:.0f}%",
-            within_target(alo, ahi, IPS_TARGET),
-            f"95% CI {100 * alo:+.2f}..{100 * ahi:+.2f}% over {ab['triplets']} disjoint window triplets "
-            f"(no verdict while it straddles a bound); IPS {ab['ips_drawing']:.2f} vs {ab['ips_blank']:.2f}; "
-            f"{ab['windows_drawing']}+{ab['windows_blank']} windows of {ab_iterations} iterations"),
-        row("monitor CPU in one run, drawing / blank windows", f"{ab['cpu_drawing']:.1f}% / {ab['cpu_blank']:.1f}%",
-            "", None, "the app present in both; blank windows compute and show nothing (as --headless)"),
-        row("worst-case charge to training of the app's drawing", f"{100 * charge:.2f}%", f"< {100 * CHARGE:.1f}%",
-            charge < CHARGE, "its extra monitor CPU counted in full against the iteration"),
+        *ab_rows(ab, ab_iterations),
         row("IPS (app, headless)", f"{out['ips_app']:.2f}, {out['ips_headless']:.2f}", "", None,
             f"{iterations} iterations, 2 workers"),
         row("IPS cost estimate (UI CPU / cores)", f"{-100 * out['ips_cost_estimate']:+.1f}%",
@@ -291,4 +327,7 @@ def measure(quick: bool = False) -> dict:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
+    if len(sys.argv) == 3 and sys.argv[1] == "--ab" and sys.argv[2].isdigit():
+        print_table(ab_only(int(sys.argv[2]))["rows"])
+        sys.exit(0)
     sys.exit(main_for(measure))

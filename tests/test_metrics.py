@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from marlwatch.metrics import _N_BINS, Metrics, _bins, is_comm, quantiles_from_hist
+from marlwatch.metrics import _N_BINS, Metrics, _bins, _groups, _value_counts, is_comm, quantiles_from_hist
 from marlwatch.recording import SCHEMA
 
 MS = 1_000_000
@@ -282,3 +282,18 @@ def test_process_samples_keep_each_process_latest():
     assert list(m.procs) == [2, 0]
     assert (m.procs[2].cpu, m.procs[2].rss) == (50.0, 200.0)
     assert (m.procs[0].cpu, m.procs[0].rss) == (None, 150.0)
+
+
+@pytest.mark.parametrize("span", [5, 70_000, 1 << 40])
+def test_groups_and_value_counts_match_a_loop_over_the_rows(span):
+    """Both paths of each (counted or radix-sorted where the keys' range is small, sorted by
+    np.unique where it is not) give what a loop over the rows gives."""
+    rng = np.random.default_rng(span)
+    keys = rng.integers(-3, span, 5_000) * (1 if span < 1 << 20 else 977)
+    seen: dict[int, list[int]] = {}
+    for i, k in enumerate(keys.tolist()):
+        seen.setdefault(k, []).append(i)
+    groups = [(k, rows.tolist()) for k, rows in _groups(keys)]
+    assert groups == list(seen.items())  # keys in first-appearance order, rows in row order
+    values, counts = _value_counts(keys)
+    assert values.tolist() == sorted(seen) and counts.tolist() == [len(seen[k]) for k in sorted(seen)]
