@@ -97,7 +97,7 @@ class LiveApp(WatchApp):
         self.paused = False
         self.latest: SnapshotUpdate | None = None
         self.ui_nice = ui_nice
-        self._ui_thread = threading.get_native_id()
+        self._ui_thread: int | None = None  # the thread Textual runs the app on, known at mount
 
     def on_mount(self) -> None:
         self.title = f"marlwatch: {self.run_.describe()}"
@@ -116,7 +116,7 @@ class LiveApp(WatchApp):
         run = self.run_
         worker = get_current_worker()
         no_spans_said = False
-        if self.ui_nice:
+        if self.ui_nice and self._ui_thread is not None:
             # From this thread, once it exists: a thread inherits its creator's priority, and an
             # unprivileged one cannot raise its own again.
             lower_thread_priority(self._ui_thread, self.ui_nice)
