@@ -42,7 +42,7 @@ from marlwatch.recording import (
     kind_codes,
     kinds_present,
 )
-from marlwatch.schema import one_batch
+from marlwatch.schema import first_codes, one_batch
 from marlwatch.validate import (
     MAX_COUNTERS,
     MAX_FUNCTIONS,
@@ -666,9 +666,10 @@ class Metrics:
         enc = b.column("name")
         if not pa.types.is_dictionary(enc.type):
             enc = pc.dictionary_encode(enc)
-        codes = pc.fill_null(enc.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        names = enc.dictionary.to_pylist()
+        codes = first_codes(names, pc.fill_null(enc.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64))
         ok = codes >= 0 if mask is None else (codes >= 0) & mask
-        return enc.dictionary.to_pylist(), codes, ok
+        return names, codes, ok
 
     def _bounded(self, names: list[str], codes: np.ndarray, ok: np.ndarray) -> tuple[list[str], np.ndarray]:
         """The names the span rows (where `ok`) use, as many as the phase bound allows, and the

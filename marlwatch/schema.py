@@ -88,15 +88,24 @@ def kind_codes(batch: pa.RecordBatch) -> tuple[list[str | None], np.ndarray]:
     kinds = col.dictionary.to_pylist()
     codes = (ind.to_numpy(zero_copy_only=False) if ind.null_count == 0
              else pc.fill_null(ind, -1).to_numpy(zero_copy_only=False)).astype(np.int32, copy=False)
-    if len(set(kinds)) != len(kinds):
-        first = {k: kinds.index(k) for k in kinds}
-        remap = np.array([first[k] for k in kinds] + [-1], np.int32)
-        codes = remap[codes]
+    codes = first_codes(kinds, codes)
     _last_kinds[0] = (key, col, kinds, codes)
     return kinds, codes
 
 
 _last_kinds: list[tuple | None] = [None]
+
+
+def first_codes(values: list, codes: np.ndarray) -> np.ndarray:
+    """`codes` into a dictionary `values`, each value's repeats mapped to its first entry (-1, a
+    null, stays -1): a dictionary that names a value twice (only a crafted file has one) then
+    gives one code per value, as code-by-code readers assume. `codes` itself when none repeats."""
+    if len(set(values)) == len(values):
+        return codes
+    first: dict = {}
+    for i, v in enumerate(values):
+        first.setdefault(v, i)
+    return np.array([first[v] for v in values] + [-1], codes.dtype)[codes]
 
 
 def kinds_present(kinds: list[str | None], codes: np.ndarray) -> set[str | None]:

@@ -297,3 +297,21 @@ def test_groups_and_value_counts_match_a_loop_over_the_rows(span):
     assert groups == list(seen.items())  # keys in first-appearance order, rows in row order
     values, counts = _value_counts(keys)
     assert values.tolist() == sorted(seen) and counts.tolist() == [len(seen[k]) for k in sorted(seen)]
+
+
+def test_a_name_the_dictionary_holds_twice_reads_as_one_name():
+    """A crafted file's `name` dictionary may name a value twice: rows under either entry are
+    one counter and one sample name, read in row order, as a row-by-row reading has them."""
+    def twice(*records: dict, codes: list[int]) -> pa.RecordBatch:
+        b = rows(*records)
+        name = pa.DictionaryArray.from_arrays(pa.array(codes, pa.int32()), pa.array([b.column("name")[0].as_py()] * 2))
+        return b.set_column(b.schema.get_field_index("name"), b.schema.field("name"), name)
+
+    m = Metrics()
+    m.add(twice(counter("episode_return", 1 * MS, 1.0), counter("episode_return", 2 * MS, 2.0),
+                counter("episode_return", 3 * MS, 3.0), counter("episode_return", 4 * MS, 4.0), codes=[0, 1, 1, 0]))
+    m.add(twice({"kind": "proc", "proc": 1, "name": "cpu_percent", "t_ns": 5 * MS, "value": 10.0},
+                {"kind": "proc", "proc": 1, "name": "cpu_percent", "t_ns": 6 * MS, "value": 20.0}, codes=[0, 1]))
+    assert m.counters == {"episode_return": 4.0}
+    assert m.snapshot().returns == [1.0, 2.0, 3.0, 4.0]
+    assert m.procs[1].cpu == 20.0
