@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISDIR
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -749,18 +750,25 @@ def _schema_cut_at(p: Path, size: int) -> int | None:
 def open_recording(path: str | os.PathLike) -> Recording:
     """Open a recording, checking it is one; raises RecordingError with a one-line reason."""
     p = Path(path)
-    if not p.exists():
-        raise RecordingError(f"{p}: no such file")
-    if p.is_dir():
-        raise RecordingError(f"{p}: is a directory, not a recording")
+    # One stat, every failure a line: Path.exists() raises, not returns False, for a file in a
+    # directory the user may not enter.
     try:
-        size = p.stat().st_size
+        st = p.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise RecordingError(f"{p}: no such file") from None
     except OSError as e:
         raise RecordingError(f"{p}: {e.strerror}") from None
+    if S_ISDIR(st.st_mode):
+        raise RecordingError(f"{p}: is a directory, not a recording")
+    size = st.st_size
     if size == 0:
         raise RecordingError(f"{p}: empty file, not a marlwatch recording")
     try:
-        with open(p, "rb") as f:
+        f = open(p, "rb")  # noqa: SIM115 (closed by the `with` below)
+    except OSError as e:  # a file the user may not read
+        raise RecordingError(f"{p}: {e.strerror}") from None
+    try:
+        with f:
             schema = pa.ipc.open_stream(f).schema
     except (pa.ArrowException, OSError, ValueError):
         needed = _schema_cut_at(p, size)

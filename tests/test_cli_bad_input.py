@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 
 from marlwatch.cli import main
@@ -101,3 +104,19 @@ def test_summary_of_a_file_cut_mid_batch_reads_what_is_complete(capsys, tmp_path
 def recorded(maddpg_run):
     """A complete recording of today's code: the session's real MADDPG run (tests/conftest.py)."""
     return maddpg_run[0]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may read any file and enter any directory")
+def test_summary_of_a_file_the_user_may_not_read_or_reach(capsys, tmp_path, recorded):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    shutil.copy(recorded, locked / "run.arrow")
+    unreadable = tmp_path / "unreadable.arrow"
+    shutil.copy(recorded, unreadable)
+    unreadable.chmod(0)
+    locked.chmod(0)
+    try:
+        assert "Permission denied" in one_line_error(capsys, ["summary", str(locked / "run.arrow")])
+        assert "Permission denied" in one_line_error(capsys, ["summary", str(unreadable)])
+    finally:
+        locked.chmod(0o700)
